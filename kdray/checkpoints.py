@@ -1,0 +1,77 @@
+"""Checkpoint folders: ``model.pt`` (weights only), ``train_state.pt`` (optimiser etc.) and ``meta.json``.
+
+``load_model`` accepts a checkpoint folder or a run folder (whose ``result.json`` names the
+best checkpoint), on local disk or S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import torch
+
+from kdray import KdrayError, storage
+from kdray.models import build_model
+
+MODEL_FILE, STATE_FILE, META_FILE, RESULT_FILE = "model.pt", "train_state.pt", "meta.json", "result.json"
+
+
+def save_checkpoint(folder: str, model_state: dict, meta: dict, train_state: dict | None = None) -> None:
+    os.makedirs(folder, exist_ok=True)
+    torch.save(model_state, os.path.join(folder, MODEL_FILE))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(folder, STATE_FILE))
+    storage.write_json(os.path.join(folder, META_FILE), meta)
+
+
+def _torch_load(data: bytes, what: str) -> dict:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise KdrayError(f"{what}: corrupt or unreadable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """Return the checkpoint folder URI for a checkpoint folder or a run folder."""
+    if storage.exists(storage.join(uri, META_FILE)):
+        return uri
+    result = storage.join(uri, RESULT_FILE)
+    if storage.exists(result):
+        best = storage.read_json(result).get("best_checkpoint")
+        if best:
+            return best
+    raise KdrayError(f"{uri}: not a checkpoint (no {META_FILE}) nor a finished run (no {RESULT_FILE})")
+
+
+def read_meta(uri: str) -> dict:
+    return storage.read_json(storage.join(resolve_checkpoint(uri), META_FILE))
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, dict]:
+    """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
+    folder = resolve_checkpoint(uri)
+    meta = storage.read_json(storage.join(folder, META_FILE))
+    state = _torch_load(storage.read_bytes(storage.join(folder, MODEL_FILE)), folder)
+    model = build_model(meta["model_name"], len(meta["classes"]), meta.get("dropout", 0.3))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise KdrayError(f"{folder}: weights do not match model {meta['model_name']} ({str(exc)[:160]})") from None
+    model.eval()
+    return model, meta
+
+
+def load_train_state(folder: str) -> dict | None:
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as fh:
+        return _torch_load(fh.read(), path)
+
+
+def weights_digest(uri: str) -> str:
+    """sha256 of a checkpoint's weights file: the teacher's identity in logit-cache fingerprints."""
+    folder = resolve_checkpoint(uri)
+    return hashlib.sha256(storage.read_bytes(storage.join(folder, MODEL_FILE))).hexdigest()

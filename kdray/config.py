@@ -1,0 +1,234 @@
+"""Typed configuration: dataclass defaults < YAML file < ``--key value`` flags.
+
+Keys are dotted paths into nested dataclasses (``--optim.lr 3e-4``). A leaf name that is
+unique in the tree may be used alone (``--lr 3e-4``), and each config class may declare
+``ALIASES`` such as ``{"data": "data.root"}``. Every job writes the config it resolved
+next to its outputs (``args.yaml``, as timm does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from kdray import KdrayError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # ImageFolder tree (<root>/<split>/<class>/*.png) or manifest (.csv/.parquet); folder or s3://
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 64
+    classes: list[str] | None = None  # default: the class folders / labels found in the data
+    limit: int = 0  # use at most this many images per split (0 = all); for smoke runs
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly augmentation for radiographs (see docs/recipe.md for the reasoning)."""
+
+    enabled: bool = True
+    rotate_deg: float = 7.0  # patient positioning varies by a few degrees
+    translate: float = 0.06  # fraction of the side
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.1  # exposure differs between machines
+    contrast: float = 0.2
+    hflip: bool = False  # off: the heart is on the left; a flip makes anatomically impossible images
+
+
+@dataclass
+class ModelConfig:
+    name: str = "teacher"  # teacher | student | tiny_teacher | tiny_student
+    weights: str | None = None  # backbone weights: torchvision name ("DEFAULT"), local path or URI
+    dropout: float = 0.3
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 3
+    batch_size: int = 32  # per worker
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    class_balance: bool = False  # weight the loss by inverse class frequency
+    early_stop_patience: int = 0  # epochs without val macro-F1 improvement before stopping (0 = never)
+
+
+@dataclass
+class KDConfig:
+    alpha: float = 0.0  # weight of the KD term; 0 = plain cross-entropy (the no-KD baseline)
+    temperature: float = 4.0
+    cache: str | None = None  # URI of a logit cache built by jobs.build_cache
+    views: int = 1  # teacher views per image in the cache: view 0 is clean, views 1.. are seeded augmentations
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs"  # folder or s3:// prefix; each run writes to <output>/<name>
+    name: str | None = None  # default: derived from the model and a timestamp; reuse a name to resume
+    num_workers: int = 0  # Ray Train workers (0 = one per CPU, up to 2 on a small box; GPUs when present)
+    use_gpu: str = "auto"  # auto | true | false
+    seed: int = 0
+
+
+@dataclass
+class TrainJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output", "name": "run.name"}
+
+
+# ----------------------------------------------------------------------------- machinery
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], values: dict | None, where: str = "") -> T:
+    """Build ``cls`` from a (possibly partial) nested dict, rejecting unknown keys."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise KdrayError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; known: {sorted(fields)}")
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return [_coerce(v, args[0], key) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError):
+        raise KdrayError(f"config key {key}: cannot read {value!r} as {hint.__name__}") from None
+    return value
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _leaf_paths(hint, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _resolve_key(cls: type, key: str) -> str:
+    aliases = getattr(cls, "ALIASES", {})
+    if key in aliases:
+        return aliases[key]
+    paths = _leaf_paths(cls)
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise KdrayError(f"--{key} is ambiguous: use one of {', '.join('--' + m for m in matches)}")
+    raise KdrayError(f"unknown option --{key}; known: {', '.join('--' + p for p in paths)}")
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def parse_overrides(cls: type, argv: list[str]) -> tuple[str | None, dict]:
+    """Split ``argv`` into the ``--config`` file and a nested dict of ``--key value`` overrides."""
+    config_file, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise KdrayError(f"unexpected argument {arg!r}: options are --key value")
+        key, has_equals, value = arg[2:].partition("=")
+        if not has_equals:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                value = "true"  # a bare flag means true
+            else:
+                i += 1
+                value = argv[i]
+        i += 1
+        if key == "config":
+            config_file = value
+            continue
+        _set_path(overrides, _resolve_key(cls, key.replace("-", "_")), value)
+    return config_file, overrides
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | None = None) -> T:
+    """Resolve ``cls`` from defaults < YAML file < command-line flags."""
+    file_from_argv, overrides = parse_overrides(cls, list(argv or []))
+    config_file = file_from_argv or config_file
+    values: dict = {}
+    if config_file:
+        try:
+            with open(config_file) as fh:
+                values = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise KdrayError(f"config file not found: {config_file}") from None
+        except yaml.YAMLError as exc:
+            raise KdrayError(f"config file {config_file} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise KdrayError(f"config file {config_file} must hold a mapping at the top level")
+    return from_dict(cls, _merge(values, overrides))
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

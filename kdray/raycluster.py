@@ -1,0 +1,52 @@
+"""Connecting to Ray: an existing cluster (RAY_ADDRESS / --address) or a local one on loopback only."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "KDRAY_LOG_LEVEL")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        log.info("starting a local Ray on 127.0.0.1")
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+                 runtime_env=runtime_env, configure_logging=False)
+    _quiet_ray_data()
+    return ray
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("KDRAY_PROGRESS", "1") != "0"
+    ctx.print_on_execution_start = False
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))

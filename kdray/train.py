@@ -1,0 +1,296 @@
+"""ONE training loop for the teacher and the student, run data-parallel by Ray Train (v2).
+
+The teacher and the student differ only in the model, the loss weight ``kd.alpha`` and
+whether the batches carry cached teacher logits. ``kd.alpha == 0`` is plain cross-entropy,
+so the no-KD baseline is the same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from kdray import KdrayError, storage
+from kdray.checkpoints import RESULT_FILE, load_train_state, save_checkpoint
+from kdray.config import TrainJobConfig, dump_yaml, from_dict, to_dict
+from kdray.data import class_weights, list_split, load_split, to_model_input, view_seeds
+from kdray.losses import kd_loss
+from kdray.models import build_model, model_cost
+
+log = logging.getLogger(__name__)
+METRIC = "val_macro_f1"
+
+
+def default_run_name(cfg: TrainJobConfig) -> str:
+    from kdray.models import student_from_teacher_name
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tiny = "tiny-" if cfg.model.name.startswith("tiny_") else ""
+    if cfg.model.name.endswith("teacher"):
+        return f"{tiny}resnet50v2-vgg19-{stamp}"
+    if cfg.kd.alpha > 0:
+        return f"{tiny}{student_from_teacher_name()}-{stamp}"
+    return f"{tiny}mobilenetv2-nokd-{stamp}"
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def fit(cfg: TrainJobConfig) -> dict:
+    """Train one model as configured; returns the run summary also written to ``<run>/result.json``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from kdray import logit_cache
+    from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
+
+    if cfg.kd.alpha > 0 and not cfg.kd.cache:
+        raise KdrayError("kd.alpha > 0 needs --kd.cache (build one with jobs.build_cache)")
+    init_ray()
+    size = cfg.data.image_size
+    train_listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
+    val_listing = list_split(cfg.data.root, cfg.data.val_split, train_listing.classes, cfg.data.limit)
+    run_name = cfg.run.name or default_run_name(cfg)
+    run_uri = storage.join(cfg.run.output, run_name)
+    storage.makedirs(run_uri)
+    storage.write_text(storage.join(run_uri, "args.yaml"), dump_yaml(cfg))
+
+    train_ds, skipped = load_split(train_listing, size, shuffle_seed=cfg.run.seed)
+    val_ds, skipped_val = load_split(val_listing, size)
+    if cfg.kd.alpha > 0:
+        cache = logit_cache.open_cache(cfg.kd.cache, train_listing, size)
+        train_ds = logit_cache.attach_logits(train_ds, cache)
+
+    gpus = cluster_gpus()
+    use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(cfg.run.use_gpu).lower()]
+    cpus = cluster_cpus()
+    workers = cfg.run.num_workers or (int(gpus) if use_gpu else max(1, min(int(cpus), 2)))
+    cpus_per_worker = max(1.0, math.floor(cpus / workers)) if not use_gpu else 1.0
+    n_train = train_ds.count()
+    worker_config = {
+        "cfg": to_dict(cfg), "classes": train_listing.classes, "class_counts": train_listing.class_counts(),
+        "steps_per_epoch": max(1, math.ceil((n_train // workers) / cfg.optim.batch_size)),
+        "threads": int(cpus_per_worker), "run_name": run_name,
+    }
+    log.info("training %s on %d worker(s) (%s, %.0f CPU each): %d train / %d val images, run %s",
+             cfg.model.name, workers, "GPU" if use_gpu else "CPU", cpus_per_worker, n_train, val_ds.count(), run_uri)
+    storage_loc = storage.resolve(cfg.run.output)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_loc.path, storage_filesystem=storage_loc.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                         checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
+        raise KdrayError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
+    best = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
+    if best is None:
+        raise KdrayError(f"training run {run_name} produced no checkpoint")
+    best_uri = ("s3://" + best.path) if storage_loc.is_s3 else best.path
+    summary = {
+        "run_name": run_name, "run_uri": run_uri, "best_checkpoint": best_uri, "model_name": cfg.model.name,
+        "classes": train_listing.classes, "best_metrics": _best_metrics(result), "final_metrics": result.metrics,
+        "wall_s": round(time.time() - started, 1), "workers": workers, "use_gpu": use_gpu,
+        "skipped_images": skipped + skipped_val, "cost": model_cost(build_model(cfg.model.name, len(train_listing.classes)), size),
+    }
+    storage.write_json(storage.join(run_uri, RESULT_FILE), summary)
+    log.info("run %s done in %.0f s; best %s = %s; checkpoint %s", run_name, summary["wall_s"], METRIC,
+             summary["best_metrics"].get(METRIC), best_uri)
+    return summary
+
+
+def _best_metrics(result) -> dict:
+    df = result.metrics_dataframe
+    if df is None or df.empty or METRIC not in df:
+        return result.metrics or {}
+    row = df.loc[df[METRIC].idxmax()]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if not str(k).startswith("_")}
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float):
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(steps_per_epoch * warmup_epochs)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True)
+    raise KdrayError(f"unknown optimizer {cfg.optim.optimizer!r} (adamw | sgd)")
+
+
+def _all_gather(array: np.ndarray) -> np.ndarray:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return array
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def _validate(model, shard, device, batch_size: int, use_amp: bool) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    model.eval()
+    labels, preds = [], []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+        x = to_model_input(batch["image"], device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            preds.append(model(x).argmax(1).cpu().numpy())
+        labels.append(batch["label"])
+    y = _all_gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    p = _all_gather(np.concatenate(preds) if preds else np.zeros(0, np.int64))
+    return {"val_accuracy": float(accuracy_score(y, p)), METRIC: float(f1_score(y, p, average="macro", zero_division=0)),
+            "val_n": int(len(y))}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainJobConfig, config["cfg"])
+    classes, steps_per_epoch = config["classes"], config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.run.seed + rank)
+    rng = np.random.default_rng(cfg.run.seed + 1000 * rank)
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda"
+
+    model = build_model(cfg.model.name, len(classes), cfg.model.dropout, cfg.model.weights)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = _make_optimizer(cfg, core)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps_per_epoch, cfg.optim.epochs,
+                                                                         cfg.optim.warmup_epochs))
+    weights = (torch.tensor(class_weights(config["class_counts"]), dtype=torch.float32, device=device)
+               if cfg.optim.class_balance else None)
+    start_epoch, best_f1, stale, history = 0, -1.0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            core.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location=device, weights_only=True))
+            state = load_train_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_f1, stale = state["epoch"] + 1, state["best_f1"], state["stale"]
+        if rank == 0:
+            print(f"[kdray] resuming {config['run_name']} from epoch {start_epoch}", flush=True)
+
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        started, seen, loss_sum = time.time(), 0, 0.0
+        batches = train_shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", prefetch_batches=2,
+                                           local_shuffle_buffer_size=4 * cfg.optim.batch_size,
+                                           local_shuffle_seed=cfg.run.seed + epoch * 7919 + rank)
+        for step, batch in enumerate(batches):
+            teacher, seeds = _teacher_view(batch, cfg.kd.alpha, rng)
+            x = to_model_input(batch["image"], cfg.augment, seeds, device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            loss = kd_loss(logits, y, None if teacher is None else torch.as_tensor(teacher, device=device),
+                           cfg.kd.alpha, cfg.kd.temperature, cfg.optim.label_smoothing, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            if rank == 0 and (step + 1) % 10 == 0:
+                print(f"[kdray] epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss {loss_sum / seen:.4f} {seen / (time.time() - started):.1f} img/s/worker", flush=True)
+        train_s = time.time() - started
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_s": round(train_s, 1),
+                   "train_img_per_s": round(seen * ctx.get_world_size() / max(train_s, 1e-9), 2),
+                   "lr": scheduler.get_last_lr()[0]}
+        metrics.update(_validate(model, val_shard, device, 2 * cfg.optim.batch_size, use_amp))
+        metrics["epoch_s"] = round(time.time() - started, 1)
+        improved = metrics[METRIC] > best_f1
+        best_f1, stale = (metrics[METRIC], 0) if improved else (best_f1, stale + 1)
+        stop = bool(cfg.optim.early_stop_patience) and stale >= cfg.optim.early_stop_patience
+        _report(core, optimizer, scheduler, cfg, classes, metrics, rank, epoch, best_f1, stale)
+        if rank == 0:
+            print(f"[kdray] epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.4f} "
+                  f"val acc {metrics['val_accuracy']:.4f} macro-F1 {metrics[METRIC]:.4f} "
+                  f"({metrics['epoch_s']:.0f} s){' *best*' if improved else ''}", flush=True)
+        if stop:
+            if rank == 0:
+                print(f"[kdray] early stop: no val macro-F1 gain for {stale} epochs", flush=True)
+            break
+
+
+def _teacher_view(batch: dict, alpha: float, rng: np.random.Generator):
+    """Pick one cached teacher view per sample; with several views, also the seeds to rebuild that exact view."""
+    if alpha == 0 or "teacher_logits" not in batch:
+        return None, None
+    logits = np.stack(batch["teacher_logits"]) if batch["teacher_logits"].dtype == object else batch["teacher_logits"]
+    n, views = logits.shape[0], logits.shape[1]
+    if views == 1:
+        return logits[:, 0], None  # one clean teacher view; the student sees fresh random augmentations
+    chosen = rng.integers(0, views, size=n)
+    return logits[np.arange(n), chosen], view_seeds(batch["image_id"], chosen)
+
+
+def _report(core, optimizer, scheduler, cfg, classes, metrics, rank, epoch, best_f1, stale) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        meta = {"model_name": cfg.model.name, "classes": classes, "image_size": cfg.data.image_size,
+                "dropout": cfg.model.dropout, "epoch": epoch + 1, "metrics": metrics,
+                "kd": to_dict(cfg.kd), "data_root": cfg.data.root}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                 "best_f1": best_f1, "stale": stale}
+        save_checkpoint(folder, core.state_dict(), meta, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
