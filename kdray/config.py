@@ -212,10 +212,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | None = None) -> T:
-    """Resolve ``cls`` from defaults < YAML file < command-line flags."""
-    file_from_argv, overrides = parse_overrides(cls, list(argv or []))
-    config_file = file_from_argv or config_file
+def load_config(cls: type[T], argv: list[str] | None = None, job_defaults: dict | None = None) -> T:
+    """Resolve ``cls`` from defaults < the job's own defaults < YAML file (``--config``) < command-line flags."""
+    config_file, overrides = parse_overrides(cls, list(argv or []))
     values: dict = {}
     if config_file:
         try:
@@ -227,7 +226,7 @@ def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | 
             raise KdrayError(f"config file {config_file} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise KdrayError(f"config file {config_file} must hold a mapping at the top level")
-    return from_dict(cls, _merge(values, overrides))
+    return from_dict(cls, _merge(_merge(job_defaults or {}, values), overrides))
 
 
 def dump_yaml(cfg: Any) -> str:

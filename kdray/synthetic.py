@@ -42,16 +42,16 @@ def make_image(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
     img += ribs
     if label == "pneumonia":
         cy, cx, ry, rx = centres[rng.integers(2)]
-        img += 0.3 * lungs * _blob(yy, xx, cy + rng.uniform(-0.1, 0.15), cx + rng.uniform(-0.04, 0.04),
-                                   rng.uniform(0.07, 0.11), rng.uniform(0.05, 0.08), 10)
+        img += 0.45 * lungs * _blob(yy, xx, cy + rng.uniform(-0.1, 0.15), cx + rng.uniform(-0.04, 0.04),
+                                    rng.uniform(0.09, 0.13), rng.uniform(0.06, 0.09), 10)
     elif label == "covid":
         for cy, cx, ry, rx in centres:
             side = np.sign(cx - 0.5)
             for _ in range(rng.integers(2, 4)):
-                img += 0.13 * lungs * _blob(yy, xx, cy + rng.uniform(0.02, 0.2), cx + side * rng.uniform(0.02, 0.08),
+                img += 0.2 * lungs * _blob(yy, xx, cy + rng.uniform(0.02, 0.2), cx + side * rng.uniform(0.02, 0.08),
                                             rng.uniform(0.05, 0.09), rng.uniform(0.04, 0.06), 3)
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
-    img += rng.normal(0, 0.03, img.shape)
+    img += rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
