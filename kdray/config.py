@@ -231,3 +231,38 @@ def load_config(cls: type[T], argv: list[str] | None = None, job_defaults: dict 
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@dataclass
+class CacheJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # used for views 1..K-1
+    teacher: str = ""  # teacher checkpoint or run folder
+    views: int = 1  # 1 = one clean view per image; K > 1 adds K-1 seeded augmented views (consistent teaching)
+    output: str = "runs"  # the cache goes to <output>/logit_cache/<fingerprint>/
+    batch_size: int = 32
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "model": "teacher"}
+
+
+@dataclass
+class EvalJobConfig:
+    model: str = ""  # checkpoint, run folder or exported model folder
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "val"
+    output: str = ""  # default: <model>/eval-<split>
+    backend: str = "auto"  # auto | torch | onnx-fp32 | onnx-int8
+    batch_size: int = 64
+    name: str = ""  # a label for tables and plot titles
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root"}
+
+
+@dataclass
+class ScoreJobConfig:
+    model: str = ""  # exported model folder (ONNX Runtime) or a checkpoint / run folder (torch)
+    input: str = ""  # folder or s3:// prefix; every image below it is scored
+    output: str = ""  # folder or s3:// prefix for predictions/, errors/ and summary.json
+    backend: str = "auto"  # auto = the fastest validated artifact: onnx-int8, then onnx-fp32, then torch
+    batch_size: int = 32
+    overwrite: bool = False

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kdray import KdrayError, storage
 from kdray.config import AugmentConfig
@@ -214,6 +214,12 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def describe_decode_error(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot decode image: not a recognised image format"
+    return f"cannot decode image: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 def view_seeds(image_ids, views) -> np.ndarray:
     """Deterministic augmentation seeds for (image_id, view) pairs; view 0 is the clean image (seed -1)."""
     return np.array([zlib.crc32(f"{i}#{int(v)}".encode()) if int(v) > 0 else -1 for i, v in zip(image_ids, views)],
@@ -265,7 +271,7 @@ def _augment_params(seed: int, cfg: AugmentConfig) -> list[float]:
 def to_model_input(images, augment_cfg: AugmentConfig | None = None, seeds: np.ndarray | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, S, S] (numpy or torch) → normalised float32 [N, 3, S, S], optionally augmented."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.require(images, np.uint8, "W"))
     x = x.to(device, non_blocking=True)
     x = x.unsqueeze(1).float().div_(255.0)
     if augment_cfg is not None and augment_cfg.enabled:
@@ -303,7 +309,7 @@ class DecodeBatch:
                     images[i] = decode_image(fh.read(), self.size)
                 errors.append("")
             except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                reason = describe_decode_error(exc)
                 log.warning("skipping unreadable image %s (%s)", path, reason)
                 errors.append(reason)
         batch["image"] = images

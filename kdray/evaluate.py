@@ -368,3 +368,55 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# evaluating a model on a split (Ray Data)
+# --------------------------------------------------------------------------- #
+def model_card(model_uri: str) -> dict:
+    """classes, image_size, temperature and covid_threshold of a checkpoint or an exported model."""
+    from kdray import storage
+    from kdray.checkpoints import read_meta
+    from kdray.runtime import METADATA_FILE
+
+    exported = storage.join(model_uri, METADATA_FILE)
+    return storage.read_json(exported) if storage.exists(exported) else read_meta(model_uri)
+
+
+def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
+                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
+    """Run a model over a split with a Ray Data actor pool; write metrics.json, confusion.png and roc.png."""
+    import tempfile
+    import time
+
+    from kdray import storage
+    from kdray.data import list_split, load_split
+    from kdray.raycluster import init_ray
+    from kdray.runtime import run_logits
+
+    init_ray()
+    card = model_card(model_uri)
+    classes, size = card["classes"], int(card["image_size"])
+    listing = list_split(data_root, split, classes, limit)
+    started = time.time()
+    ds, skipped = load_split(listing, size)
+    table = run_logits(ds, model_uri, views=1, batch_size=batch_size, backend=backend)
+    elapsed = time.time() - started
+    y = np.asarray(table["label"].to_numpy())
+    logits = np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    probs = softmax(logits, float(card.get("temperature") or 1.0))
+    sources = table["source"].to_pylist() if "source" in table.column_names else None
+    metrics = classification_metrics(y, probs, classes, sources, card.get("covid_threshold"))
+    metrics.update({"model": model_uri, "name": name or model_uri, "data": data_root, "split": split,
+                    "image_size": size, "skipped_images": skipped, "eval_s": round(elapsed, 1),
+                    "eval_img_per_s": round(len(y) / max(elapsed, 1e-9), 2)})
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"{name or 'model'} — {split}"
+        for fname, draw in (("confusion.png", lambda p: plot_confusion_matrix(metrics["confusion_matrix"], classes,
+                                                                              p, title)),
+                            ("roc.png", lambda p: plot_roc(y, probs, classes, p, title))):
+            local = str(Path(tmp) / fname)
+            draw(local)
+            storage.write_bytes(storage.join(output, fname), Path(local).read_bytes())
+    storage.write_json(storage.join(output, "metrics.json"), metrics)
+    return metrics

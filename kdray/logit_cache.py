@@ -87,8 +87,10 @@ def build(teacher_uri: str, listing: Listing, image_size: int, output: str, view
         return uri, True
     log.info("building logit cache %s: teacher %s over %d images x %d view(s)", uri, teacher_uri, len(listing), views)
     started = time.time()
+    from kdray.raycluster import init_ray
     from kdray.runtime import run_logits
 
+    init_ray()
     ds, skipped = load_split(listing, image_size)
     table = run_logits(ds, teacher_uri, views, to_dict(augment), batch_size, backend="torch")
     if table is None:

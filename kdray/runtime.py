@@ -15,17 +15,11 @@ import torch
 from kdray import KdrayError, storage
 from kdray.config import AugmentConfig
 from kdray.data import to_model_input
+from kdray.evaluate import softmax
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"
 BACKENDS = ("auto", "onnx-int8", "onnx-fp32", "torch")
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class Predictor:

@@ -1,0 +1,32 @@
+"""Evaluate any checkpoint (teacher or student) or exported model on a split.
+
+    python -m jobs.evaluate --model RUN_OR_CHECKPOINT --data ROOT [--split val] [--output URI]
+
+Writes metrics.json (accuracy, per-class P/R/F1, macro-F1, COVID sensitivity/specificity/PPV,
+one-vs-rest ROC AUC, ECE, confusion matrix, per-source breakdown) and confusion.png / roc.png.
+"""
+
+from kdray import KdrayError, storage
+from kdray.cli import run_job
+from kdray.config import EvalJobConfig, dump_yaml, load_config
+from kdray.evaluate import evaluate_model
+
+
+def main(argv: list[str]) -> dict:
+    cfg = load_config(EvalJobConfig, argv)
+    if not cfg.model:
+        raise KdrayError("--model is required (a checkpoint, run folder or exported model)")
+    output = cfg.output or storage.join(cfg.model, f"eval-{cfg.split}")
+    storage.makedirs(output)
+    storage.write_text(storage.join(output, "args.yaml"), dump_yaml(cfg))
+    m = evaluate_model(cfg.model, cfg.data.root, cfg.split, output, cfg.backend, cfg.batch_size, cfg.name,
+                       cfg.data.limit)
+    covid = m.get("covid") or {}
+    print(f"{cfg.split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+          f"COVID sensitivity {covid.get('sensitivity')}  specificity {covid.get('specificity')}\n"
+          f"metrics and plots: {output}")
+    return m
+
+
+if __name__ == "__main__":
+    run_job(main)

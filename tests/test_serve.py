@@ -1,0 +1,176 @@
+"""Ray Serve app (serve/app.py, serve/config.yaml).
+
+The config checks are offline. The HTTP tests deploy a ``tiny_student`` checkpoint (32 px)
+once for the module on a local Ray bound to 127.0.0.1, on a free loopback port, with one
+replica; they take about half a minute, most of it Ray and Serve starting.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = REPO_ROOT / "serve" / "config.yaml"
+CLASSES = ["covid", "normal", "pneumonia"]
+IMAGE_SIZE = 32
+
+
+def _png(seed: int, size: int = 48, mode: str = "L") -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (size, size + 8) if mode == "L" else (size, size + 8, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- offline: the config file
+
+def test_config_validates_and_import_path_resolves() -> None:
+    from ray.serve.schema import ServeDeploySchema
+    from ray._common.utils import import_attr
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.proxy_location == "HeadOnly" or getattr(config.proxy_location, "value", None) == "HeadOnly"
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert app.name == "kdray" and app.route_prefix == "/"
+    assert app.args["model_dir"]
+    assert callable(import_attr(app.import_path))
+    (dep,) = app.deployments
+    assert dep.name == "StudentClassifier"
+    assert dep.max_ongoing_requests == 16
+    assert dep.ray_actor_options.num_cpus == 0.5
+    assert dep.autoscaling_config["max_replicas"] == 2
+    assert app.logging_config.enable_access_log is False
+
+
+def test_app_builder_argument_errors(tmp_path: Path) -> None:
+    from kdray import KdrayError
+    from serve.app import app_builder
+
+    with pytest.raises(KdrayError, match="needs model_dir"):
+        app_builder({})
+    with pytest.raises(KdrayError, match="not a folder"):
+        app_builder({"model_dir": str(tmp_path / "missing")})
+    with pytest.raises(KdrayError, match="unknown backend"):
+        app_builder({"model_dir": str(tmp_path), "backend": "tensorrt"})
+    with pytest.raises(KdrayError, match="unknown argument"):
+        app_builder({"model_dir": str(tmp_path), "modeldir": "x"})
+
+
+# -- live: one deployment for the module
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+
+    from kdray.checkpoints import save_checkpoint
+    from kdray.models import build_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("serve") / "student"
+    model = build_model("tiny_student", len(CLASSES))
+    meta = {"model_name": "tiny_student", "classes": CLASSES, "image_size": IMAGE_SIZE, "dropout": 0.2,
+            "metrics": {}, "covid_threshold": 0.3}
+    save_checkpoint(str(folder), model.state_dict(), meta)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base_url(student_dir: str) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from serve.app import deploy
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        from kdray.raycluster import init_ray
+
+        init_ray()
+    try:
+        yield deploy(student_dir, port=_free_port(), num_replicas=1, name="kdray-test")
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def _predict(url: str, data: bytes, content_type: str = "image/png", name: str = "xray.png"):
+    import requests
+
+    return requests.post(f"{url}/predict", files={"file": (name, data, content_type)}, timeout=60)
+
+
+@pytest.mark.integration
+def test_predict_png(base_url: str) -> None:
+    resp = _predict(base_url, _png(1))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body) == {"label", "probabilities", "covid_suspect", "model_id", "backend"}
+    probs = body["probabilities"]
+    assert list(probs) == CLASSES
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["label"] == max(probs, key=probs.get)
+    assert body["covid_suspect"] is (probs["covid"] >= 0.3)
+    assert body["backend"] == "torch" and body["model_id"]
+    # RGB and octet-stream uploads go through the same decoder
+    assert _predict(base_url, _png(2, mode="RGB"), "application/octet-stream", "x.bin").status_code == 200
+
+
+@pytest.mark.integration
+def test_bad_uploads_then_still_serving(base_url: str) -> None:
+    import requests
+
+    corrupt = _predict(base_url, b"\x89PNG\r\n\x1a\n definitely not a png")
+    assert corrupt.status_code == 400 and corrupt.json()["detail"].startswith("cannot decode image")
+    truncated = _predict(base_url, _png(3)[:60])
+    assert truncated.status_code == 400 and "cannot decode" in truncated.json()["detail"]
+    text = _predict(base_url, b"hello", "text/plain", "notes.txt")
+    assert text.status_code == 415 and "text/plain" in text.json()["detail"]
+    dicom = _predict(base_url, b"DICM", "application/dicom", "x.dcm")
+    assert dicom.status_code == 415 and "DICOM" in dicom.json()["detail"]
+    missing = requests.post(f"{base_url}/predict", data={"other": "x"}, timeout=30)
+    assert missing.status_code == 422
+    assert _predict(base_url, _png(4)).status_code == 200
+
+
+@pytest.mark.integration
+def test_health_docs_index(base_url: str) -> None:
+    import requests
+
+    health = requests.get(f"{base_url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["classes"] == CLASSES and health["backend"] == "torch"
+    assert health["model_id"] and health["threads"] == 1  # num_cpus 0.5 rounds up to 1
+    assert requests.get(f"{base_url}/docs", timeout=30).status_code == 200
+    assert "/predict" in requests.get(f"{base_url}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{base_url}/", timeout=30).json()["docs"] == "/docs"
+
+
+@pytest.mark.integration
+def test_concurrent_requests_are_batched(base_url: str) -> None:
+    import requests
+
+    images = [_png(100 + i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda data: _predict(base_url, data), images))
+    assert [r.status_code for r in responses] == [200] * 8
+    health = requests.get(f"{base_url}/healthz", timeout=30).json()
+    assert health["max_batch_size_seen"] > 1, health
