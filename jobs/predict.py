@@ -1,0 +1,73 @@
+"""Classify image files with an exported student, without Ray.
+
+    kdray predict IMAGE [IMAGE ...] --model EXPORT_DIR [--backend auto|onnx-int8|onnx-fp32|torch]
+
+Prints one line per image: ``path<TAB>label<TAB>p(class)=...`` (plus ``covid_suspect`` when the
+model card stores a COVID threshold and P(covid) reaches it). Images that cannot be read or
+decoded get one ``error: <path>: ...`` line each on stderr, after the good ones, and the
+command exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from kdray import KdrayError, storage
+from kdray.cli import run_job
+from kdray.data import decode_image
+from kdray.evaluate import COVID_CLASS
+from kdray.runtime import BACKENDS, Predictor
+
+BATCH = 32
+
+
+def _load(path: str, size: int) -> np.ndarray:
+    data = storage.read_bytes(path)  # KdrayError if missing or unreachable
+    try:
+        return decode_image(data, size)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise KdrayError(f"{path}: cannot decode image ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+
+
+def main(argv: list[str]) -> list[dict]:
+    p = argparse.ArgumentParser(prog="kdray predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
+    p.add_argument("--model", required=True, help="export folder (jobs.export) or a checkpoint")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all available CPUs)")
+    a = p.parse_args(argv)
+
+    predictor = Predictor.load(a.model, backend=a.backend, threads=a.threads)
+    good, images, errors = [], [], []
+    for path in a.images:
+        try:
+            images.append(_load(path, predictor.image_size))
+            good.append(path)
+        except KdrayError as exc:
+            errors.append(str(exc))
+
+    covid = next((i for i, c in enumerate(predictor.classes) if c.lower() == COVID_CLASS), None)
+    results = []
+    for start in range(0, len(images), BATCH):
+        probs = predictor.probabilities(np.stack(images[start:start + BATCH]))
+        for path, row in zip(good[start:start + BATCH], probs):
+            fields = [path, predictor.classes[int(row.argmax())]]
+            fields += [f"p({c})={p:.4f}" for c, p in zip(predictor.classes, row)]
+            suspect = (covid is not None and predictor.covid_threshold is not None
+                       and row[covid] >= float(predictor.covid_threshold))
+            if suspect:
+                fields.append("covid_suspect")
+            print("\t".join(fields), flush=True)
+            results.append({"path": path, "label": fields[1], "probs": row.tolist(), "covid_suspect": suspect})
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if errors:
+        sys.exit(2)
+    return results
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,166 @@
+"""The whole pipeline, end to end: data → teacher → logit cache → students (KD and no-KD) → evaluation
+→ export → Serve (one real HTTP request) → offline scoring → summary table.
+
+Without ``--data`` it runs on the embedded default: a local SeaweedFS S3 on loopback, holding a
+generated 3-class data set, and a local Ray. Everything it starts is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+
+from kdray import storage
+from kdray.config import PipelineConfig, dump_yaml
+
+log = logging.getLogger(__name__)
+DEMO_BUCKET = "kdray-demo"
+SUMMARY_COLUMNS = ["model", "accuracy", "macro_f1", "covid_sensitivity", "params_M", "gflops", "img_per_s",
+                   "runtime", "train_s"]
+
+
+@contextlib.contextmanager
+def demo_storage(cfg: PipelineConfig, workdir: str):
+    """Yield (data root, output root): the user's, or a local S3 with generated data."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if cfg.data.root:
+        yield cfg.data.root, cfg.run.output or os.path.join("runs", f"pipeline-{stamp}")
+        return
+    from kdray.local_s3 import LocalS3
+    from kdray.synthetic import make_dataset
+
+    with LocalS3(os.path.join(workdir, "s3")) as s3:
+        s3.create_bucket(DEMO_BUCKET)
+        saved = {k: os.environ.get(k) for k in s3.env()}
+        os.environ.update(s3.env())
+        try:
+            data = f"s3://{DEMO_BUCKET}/data/synthetic"
+            make_dataset(data, {"train": cfg.demo.train_per_class, "val": cfg.demo.val_per_class},
+                         cfg.demo.source_size)
+            log.info("local S3 at %s; generated data in %s", s3.endpoint_url, data)
+            yield data, cfg.run.output or f"s3://{DEMO_BUCKET}/runs/pipeline-{stamp}"
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    import ray
+
+    from kdray.raycluster import init_ray
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="kdray-pipeline-") as workdir, demo_storage(cfg, workdir) as (data, out):
+        cfg.data.root, cfg.run.output = data, out
+        storage.makedirs(out)
+        storage.write_text(storage.join(out, "args.yaml"), dump_yaml(cfg))
+        log.info("pipeline: data %s → outputs %s", data, out)
+        init_ray()
+        try:
+            summary = _stages(cfg, data, out, workdir)
+        finally:
+            _stop_serve()
+            ray.shutdown()
+        summary["wall_s"] = round(time.time() - started, 1)
+        storage.write_json(storage.join(out, "summary.json"), summary)
+    return summary
+
+
+def _stages(cfg: PipelineConfig, data: str, out: str, workdir: str) -> dict:
+    from kdray import logit_cache
+    from kdray.data import list_split
+    from kdray.evaluate import evaluate_model
+    from kdray.train import fit
+
+    tiny = "tiny-" if cfg.teacher.model.name.startswith("tiny_") else ""
+    teacher = fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19"))
+    listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
+    cache_uri, reused = logit_cache.build(teacher["best_checkpoint"], listing, cfg.data.image_size, out,
+                                          cfg.kd.views, cfg.augment)
+    kd = fit(cfg.stage("student", cfg.kd.alpha, f"{tiny}mobilenetv2_from_resnet50v2-vgg19", cache_uri))
+    nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
+    runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd}
+    metrics = {name: evaluate_model(r["best_checkpoint"], data, cfg.data.val_split,
+                                    storage.join(out, "eval", name), name=name, limit=cfg.data.limit)
+               for name, r in runs.items()}
+    served_model = kd["best_checkpoint"]
+    export = None
+    if cfg.demo.export:
+        export = _export(kd["best_checkpoint"], data, cfg, storage.join(out, "export", "student"))
+        served_model = export["output"]
+    reply = _serve_once(served_model, data, cfg) if cfg.demo.serve else None
+    scored = None
+    if cfg.demo.score:
+        from kdray.score import score_archive
+
+        scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
+    rows = _summary_rows(runs, metrics, served_model, data, cfg)
+    return {"data": data, "output": out, "logit_cache": cache_uri, "logit_cache_reused": reused,
+            "runs": {k: {"run": v["run_uri"], "best_checkpoint": v["best_checkpoint"], "train_s": v["wall_s"]}
+                     for k, v in runs.items()},
+            "table": rows, "export": export, "serve_reply": reply, "score": scored}
+
+
+def _export(checkpoint: str, data: str, cfg: PipelineConfig, output: str) -> dict:
+    from kdray.data import sample_images
+    from kdray.export import export_student
+
+    calib, _ = sample_images(data, cfg.data.train_split, cfg.data.image_size, 64)
+    parity, labels = sample_images(data, cfg.data.val_split, cfg.data.image_size, 256)
+    return export_student(checkpoint, output, calib, parity, labels)
+
+
+def _serve_once(model: str, data: str, cfg: PipelineConfig) -> dict:
+    """Deploy the student with Ray Serve and answer one real HTTP request with a validation image."""
+    import requests
+
+    from kdray.data import list_split
+    from serve.app import deploy
+
+    url = deploy(model, port=cfg.demo.serve_port or _free_port())
+    listing = list_split(data, cfg.data.val_split, cfg.data.classes, 1)
+    image = storage.read_bytes(storage.Location(listing.fs, listing.paths[0], listing.paths[0]))
+    reply = requests.post(f"{url}/predict", files={"file": ("xray.png", image, "image/png")}, timeout=60)
+    reply.raise_for_status()
+    answer = reply.json()
+    log.info("Serve answered POST %s/predict for %s (true label %s): %s", url, listing.image_ids[0],
+             listing.classes[listing.labels[0]], answer)
+    _stop_serve()
+    return {"url": url, "image": listing.image_ids[0], "true_label": listing.classes[listing.labels[0]],
+            "response": answer}
+
+
+def _stop_serve() -> None:
+    with contextlib.suppress(Exception):
+        from ray import serve
+
+        serve.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: PipelineConfig) -> list[dict]:
+    from kdray.data import sample_images
+    from kdray.runtime import Predictor, measure_throughput
+
+    images, _ = sample_images(data, cfg.data.val_split, cfg.data.image_size, 64)
+    rows = []
+    for name, run in runs.items():
+        m = metrics[name]
+        model = served_model if name == "student_kd" else run["best_checkpoint"]
+        predictor = Predictor.load(model, threads=os.cpu_count())
+        rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                     "covid_sensitivity": (m.get("covid") or {}).get("sensitivity"),
+                     "params_M": run["cost"]["params"] / 1e6, "gflops": run["cost"]["gflops"],
+                     "img_per_s": measure_throughput(predictor, images), "runtime": predictor.backend,
+                     "train_s": run["wall_s"]})
+    return rows
