@@ -24,7 +24,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         log.info("starting a local Ray on 127.0.0.1")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  runtime_env=runtime_env, configure_logging=False)

@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
             x = to_model_input(batch["image"], cfg.augment, seeds, device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            y = torch.tensor(batch["label"], dtype=torch.long, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
             loss = kd_loss(logits, y, None if teacher is None else torch.as_tensor(teacher, device=device),

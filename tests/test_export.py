@@ -1,0 +1,204 @@
+"""kdray.export, jobs.export and jobs.predict on a tiny student at 32 px (ONNX fp32 + int8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdray import KdrayError, export
+from kdray.checkpoints import save_checkpoint
+from kdray.data import decode_image, preprocess_config
+from kdray.models import build_model
+from kdray.runtime import Predictor, TorchPredictor
+from kdray.synthetic import CLASSES, make_dataset, make_image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+META = {"model_name": "tiny_student", "classes": list(CLASSES), "image_size": SIZE, "dropout": 0.2, "metrics": {},
+        "covid_threshold": 0.4}
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    return np.stack([make_image(CLASSES[y], SIZE, rng) for y in labels]), labels
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny student with a least-squares linear head on synthetic images, so its predictions differ per image."""
+    from kdray.data import to_model_input
+
+    torch.manual_seed(0)
+    model = build_model("tiny_student", len(CLASSES), 0.2).eval()
+    images, labels = _images(96, 1)
+    with torch.no_grad():
+        features = model.pool(model.features(to_model_input(images))).flatten(1).double()
+        mean = features.mean(0)
+        targets = torch.nn.functional.one_hot(torch.as_tensor(labels), len(CLASSES)).double() * 8 - 4
+        weight = torch.linalg.lstsq(features - mean, targets, driver="gelsd").solution.T
+        model.head.weight.copy_(weight.float())
+        model.head.bias.copy_((-weight @ mean).float())
+    folder = str(tmp_path_factory.mktemp("ckpt"))
+    save_checkpoint(folder, model.state_dict(), META)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[str, dict]:
+    calibration, _ = _images(64, 2)
+    parity, labels = _images(200, 3)
+    out = str(tmp_path_factory.mktemp("export"))
+    metadata = export.export_student(checkpoint, out, calibration, parity, labels, extra_metadata={"version": "9.9"})
+    return out, metadata
+
+
+def _copy(src: str, tmp_path: Path) -> str:
+    dst = str(tmp_path / "copy")
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_export_writes_validated_artifacts_and_model_card(exported, checkpoint):
+    out, metadata = exported
+    assert set(os.listdir(out)) >= {"model.fp32.onnx", "model.int8.onnx", "metadata.json"}
+    card = json.loads(Path(out, "metadata.json").read_text())
+    assert card == json.loads(json.dumps(metadata))
+    assert card["classes"] == list(CLASSES) and card["image_size"] == SIZE and card["version"] == "9.9"
+    assert card["input"] == {"name": "images", "shape": ["batch", 3, SIZE, SIZE], "dtype": "float32"}
+    assert card["output"]["name"] == "logits" and card["preprocessing"] == preprocess_config(SIZE)
+    assert card["intended_use"] == "research; not for diagnosis" and card["known_biases"]
+    assert card["temperature"] == 1.0 and card["covid_threshold"] == 0.4 and card["metrics"] == {}
+    assert card["source_checkpoint"] == checkpoint
+    for kind, bar in (("fp32", 0.995), ("int8", 0.99)):
+        art, par = card["artifacts"][kind], card["parity"][kind]
+        assert art["validated"] is True and art["file"] == f"model.{kind}.onnx"
+        assert art["sha256"] == export.sha256_file(os.path.join(out, art["file"])) and art["size_mb"] > 0
+        assert par["n"] == 200 and par["top1_agreement"] >= bar and 0 <= par["max_abs_prob_diff"] < 0.2
+    assert card["parity"]["fp32"]["max_abs_prob_diff"] < 1e-4
+
+
+def test_load_picks_int8_and_agrees_with_torch(exported, checkpoint):
+    out, _ = exported
+    predictor = Predictor.load(out)
+    assert isinstance(predictor, export.OrtPredictor) and predictor.backend == "onnx-int8"
+    assert predictor.classes == list(CLASSES) and predictor.covid_threshold == 0.4
+    images, _ = _images(60, 4)
+    reference = TorchPredictor.from_checkpoint(checkpoint).probabilities(images)
+    probs = predictor.probabilities(images)
+    assert probs.shape == (60, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert len(set(reference.argmax(1))) > 1  # a model that predicts one class would make agreement trivial
+    assert np.mean(probs.argmax(1) == reference.argmax(1)) >= 0.98
+    fp32 = Predictor.load(out, backend="onnx-fp32", threads=1)
+    assert fp32.backend == "onnx-fp32" and np.allclose(fp32.probabilities(images), reference, atol=1e-4)
+    assert isinstance(Predictor.load(out, backend="torch"), TorchPredictor)
+
+
+def test_missing_artifact_is_an_error(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    os.remove(os.path.join(folder, "model.int8.onnx"))
+    with pytest.raises(KdrayError, match="model.int8.onnx.*missing"):
+        Predictor.load(folder)
+
+
+def test_tampered_classes_are_an_error(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    card = json.loads(Path(folder, "metadata.json").read_text())
+    card["classes"] = ["covid", "normal", "pneumonia", "lung_opacity"]
+    Path(folder, "metadata.json").write_text(json.dumps(card))
+    with pytest.raises(KdrayError, match="outputs 3 scores but the model card lists 4 classes"):
+        Predictor.load(folder)
+
+
+def test_corrupt_onnx_is_an_error(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    Path(folder, "model.int8.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(KdrayError, match="sha256 .* does not match"):
+        Predictor.load(folder)
+
+
+def test_missing_or_corrupt_metadata_is_an_error(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    Path(folder, "metadata.json").write_text("{not json")
+    with pytest.raises(KdrayError, match="corrupt model card"):
+        Predictor.load(folder)
+    os.remove(os.path.join(folder, "metadata.json"))
+    with pytest.raises(KdrayError, match="metadata.json missing"):
+        export.load_exported(folder)
+
+
+def test_int8_parity_failure_raises_and_falls_back_to_fp32(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(export.PARITY_BARS, "int8", 1.01)
+    images, labels = _images(20, 5)
+    out = str(tmp_path / "exp")
+    with pytest.raises(KdrayError, match=r"int8 artifact failed parity: top-1 agreement .*< 101\.0%"):
+        export.export_student(checkpoint, out, images, images, labels)
+    card = json.loads(Path(out, "metadata.json").read_text())
+    assert card["artifacts"]["int8"]["validated"] is False and card["artifacts"]["fp32"]["validated"] is True
+    assert Predictor.load(out).backend == "onnx-fp32"
+    with pytest.raises(KdrayError, match="failed its parity check"):
+        Predictor.load(out, backend="onnx-int8")
+
+
+def test_fp32_parity_failure_writes_no_model_card(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(export.PARITY_BARS, "fp32", 1.01)
+    images, _ = _images(20, 6)
+    out = str(tmp_path / "exp")
+    with pytest.raises(KdrayError, match="fp32 artifact failed parity"):
+        export.export_student(checkpoint, out, images, images, int8=False)
+    assert not os.path.exists(os.path.join(out, "metadata.json"))
+
+
+def test_export_job_and_predict_cli(checkpoint, tmp_path, capsys):
+    from jobs import export as export_job
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "export")
+    make_dataset(data, {"train": 8, "val": 8}, size=48, seed=7)
+    metadata = export_job.main(["--model", checkpoint, "--data", data, "--output", out, "--calibration", "16",
+                                "--parity", "24", "--torchscript", "true"])
+    printed = capsys.readouterr().out
+    assert "top-1 agreement" in printed and f"-> {out}" in printed
+    assert "calibration: 16" in Path(out, "args.yaml").read_text()
+    assert metadata["parity"]["int8"]["n"] == 24 and metadata["artifacts"]["torchscript"]["validated"] is True
+
+    good = str(next((tmp_path / "data" / "val" / "covid").glob("*.png")))
+    bad = str(tmp_path / "broken.png")
+    Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = subprocess.run([sys.executable, "-m", "kdray.cli", "predict", good, bad, "--model", out],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    path, label, *probs = run.stdout.strip().split("\t")
+    assert path == good and label in CLASSES and probs[0].startswith("p(covid)=")
+    expected = Predictor.load(out).probabilities(decode_image(Path(good).read_bytes(), SIZE)[None])[0]
+    assert label == CLASSES[int(expected.argmax())]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: cannot decode image (")
+    assert "Traceback" not in run.stderr
+
+
+def test_predict_flags_covid_suspects(exported, capsys):
+    from jobs import predict
+
+    out, _ = exported
+    images, _ = _images(6, 8)
+    folder = Path(out).parent / "pngs"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        from PIL import Image
+
+        Image.fromarray(img).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    results = predict.main(paths + ["--model", out])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(results) == 6
+    for line, r in zip(lines, results):
+        assert line.endswith("covid_suspect") == (r["probs"][0] >= 0.4) == r["covid_suspect"]
