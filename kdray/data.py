@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
@@ -172,7 +173,7 @@ def _list_manifest(loc: storage.Location, split: str, classes: list[str] | None)
         if col not in table.column_names:
             raise KdrayError(f"{loc.uri}: manifest needs columns path,label[,split]; found {table.column_names}")
     if split and "split" in table.column_names:
-        table = table.filter(pa.compute.equal(table["split"], split))
+        table = table.filter(pc.equal(table["split"], split))
     if table.num_rows == 0:
         raise KdrayError(f"{loc.uri}: no rows for split {split!r}")
     base = posixpath.dirname(loc.path)

@@ -79,3 +79,24 @@ def make_checkpoint(folder, model_name: str = "tiny_student", image_size: int = 
 def checkpoint_factory(tmp_path):
     """make_checkpoint bound to a temporary folder: ``checkpoint_factory("name", model_name=..., ...)``."""
     return lambda name="ckpt", **kw: make_checkpoint(tmp_path / name, **kw)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> str:
+    """A generated ImageFolder set (train 40/class, val 20/class, 64 px) on local disk."""
+    from kdray.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_dataset(str(root), {"train": 40, "val": 20}, size=64, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def synthetic_s3(local_s3: LocalS3, synthetic_dir: str) -> str:
+    """The same set uploaded to the local S3, plus one corrupt PNG in train/covid."""
+    from kdray import storage
+
+    uri = f"s3://{TEST_BUCKET}/synthetic"
+    storage.copy_dir(synthetic_dir, uri)
+    storage.write_bytes(f"{uri}/train/covid/zz-corrupt.png", b"\x89PNG\r\n\x1a\n this is not really a png")
+    return uri

@@ -42,8 +42,9 @@ def _free_port() -> int:
 # -- offline: the config file
 
 def test_config_validates_and_import_path_resolves() -> None:
+    import importlib
+
     from ray.serve.schema import ServeDeploySchema
-    from ray._common.utils import import_attr
 
     raw = yaml.safe_load(CONFIG.read_text())
     config = ServeDeploySchema.model_validate(raw)
@@ -52,7 +53,8 @@ def test_config_validates_and_import_path_resolves() -> None:
     (app,) = config.applications
     assert app.name == "kdray" and app.route_prefix == "/"
     assert app.args["model_dir"]
-    assert callable(import_attr(app.import_path))
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
     (dep,) = app.deployments
     assert dep.name == "StudentClassifier"
     assert dep.max_ongoing_requests == 16
@@ -61,10 +63,13 @@ def test_config_validates_and_import_path_resolves() -> None:
     assert app.logging_config.enable_access_log is False
 
 
-def test_app_builder_argument_errors(tmp_path: Path) -> None:
+def test_app_builder(tmp_path: Path) -> None:
+    from ray.serve import Application
+
     from kdray import KdrayError
     from serve.app import app_builder
 
+    assert isinstance(app_builder({"model_dir": str(tmp_path), "backend": "torch"}), Application)
     with pytest.raises(KdrayError, match="needs model_dir"):
         app_builder({})
     with pytest.raises(KdrayError, match="not a folder"):
@@ -166,11 +171,16 @@ def test_health_docs_index(base_url: str) -> None:
 
 @pytest.mark.integration
 def test_concurrent_requests_are_batched(base_url: str) -> None:
+    """8 simultaneous clients: all answered, and @serve.batch grouped some (up to 3 rounds on a busy box)."""
     import requests
 
     images = [_png(100 + i) for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda data: _predict(base_url, data), images))
-    assert [r.status_code for r in responses] == [200] * 8
-    health = requests.get(f"{base_url}/healthz", timeout=30).json()
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda data: _predict(base_url, data), images))
+        assert [r.status_code for r in responses] == [200] * 8
+        health = requests.get(f"{base_url}/healthz", timeout=30).json()
+        if health["max_batch_size_seen"] > 1:
+            break
     assert health["max_batch_size_seen"] > 1, health
+    assert health["batched_images"] > health["batches"]

@@ -1,0 +1,57 @@
+import pytest
+
+from kdray import KdrayError
+from kdray.config import PipelineConfig, TrainJobConfig, dump_yaml, load_config
+
+
+def test_defaults_file_flags_precedence(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim:\n  lr: 0.01\n  epochs: 7\nmodel:\n  name: student\n")
+    cfg = load_config(TrainJobConfig, ["--config", str(cfg_file), "--optim.epochs", "2"], {"optim": {"lr": 0.5}})
+    assert cfg.optim.lr == 0.01  # file beats job defaults
+    assert cfg.optim.epochs == 2  # flag beats file
+    assert cfg.model.name == "student"
+    assert cfg.optim.batch_size == 32  # dataclass default
+
+
+def test_short_names_aliases_and_types():
+    cfg = load_config(TrainJobConfig, ["--lr=3e-4", "--data", "s3://b/x", "--class_balance", "--classes", "a,b"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.root == "s3://b/x"
+    assert cfg.optim.class_balance is True
+    assert cfg.data.classes == ["a", "b"]
+    assert load_config(TrainJobConfig, ["--model.weights", "none"]).model.weights is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nope", "1"], "unknown option --nope"),
+    (["--epochs", "many"], "cannot read 'many' as int"),
+    (["--class_balance", "maybe"], "cannot read 'maybe' as bool"),
+    (["positional"], "unexpected argument"),
+])
+def test_bad_flags_are_clear(argv, message):
+    with pytest.raises(KdrayError, match=message):
+        load_config(TrainJobConfig, argv)
+
+
+def test_ambiguous_short_name():
+    with pytest.raises(KdrayError, match="ambiguous.*--teacher.optim.epochs"):
+        load_config(PipelineConfig, ["--epochs", "3"])
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(KdrayError, match="not found"):
+        load_config(TrainJobConfig, ["--config", str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(KdrayError, match=r"unknown config key\(s\) \['lrr'\] in optim"):
+        load_config(TrainJobConfig, ["--config", str(bad)])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(PipelineConfig, ["--data", "/d", "--student.optim.epochs", "5"])
+    (tmp_path / "args.yaml").write_text(dump_yaml(cfg))
+    again = load_config(PipelineConfig, ["--config", str(tmp_path / "args.yaml")])
+    assert again == cfg
+    stage = cfg.stage("student", 0.0, "run-x", None)
+    assert stage.optim.epochs == 5 and stage.kd.alpha == 0.0 and stage.run.name == "run-x"
