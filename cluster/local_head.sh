@@ -50,6 +50,9 @@ find_ray() {
 }
 
 RAY="$(find_ray)"
+# Job entrypoints run `python` from the head's PATH: put the ray's own environment first, so that
+# `ray job submit -- python -m jobs.X` finds kdray's dependencies.
+export PATH="$(dirname "${RAY}"):${PATH}"
 GCS_ADDRESS="${HOST}:${PORT}"
 DASHBOARD_URL="http://${HOST}:${DASHBOARD_PORT}"
 

@@ -52,7 +52,6 @@ def fit(cfg: TrainJobConfig) -> dict:
 
     if cfg.kd.alpha > 0 and not cfg.kd.cache:
         raise KdrayError("kd.alpha > 0 needs --kd.cache (build one with jobs.build_cache)")
-    init_ray()
     size = cfg.data.image_size
     train_listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     val_listing = list_split(cfg.data.root, cfg.data.val_split, train_listing.classes, cfg.data.limit)
@@ -60,6 +59,7 @@ def fit(cfg: TrainJobConfig) -> dict:
     run_uri = storage.join(cfg.run.output, run_name)
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, "args.yaml"), dump_yaml(cfg))
+    init_ray()
 
     train_ds, skipped = load_split(train_listing, size, shuffle_seed=cfg.run.seed)
     val_ds, skipped_val = load_split(val_listing, size)

@@ -1,0 +1,83 @@
+"""The job entry points as users run them: one-line errors, and submission to a Ray head with `ray job submit`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/xrays"], "/nonexistent/xrays/train: no such file or folder"),
+    (["--data", "{empty}"], "folder is empty"),
+    (["--data", "{flat}"], "no class folders"),
+    (["--epochs", "lots"], "cannot read 'lots' as int"),
+])
+def test_train_teacher_bad_input(tmp_path, args, message):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "x.png").write_bytes(b"x")
+    args = [a.format(empty=tmp_path / "empty", flat=tmp_path / "flat") for a in args]
+    proc = run_job("jobs.train_teacher", *args, "--output", str(tmp_path / "runs"))
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "runs").exists()  # nothing left behind that looks like a run
+
+
+@pytest.mark.integration
+def test_s3_bad_input(local_s3, tmp_path):
+    proc = run_job("jobs.train_teacher", "--data", "s3://no-such-bucket/xrays")
+    assert_one_line_error(proc, "S3 bucket 'no-such-bucket' does not exist")
+    from kdray.local_s3 import port_is_free
+
+    port = next(p for p in range(23100, 23200) if port_is_free(p))
+    proc = run_job("jobs.score", "--model", str(tmp_path), "--input", "s3://kdray-test/x", "--output", str(tmp_path),
+                   env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    assert proc.returncode == 2 and "error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_kdray_command_lists_stages():
+    proc = subprocess.run([sys.executable, "-m", "kdray.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for stage in ("train-teacher", "build-cache", "train-student", "evaluate", "export", "score", "predict",
+                  "pipeline", "make-data"):
+        assert stage in proc.stdout
+
+
+@pytest.mark.integration
+def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, checkpoint_factory):
+    """Start a loopback head with cluster/local_head.sh and submit jobs.evaluate to it."""
+    from kdray.local_s3 import port_is_free
+
+    ports = [p for p in range(24000, 24400, 7) if port_is_free(p)][:2]
+    env = {**os.environ, "KDRAY_RAY_PORT": str(ports[0]), "KDRAY_DASHBOARD_PORT": str(ports[1]),
+           "RAY_AUTH_MODE": "token"}
+    ckpt = checkpoint_factory("teacher", model_name="tiny_teacher", image_size=32)
+    head = REPO / "cluster" / "local_head.sh"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([str(head), "start"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports[1]}", "--working-dir", str(REPO),
+             "--", "python", "-m", "jobs.evaluate", "--model", ckpt, "--data", synthetic_dir,
+             "--output", str(tmp_path / "eval"), "--data.limit", "9"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "confusion.png").exists()
+    finally:
+        subprocess.run([str(head), "stop"], env=env, capture_output=True, timeout=120)
