@@ -4,6 +4,8 @@
     python -m jobs.pipeline --data s3://bucket/cxr --output s3://bucket/runs/x   # real data
 """
 
+import json
+
 from kdray import storage
 from kdray.cli import run_job
 from kdray.config import PipelineConfig, load_config
@@ -16,7 +18,7 @@ def main(argv: list[str]) -> dict:
     summary = run_pipeline(cfg)
     print("\n" + format_table(summary["table"], SUMMARY_COLUMNS))
     if summary.get("serve_reply"):
-        print(f"\nServe answered: {summary['serve_reply']['response']}")
+        print(f"\nServe answered: {json.dumps(summary['serve_reply']['response'])}")
     if summary.get("score"):
         s = summary["score"]
         print(f"offline scoring: {s['scored']} images, {s['errors']} unreadable, {s['img_per_s']} img/s")

@@ -287,6 +287,7 @@ class DemoConfig:
     serve: bool = True
     score: bool = True
     serve_port: int = 0  # 0 = a free port on 127.0.0.1
+    s3_dir: str = ".kdray/s3"  # where the embedded local S3 keeps its data, so outputs outlive the run
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 
 from kdray import storage
@@ -23,7 +22,7 @@ SUMMARY_COLUMNS = ["model", "accuracy", "macro_f1", "covid_sensitivity", "params
 
 
 @contextlib.contextmanager
-def demo_storage(cfg: PipelineConfig, workdir: str):
+def demo_storage(cfg: PipelineConfig):
     """Yield (data root, output root): the user's, or a local S3 with generated data."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if cfg.data.root:
@@ -32,15 +31,18 @@ def demo_storage(cfg: PipelineConfig, workdir: str):
     from kdray.local_s3 import LocalS3
     from kdray.synthetic import make_dataset
 
-    with LocalS3(os.path.join(workdir, "s3")) as s3:
+    with LocalS3(cfg.demo.s3_dir) as s3:
         s3.create_bucket(DEMO_BUCKET)
         saved = {k: os.environ.get(k) for k in s3.env()}
         os.environ.update(s3.env())
         try:
-            data = f"s3://{DEMO_BUCKET}/data/synthetic"
-            make_dataset(data, {"train": cfg.demo.train_per_class, "val": cfg.demo.val_per_class},
-                         cfg.demo.source_size)
-            log.info("local S3 at %s; generated data in %s", s3.endpoint_url, data)
+            counts = {"train": cfg.demo.train_per_class, "val": cfg.demo.val_per_class}
+            data = f"s3://{DEMO_BUCKET}/data/synthetic-{cfg.demo.source_size}px-" + "-".join(map(str, counts.values()))
+            if storage.exists(f"{data}/val"):
+                log.info("using the generated data already in %s", data)
+            else:
+                make_dataset(data, counts, cfg.demo.source_size)
+            log.info("local S3 at %s (data in %s); generated data in %s", s3.endpoint_url, cfg.demo.s3_dir, data)
             yield data, cfg.run.output or f"s3://{DEMO_BUCKET}/runs/pipeline-{stamp}"
         finally:
             for k, v in saved.items():
@@ -53,14 +55,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from kdray.raycluster import init_ray
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="kdray-pipeline-") as workdir, demo_storage(cfg, workdir) as (data, out):
+    with demo_storage(cfg) as (data, out):
         cfg.data.root, cfg.run.output = data, out
         storage.makedirs(out)
         storage.write_text(storage.join(out, "args.yaml"), dump_yaml(cfg))
         log.info("pipeline: data %s → outputs %s", data, out)
         init_ray()
         try:
-            summary = _stages(cfg, data, out, workdir)
+            summary = _stages(cfg, data, out)
         finally:
             _stop_serve()
             ray.shutdown()
@@ -69,7 +71,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
-def _stages(cfg: PipelineConfig, data: str, out: str, workdir: str) -> dict:
+def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     from kdray import logit_cache
     from kdray.data import list_split
     from kdray.evaluate import evaluate_model

@@ -1,0 +1,30 @@
+"""The README's main command, end to end on tiny settings: local S3 + generated data + local Ray."""
+
+import json
+import re
+
+import pytest
+
+from test_jobs import run_job
+
+pytestmark = pytest.mark.integration
+
+TINY = ["--teacher.model.name", "tiny_teacher", "--student.model.name", "tiny_student", "--image_size", "48",
+        "--teacher.optim.epochs", "6", "--student.optim.epochs", "6", "--teacher.optim.lr", "3e-3",
+        "--student.optim.lr", "1e-2", "--teacher.optim.batch_size", "8", "--student.optim.batch_size", "8",
+        "--train_per_class", "40", "--val_per_class", "15", "--source_size", "64"]
+
+
+def test_pipeline_end_to_end(tmp_path):
+    proc = run_job("jobs.pipeline", *TINY, "--s3_dir", str(tmp_path / "s3"), timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    table = re.findall(r"^\| (teacher|student_kd|student_nokd) \|.*$", proc.stdout, re.M)
+    assert table == ["teacher", "student_kd", "student_nokd"], proc.stdout[-3000:]
+    answer = json.loads(re.search(r"Serve answered: (\{.*\})", proc.stdout).group(1))
+    assert set(answer["probabilities"]) == {"covid", "normal", "pneumonia"}
+    assert answer["backend"] == "onnx-int8"
+    assert re.search(r"offline scoring: 45 images, 0 unreadable", proc.stdout)
+    assert "(built)" in proc.stdout
+    # everything it started is shut down: no SeaweedFS left on that data directory
+    assert not (tmp_path / "s3" / "weed.pid").exists()
