@@ -17,7 +17,7 @@ import numpy as np
 
 from kdray import KdrayError, storage
 from kdray.cli import run_job
-from kdray.data import decode_image
+from kdray.data import decode_image, describe_decode_error
 from kdray.evaluate import COVID_CLASS
 from kdray.runtime import BACKENDS, Predictor
 
@@ -29,7 +29,8 @@ def _load(path: str, size: int) -> np.ndarray:
     try:
         return decode_image(data, size)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise KdrayError(f"{path}: cannot decode image ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+        reason = describe_decode_error(exc).removeprefix("cannot decode image: ")
+        raise KdrayError(f"{path}: cannot decode image ({reason})") from None
 
 
 def main(argv: list[str]) -> list[dict]:

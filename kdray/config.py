@@ -301,6 +301,7 @@ class PipelineConfig:
     kd: KDConfig = field(default_factory=lambda: KDConfig(alpha=0.5, temperature=4.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output=""))
     demo: DemoConfig = field(default_factory=DemoConfig)
+    teacher_run: str = ""  # an existing teacher run or checkpoint: skip teacher training and use it
 
     ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output"}
 

@@ -58,6 +58,14 @@ QUANTIZATION = {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8", "p
                 "reduce_range": True, "calibration": "MinMax"}
 
 
+class ParityError(KdrayError):
+    """An artifact missed its parity bar; ``metadata`` is the committed model card, or None if nothing was written."""
+
+    def __init__(self, message: str, metadata: dict | None = None):
+        super().__init__(message)
+        self.metadata = metadata
+
+
 @dataclass
 class ExportJobConfig:
     """``python -m jobs.export``: which checkpoint, which data for calibration/parity, where to write."""
@@ -71,6 +79,7 @@ class ExportJobConfig:
     parity: int = 256  # number of parity images
     int8: bool = True
     torchscript: bool = False
+    strict: bool = True  # false: an int8/TorchScript artifact below its bar is kept as validated=false, no error
     name: str = ""  # model-card name (default: kdray-<model_name>)
     version: str = ""  # model-card version (default: the kdray version)
 
@@ -94,7 +103,8 @@ def sha256_file(path: str) -> str:
 
 
 def ort_session(path: str, threads: int | None = None):
-    """An ONNX Runtime CPU session: ``threads`` intra-op threads (default: the CPUs available), sequential."""
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads (default: the CPUs available), one inter-op
+    thread, sequential execution, all graph optimisations, no spinning."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -103,6 +113,11 @@ def ort_session(path: str, threads: int | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # No busy-waiting in the intra-op pool between (and after) runs: every predictor call runs the torch
+    # preprocessing right before the session, and on a 2-core box ORT's spinning threads and torch's OpenMP
+    # threads then fight for the cores. Measured at 224 px, int8, uint8 in -> logits out: batch 32
+    # 151-205 -> 228-252 img/s, batch 1 63-102 -> 112-122 img/s.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -202,13 +217,13 @@ def _remove_marker(out: storage.Location) -> None:
 
 def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.ndarray, parity_images: np.ndarray,
                    parity_labels=None, int8: bool = True, torchscript: bool = False,
-                   extra_metadata: dict | None = None) -> dict:
+                   extra_metadata: dict | None = None, strict: bool = True) -> dict:
     """Export a checkpoint to ONNX fp32 (+ int8, + TorchScript), check parity, write the model card last.
 
-    Raises :class:`KdrayError` when an artifact misses its parity bar. If fp32 fails, nothing is
-    written. If only int8/TorchScript fails, the folder is committed with that artifact marked
-    ``validated: false`` (so ``Predictor.load`` falls back to fp32), and the error is still raised.
-    Returns the metadata dict.
+    Raises :class:`ParityError` (a :class:`KdrayError`) when an artifact misses its parity bar. If fp32
+    fails, nothing is written. If only int8/TorchScript fails, the folder is committed with that artifact
+    marked ``validated: false`` (so ``Predictor.load`` falls back to fp32), and the error is still raised
+    unless ``strict=False`` (then it is only logged). Returns the metadata dict.
     """
     from kdray.checkpoints import load_model, resolve_checkpoint
 
@@ -246,7 +261,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
                              f"{PARITY_BARS[k]:.1%} (max |Δp| {v['max_abs_prob_diff']:.4f}, n={v['n']})"
                              for k, v in failed.items())
         if "fp32" in failed:
-            raise KdrayError(f"{output_uri}: {problems}; nothing written")
+            raise ParityError(f"{output_uri}: {problems}; nothing written")
 
         artifacts = {k: {"file": os.path.basename(f), "format": "torchscript" if k == "torchscript" else "onnx",
                          "precision": "int8" if k == "int8" else "fp32", "sha256": sha256_file(f),
@@ -270,7 +285,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
             "artifacts": artifacts, "parity": parity, "parity_bars": {k: PARITY_BARS[k] for k in files},
             "metrics": meta.get("metrics", {}), "temperature": temperature,
             "covid_threshold": meta.get("covid_threshold"),
-            "source_checkpoint": resolve_checkpoint(checkpoint_uri),
+            "source_checkpoint": storage.resolve(resolve_checkpoint(checkpoint_uri)).uri,  # absolute
             "intended_use": INTENDED_USE, "known_biases": KNOWN_BIASES,
             "framework": {"kdray": kdray.__version__, "torch": torch.__version__, "onnx_opset": OPSET,
                           **_versions("onnx", "onnxruntime", "numpy")},
@@ -283,8 +298,10 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
             with open(f, "rb") as fh:
                 storage.write_bytes(out.join(os.path.basename(f)), fh.read())
         storage.write_json(out.join(METADATA_FILE), metadata)  # commit marker, last
+    if failed and strict:
+        raise ParityError(f"{output_uri}: {problems}; recorded as validated=false, the fp32 model is usable", metadata)
     if failed:
-        raise KdrayError(f"{output_uri}: {problems}; recorded as validated=false, the fp32 model is usable")
+        log.warning("%s: %s; recorded as validated=false", output_uri, problems)
     log.info("exported %s to %s: %s", checkpoint_uri, output_uri, {k: parity[k] for k in files})
     return metadata
 
@@ -325,6 +342,8 @@ def read_metadata(uri: str) -> dict:
         raise KdrayError(f"{loc.uri}: not a kdray model card (missing {', '.join(missing)})")
     if not isinstance(metadata["classes"], list) or len(metadata["classes"]) < 2:
         raise KdrayError(f"{loc.uri}: 'classes' must list at least 2 class names")
+    if not isinstance(metadata["artifacts"], dict):
+        raise KdrayError(f"{loc.uri}: 'artifacts' must map artifact kinds to files")
     return metadata
 
 
@@ -346,11 +365,10 @@ def _choose(uri: str, metadata: dict, backend: str) -> str:
 
 
 def _verified_local_file(uri: str, entry: dict, cache_root: str) -> str:
-    if not isinstance(entry, dict) or not entry.get("file") or not entry.get("sha256"):
-        raise KdrayError(f"{uri}: model card artifact entry is incomplete: {entry!r}")
+    """A local copy of an artifact (downloaded if on S3) whose sha256 matches the model card."""
+    if not entry.get("sha256"):
+        raise KdrayError(f"{uri}: model card artifact entry {entry.get('file')!r} has no sha256")
     file_uri = storage.join(uri, entry["file"])
-    if not storage.exists(file_uri):
-        raise KdrayError(f"{file_uri}: artifact listed in {METADATA_FILE} is missing")
     path = storage.local_copy(file_uri, cache_root)
     digest = sha256_file(path)
     if digest != entry["sha256"]:
@@ -382,7 +400,8 @@ def load_exported(uri: str, backend: str = "auto", threads: int | None = None) -
         raise KdrayError(f"{uri}: {os.path.basename(path)} expects input {in_shape}, but the model card says "
                          f"image_size {metadata['image_size']}")
     log.info("loaded %s (%s) from %s", metadata.get("name", "model"), chosen, uri)
-    return OrtPredictor(session, metadata, chosen, model_id=f"{uri}#{chosen}")
+    sha = metadata["artifacts"][ONNX_BACKENDS[chosen]]["sha256"]
+    return OrtPredictor(session, metadata, chosen, model_id=f"{storage.resolve(uri).uri}#{chosen}:{sha[:12]}")
 
 
 def _torch_fallback(uri: str, metadata: dict, threads: int | None) -> Predictor:
@@ -394,7 +413,8 @@ def _torch_fallback(uri: str, metadata: dict, threads: int | None) -> Predictor:
     try:
         predictor = TorchPredictor.from_checkpoint(source, threads)
     except KdrayError as exc:
-        raise KdrayError(f"{uri}: no validated ONNX model, and the source checkpoint cannot be loaded ({exc})") from None
+        raise KdrayError(f"{uri}: no validated ONNX model, and the source checkpoint cannot be loaded "
+                         f"({exc})") from None
     if predictor.classes != list(metadata["classes"]):
         raise KdrayError(f"{uri}: source checkpoint classes {predictor.classes} differ from the model card's "
                          f"{metadata['classes']}")

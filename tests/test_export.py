@@ -163,6 +163,8 @@ def test_int8_parity_failure_raises_and_falls_back_to_fp32(checkpoint, tmp_path,
     assert Predictor.load(out).backend == "onnx-fp32"
     with pytest.raises(KdrayError, match="failed its parity check"):
         Predictor.load(out, backend="onnx-int8")
+    lenient = export.export_student(checkpoint, str(tmp_path / "lenient"), images, images, int8=True, strict=False)
+    assert lenient["artifacts"]["int8"]["validated"] is False
 
 
 def test_fp32_parity_failure_writes_no_model_card(checkpoint, tmp_path, monkeypatch):
@@ -174,14 +176,32 @@ def test_fp32_parity_failure_writes_no_model_card(checkpoint, tmp_path, monkeypa
     assert not os.path.exists(os.path.join(out, "metadata.json"))
 
 
-def test_export_job_and_predict_cli(checkpoint, tmp_path, capsys):
-    from jobs import export as export_job
-
-    data, out = tmp_path / "data", str(tmp_path / "export")
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """An ImageFolder tree: 24 fresh train images (calibration) and the 96 fitted images as val (parity)."""
+    root = tmp_path_factory.mktemp("data")
     for split, (images, labels) in (("train", _images(24, 2)), ("val", TRAIN)):
         for i, (img, y) in enumerate(zip(images, labels)):
-            (data / split / CLASSES[y]).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(data / split / CLASSES[y] / f"{i:03d}.png")
+            (root / split / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / split / CLASSES[y] / f"{i:03d}.png")
+    return root
+
+
+def test_export_job_prints_parity_when_int8_fails(checkpoint, data, tmp_path, capsys, monkeypatch):
+    from jobs import export as export_job
+
+    monkeypatch.setitem(export.PARITY_BARS, "int8", 1.01)
+    with pytest.raises(export.ParityError, match="int8 artifact failed parity"):
+        export_job.main(["--model", checkpoint, "--data", str(data), "--output", str(tmp_path / "exp"),
+                         "--calibration", "8", "--parity", "12"])
+    table = capsys.readouterr().out
+    assert "| int8 | model.int8.onnx |" in table and "| False |" in table and "| True |" in table
+
+
+def test_export_job_and_predict_cli(checkpoint, data, tmp_path, capsys):
+    from jobs import export as export_job
+
+    out = str(tmp_path / "export")
     metadata = export_job.main(["--model", checkpoint, "--data", str(data), "--output", out, "--calibration", "16",
                                 "--parity", "24", "--torchscript", "true"])
     printed = capsys.readouterr().out
@@ -189,7 +209,7 @@ def test_export_job_and_predict_cli(checkpoint, tmp_path, capsys):
     assert "calibration: 16" in Path(out, "args.yaml").read_text()
     assert metadata["parity"]["int8"]["n"] == 24 and metadata["artifacts"]["torchscript"]["validated"] is True
 
-    good = str(next((tmp_path / "data" / "val" / "covid").glob("*.png")))
+    good = str(next((data / "val" / "covid").glob("*.png")))
     bad = str(tmp_path / "broken.png")
     Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     run = subprocess.run([sys.executable, "-m", "kdray.cli", "predict", good, bad, "--model", out],
