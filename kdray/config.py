@@ -63,6 +63,8 @@ class OptimConfig:
     label_smoothing: float = 0.0
     class_balance: bool = False  # weight the loss by inverse class frequency
     early_stop_patience: int = 0  # epochs without val macro-F1 improvement before stopping (0 = never)
+    bn_recalibrate_batches: int = 8  # before each validation, re-estimate BatchNorm statistics on this many
+    #                                  clean training batches (precise BN); 0 = use the running averages
 
 
 @dataclass
@@ -297,7 +299,7 @@ class PipelineConfig:
     teacher: StageConfig = field(default_factory=lambda: StageConfig(
         ModelConfig(name="teacher"), OptimConfig(epochs=4, lr=1e-3, batch_size=16, warmup_epochs=0.5)))
     student: StageConfig = field(default_factory=lambda: StageConfig(
-        ModelConfig(name="student", dropout=0.2), OptimConfig(epochs=8, lr=2e-3, batch_size=16, warmup_epochs=0.5)))
+        ModelConfig(name="student", dropout=0.2), OptimConfig(epochs=12, lr=5e-3, batch_size=16, warmup_epochs=0.5)))
     kd: KDConfig = field(default_factory=lambda: KDConfig(alpha=0.5, temperature=4.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output=""))
     demo: DemoConfig = field(default_factory=DemoConfig)
