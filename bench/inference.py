@@ -63,6 +63,19 @@ def machine() -> str:
             f"python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine since boot, CPU seconds used by this process)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+        machine_s = busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine_s = float("nan")
+    t = os.times()
+    return machine_s, t.user + t.system
+
+
 def images_for(size: int, n: int, data: str | None, seed: int = 0) -> np.ndarray:
     """n uint8 [size, size] images: real ones from ``data``'s train split, else synthetic chest-X-ray-like ones."""
     if data:
@@ -91,13 +104,16 @@ def state_mb(model: torch.nn.Module) -> float:
 
 def measure(run, images: np.ndarray, batch: int, seconds: float, min_iters: int, max_iters: int,
             warmup: int = 1) -> list[float]:
-    """Per-call latencies (s) of ``run(images[:batch])`` after ``warmup`` calls, for about ``seconds``."""
+    """Per-call latencies (s) of ``run(images[:batch])`` after ``warmup`` calls, for about ``seconds``
+    (at least one call; ``min_iters`` calls unless that takes more than twice ``seconds``)."""
     x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
     for _ in range(warmup):
         run(x)
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < seconds):
+    while not times or len(times) < max_iters and (
+            time.perf_counter() - start < seconds
+            or len(times) < min_iters and time.perf_counter() - start < 2 * seconds):  # bounded on a busy box
         t = time.perf_counter()
         run(x)
         times.append(time.perf_counter() - t)
@@ -142,7 +158,7 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
     calib = images_for(size, calibration, data)
     bench_images = images_for(size, 32, None, seed=1) if not data else calib[:32]
     started = time.perf_counter()
-    load_start = os.getloadavg()
+    cpu_start = cpu_seconds()
 
     student = recalibrate_batchnorm(build_model("student", len(CLASSES), 0.2), calib[:32])
     teacher = recalibrate_batchnorm(build_model("teacher", len(CLASSES), 0.3), calib[:8])
@@ -191,7 +207,13 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
     return {"rows": rows, "ratios": ratios, "size": size, "threads": threads, "export_s": export_s,
             "parity": card.get("parity", {}), "parity_note": parity_note, "calibration": len(calib),
             "calibration_source": data or "synthetic (kdray.synthetic)", "total_s": time.perf_counter() - started,
-            "loadavg": (load_start, os.getloadavg())}
+            "others_cpu_share": _others_share(cpu_start, time.perf_counter() - started)}
+
+
+def _others_share(start: tuple[float, float], wall: float) -> float:
+    """Share of the machine's CPU time that other processes used during the run (0 = we had it alone)."""
+    machine_s, own_s = cpu_seconds()
+    return max(0.0, (machine_s - start[0]) - (own_s - start[1])) / (wall * available_cpus())
 
 
 def render(result: dict) -> str:
@@ -217,15 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(a.size, a.data, a.budget, a.threads, a.calibration)
     text = render(result)
     print(text)
+    print(f"other processes used {result['others_cpu_share']:.0%} of the machine's CPU time during the run")
     if result["parity_note"]:
         print(f"note: {result['parity_note']}")
     if a.output:
-        (l0, l1) = result["loadavg"]
+        others = result["others_cpu_share"]
         doc = (f"# Inference benchmark ({result['size']} px, {result['threads']} threads)\n\n"
                f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
                f"- machine: {machine()}\n"
-               f"- load average (1/5/15 min) at start {l0[0]:.2f}/{l0[1]:.2f}/{l0[2]:.2f}, "
-               f"at end {l1[0]:.2f}/{l1[1]:.2f}/{l1[2]:.2f}\n"
+               f"- other processes used {others:.0%} of the machine's CPU time during the run\n"
                f"- command: `python bench/inference.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
                f"- models: random weights with BatchNorm statistics recomputed on image-like inputs; the student "
                f"exported by `kdray.export` (ONNX opset 17; int8 = static QDQ, U8 activations / S8 per-channel "
@@ -237,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
                f"{text}")
         if result["parity_note"]:
             doc += f"\nnote: {result['parity_note']}\n"
+        if others > 0.1:
+            doc += (f"\nwarning: other processes used {others:.0%} of the CPU time during this run, so these "
+                    "figures are low and noisy; rerun on an idle machine.\n")
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(doc)
         print(f"wrote {a.output}")
