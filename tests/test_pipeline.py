@@ -10,7 +10,7 @@ from test_jobs import run_job
 pytestmark = pytest.mark.integration
 
 TINY = ["--teacher.model.name", "tiny_teacher", "--student.model.name", "tiny_student", "--image_size", "48",
-        "--teacher.optim.epochs", "6", "--student.optim.epochs", "6", "--teacher.optim.lr", "3e-3",
+        "--teacher.optim.epochs", "3", "--student.optim.epochs", "3", "--teacher.optim.lr", "3e-3",
         "--student.optim.lr", "1e-2", "--teacher.optim.batch_size", "8", "--student.optim.batch_size", "8",
         "--train_per_class", "40", "--val_per_class", "15", "--source_size", "64"]
 
