@@ -107,7 +107,10 @@ def measure(run, images: np.ndarray, batch: int, seconds: float, min_iters: int,
     """Per-call latencies (s) of ``run(images[:batch])`` after ``warmup`` calls, for about ``seconds``
     (at least one call; ``min_iters`` calls unless that takes more than twice ``seconds``)."""
     x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for i in range(warmup):
+        if i and time.perf_counter() - start > seconds / 2:
+            break
         run(x)
     times: list[float] = []
     start = time.perf_counter()
