@@ -4,18 +4,13 @@
 """
 
 from kdray.cli import run_job
-from kdray.config import TrainJobConfig, load_config
-from kdray.train import fit
+from kdray.train import train_job
 
 JOB_DEFAULTS = {"model": {"name": "student"}, "kd": {"alpha": 0.5, "temperature": 4.0}}
 
 
 def main(argv: list[str]) -> dict:
-    cfg = load_config(TrainJobConfig, argv, JOB_DEFAULTS)
-    summary = fit(cfg)
-    print(f"student run: {summary['run_uri']}\nbest checkpoint: {summary['best_checkpoint']}\n"
-          f"best val: {summary['best_metrics']}")
-    return summary
+    return train_job(argv, JOB_DEFAULTS, "student")
 
 
 if __name__ == "__main__":

@@ -324,3 +324,13 @@ def _report(core, optimizer, scheduler, cfg, classes, metrics, rank, epoch, best
         save_checkpoint(folder, core.state_dict(), meta, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
+
+
+def train_job(argv: list[str], job_defaults: dict, role: str) -> dict:
+    """The body of jobs.train_teacher / jobs.train_student: resolve the config, train, say where it went."""
+    from kdray.config import load_config
+
+    summary = fit(load_config(TrainJobConfig, argv, job_defaults))
+    print(f"{role} run: {summary['run_uri']}\nbest checkpoint: {summary['best_checkpoint']}\n"
+          f"best val: {summary['best_metrics']}")
+    return summary
