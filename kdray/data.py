@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import posixpath
 import zlib
 from dataclasses import dataclass, field
@@ -358,10 +357,6 @@ def class_weights(counts: list[int]) -> list[float]:
     counts_arr = np.maximum(np.asarray(counts, dtype=np.float64), 1)
     w = counts_arr.sum() / (len(counts_arr) * counts_arr)
     return (w / w.mean()).tolist()
-
-
-def local_cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def sample_images(root: str, split: str, size: int, n: int, classes: list[str] | None = None,

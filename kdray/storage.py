@@ -150,10 +150,6 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
         raise _explain(loc, exc) from None
 
 
-def read_text(uri: str | Location) -> str:
-    return read_bytes(uri).decode()
-
-
 def write_text(uri: str | Location, text: str) -> None:
     write_bytes(uri, text.encode())
 
