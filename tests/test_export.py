@@ -16,6 +16,7 @@ from PIL import Image
 
 from kdray import KdrayError, export
 from kdray.checkpoints import save_checkpoint
+from kdray.config import AugmentConfig
 from kdray.data import decode_image, preprocess_config
 from kdray.models import build_model
 from kdray.runtime import Predictor, TorchPredictor
@@ -90,7 +91,8 @@ def test_export_writes_validated_artifacts_and_model_card(exported, checkpoint):
     card = json.loads(Path(out, "metadata.json").read_text())
     assert card == json.loads(json.dumps(metadata))
     assert card["classes"] == list(CLASSES) and card["image_size"] == SIZE and card["version"] == "9.9"
-    assert card["input"] == {"name": "images", "shape": ["batch", 3, SIZE, SIZE], "dtype": "float32"}
+    assert {k: card["input"][k] for k in ("name", "shape", "dtype")} == {"name": "images", "shape": ["batch", SIZE, SIZE],
+                                                                         "dtype": "uint8"}
     assert card["output"]["name"] == "logits" and card["preprocessing"] == preprocess_config(SIZE)
     assert card["intended_use"] == "research; not for diagnosis" and card["known_biases"]
     assert card["temperature"] == 1.0 and card["covid_threshold"] == 0.4 and card["metrics"] == {}
@@ -117,6 +119,17 @@ def test_load_picks_int8_and_agrees_with_torch(exported, checkpoint):
     fp32 = Predictor.load(out, backend="onnx-fp32", threads=1)
     assert fp32.backend == "onnx-fp32" and np.allclose(fp32.probabilities(images), reference, atol=1e-4)
     assert isinstance(Predictor.load(out, backend="torch"), TorchPredictor)
+
+
+def test_ort_predictor_chunks_large_batches_without_changing_results(exported):
+    out, _ = exported
+    whole = Predictor.load(out, backend="onnx-fp32", threads=1)
+    whole.chunk = 1000
+    chunked = Predictor.load(out, backend="onnx-fp32", threads=1)
+    chunked.chunk = 7  # 96 images: 13 full chunks and a remainder of 5
+    assert np.allclose(chunked.logits(TRAIN[0]), whole.logits(TRAIN[0]), atol=1e-5)
+    with pytest.raises(KdrayError, match="augmented views need the torch backend"):
+        chunked.logits(TRAIN[0][:2], AugmentConfig(enabled=True), np.zeros(2, np.int64))
 
 
 def test_missing_artifact_is_an_error(exported, tmp_path):
