@@ -38,43 +38,13 @@ from kdray.evaluate import format_table  # noqa: E402
 from kdray.export import FP32_FILE, INT8_FILE, OrtPredictor, available_cpus, export_student, ort_session, \
     read_metadata  # noqa: E402
 from kdray.models import build_model, count_params, model_cost  # noqa: E402
+from bench.machine import cpu_seconds, machine, others_share  # noqa: E402
 from kdray.runtime import TorchPredictor  # noqa: E402
 from kdray.synthetic import CLASSES, make_image  # noqa: E402
 
 log = logging.getLogger("bench.inference")
 COLUMNS = ["engine", "img/s (batch 1)", "img/s (batch 32)", "p50 ms (batch 1)", "p99 ms (batch 1)", "size MB",
            "params (M)", "GFLOPs"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine() -> str:
-    import onnxruntime
-
-    return (f"{platform.platform()}; {cpu_model()}; {os.cpu_count()} logical CPUs ({available_cpus()} available); "
-            f"python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by the whole machine since boot, CPU seconds used by this process)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-        machine_s = busy / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        machine_s = float("nan")
-    t = os.times()
-    return machine_s, t.user + t.system
 
 
 def images_for(size: int, n: int, data: str | None, seed: int = 0) -> np.ndarray:
@@ -195,13 +165,7 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
     return {"rows": rows, "ratios": ratios, "size": size, "threads": threads, "export_s": export_s,
             "parity": card.get("parity", {}), "parity_note": parity_note, "calibration": len(calib),
             "calibration_source": data or "synthetic (kdray.synthetic)", "total_s": time.perf_counter() - started,
-            "others_cpu_share": _others_share(cpu_start, time.perf_counter() - started)}
-
-
-def _others_share(start: tuple[float, float], wall: float) -> float:
-    """Share of the machine's CPU time that other processes used during the run (0 = we had it alone)."""
-    machine_s, own_s = cpu_seconds()
-    return max(0.0, (machine_s - start[0]) - (own_s - start[1])) / (wall * available_cpus())
+            "others_cpu_share": others_share(cpu_start, time.perf_counter() - started)}
 
 
 def render(result: dict) -> str:

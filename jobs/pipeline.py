@@ -17,6 +17,12 @@ def main(argv: list[str]) -> dict:
     cfg = load_config(PipelineConfig, argv)
     summary = run_pipeline(cfg)
     print("\n" + format_table(summary["table"], SUMMARY_COLUMNS))
+    card = summary.get("export") or {}
+    if card.get("calibration"):
+        c = card["calibration"]
+        print(f"\nexported KD student: temperature {c['temperature']:.3f} (ECE on {c['split']} {c['ece_before']:.4f} -> "
+              f"{c['ece_after']:.4f}), covid threshold {c['covid_threshold']} for sensitivity "
+              f"{c['target_sensitivity']:.0%} on {c['split']}")
     if summary.get("serve_reply"):
         print(f"\nServe answered: {json.dumps(summary['serve_reply']['response'])}")
     if summary.get("score"):

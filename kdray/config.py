@@ -65,6 +65,7 @@ class OptimConfig:
     early_stop_patience: int = 0  # epochs without val macro-F1 improvement before stopping (0 = never)
     bn_recalibrate_batches: int = 8  # before each validation, re-estimate BatchNorm statistics on this many
     #                                  clean training batches (precise BN); 0 = use the running averages
+    ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights
 
 
 @dataclass
@@ -276,6 +277,16 @@ class StageConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    image_size: int = 0  # 0 = data.image_size; the teacher may run at another size than the student
+
+
+@dataclass
+class CalibrateConfig:
+    """Temperature scaling and the COVID operating point, fitted on a held-out split after training."""
+
+    enabled: bool = True
+    split: str = "val"
+    target_sensitivity: float = 0.95  # the covid threshold is the largest one that reaches this sensitivity
 
 
 @dataclass
@@ -303,13 +314,19 @@ class PipelineConfig:
     kd: KDConfig = field(default_factory=lambda: KDConfig(alpha=0.5, temperature=4.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output=""))
     demo: DemoConfig = field(default_factory=DemoConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     teacher_run: str = ""  # an existing teacher run or checkpoint: skip teacher training and use it
 
-    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output"}
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output",
+                                                 "image_size": "data.image_size"}
 
     def stage(self, which: str, alpha: float, name: str, cache: str | None = None) -> TrainJobConfig:
         """The TrainJobConfig of one pipeline stage."""
         stage = getattr(self, which)
         kd = dataclasses.replace(self.kd, alpha=alpha, cache=cache)
         run = dataclasses.replace(self.run, name=name)
-        return TrainJobConfig(self.data, self.augment, stage.model, stage.optim, kd, run)
+        data = dataclasses.replace(self.data, image_size=stage.image_size or self.data.image_size)
+        return TrainJobConfig(data, self.augment, stage.model, stage.optim, kd, run)
+
+    def image_size(self, which: str) -> int:
+        return getattr(self, which).image_size or self.data.image_size

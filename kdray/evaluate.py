@@ -383,13 +383,11 @@ def model_card(model_uri: str) -> dict:
     return storage.read_json(exported) if storage.exists(exported) else read_meta(model_uri)
 
 
-def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
-                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
-    """Run a model over a split with a Ray Data actor pool; write metrics.json, confusion.png and roc.png."""
-    import tempfile
+def split_logits(model_uri: str, data_root: str, split: str, backend: str = "auto", batch_size: int = 64,
+                 limit: int = 0) -> dict:
+    """Run a model over a split with a Ray Data actor pool: labels, logits, sources and timings."""
     import time
 
-    from kdray import storage
     from kdray.data import list_split, load_split
     from kdray.raycluster import init_ray
     from kdray.runtime import run_logits
@@ -401,15 +399,30 @@ def evaluate_model(model_uri: str, data_root: str, split: str, output: str, back
     started = time.time()
     ds, skipped = load_split(listing, size)
     table = run_logits(ds, model_uri, views=1, batch_size=batch_size, backend=backend)
-    elapsed = time.time() - started
-    y = np.asarray(table["label"].to_numpy())
-    logits = np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    probs = softmax(logits, float(card.get("temperature") or 1.0))
-    sources = table["source"].to_pylist() if "source" in table.column_names else None
-    metrics = classification_metrics(y, probs, classes, sources, card.get("covid_threshold"))
+    return {"card": card, "classes": classes, "image_size": size, "skipped": skipped,
+            "seconds": time.time() - started, "y": np.asarray(table["label"].to_numpy()),
+            "logits": np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64),
+            "sources": table["source"].to_pylist() if "source" in table.column_names else None}
+
+
+def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
+                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
+    """Metrics of a model on a split (with its stored temperature and covid threshold); writes metrics.json,
+    confusion.png and roc.png."""
+    import tempfile
+
+    from kdray import storage
+
+    out = split_logits(model_uri, data_root, split, backend, batch_size, limit)
+    card, classes, y = out["card"], out["classes"], out["y"]
+    probs = softmax(out["logits"], float(card.get("temperature") or 1.0))
+    metrics = classification_metrics(y, probs, classes, out["sources"], card.get("covid_threshold"))
     metrics.update({"model": model_uri, "name": name or model_uri, "data": data_root, "split": split,
-                    "image_size": size, "skipped_images": skipped, "eval_s": round(elapsed, 1),
-                    "eval_img_per_s": round(len(y) / max(elapsed, 1e-9), 2)})
+                    "image_size": out["image_size"], "skipped_images": out["skipped"],
+                    "eval_s": round(out["seconds"], 1), "eval_img_per_s": round(len(y) / max(out["seconds"], 1e-9), 2),
+                    "temperature": float(card.get("temperature") or 1.0),
+                    "ece_uncalibrated": expected_calibration_error(softmax(out["logits"]), y),
+                    "calibration": card.get("calibration")})
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{name or 'model'} — {split}"
         for fname, draw in (("confusion.png", lambda p: plot_confusion_matrix(metrics["confusion_matrix"], classes,

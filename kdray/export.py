@@ -326,6 +326,8 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
             "artifacts": artifacts, "parity": parity, "parity_bars": {k: PARITY_BARS[k] for k in files},
             "metrics": meta.get("metrics", {}), "temperature": temperature,
             "covid_threshold": meta.get("covid_threshold"),
+            "training_data": meta.get("training_data"), "validation": meta.get("validation"),
+            "calibration": meta.get("calibration"),
             "source_checkpoint": storage.resolve(resolve_checkpoint(checkpoint_uri)).uri,  # absolute
             "intended_use": INTENDED_USE, "known_biases": KNOWN_BIASES,
             "framework": {"kdray": kdray.__version__, "torch": torch.__version__, "onnx_opset": OPSET,

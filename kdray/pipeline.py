@@ -81,11 +81,17 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     teacher = (existing_run(cfg.teacher_run) if cfg.teacher_run
                else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19")))
     listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
-    cache_uri, reused = logit_cache.build(teacher["best_checkpoint"], listing, cfg.data.image_size, out,
+    cache_uri, reused = logit_cache.build(teacher["best_checkpoint"], listing, cfg.image_size("teacher"), out,
                                           cfg.kd.views, cfg.augment)
     kd = fit(cfg.stage("student", cfg.kd.alpha, f"{tiny}mobilenetv2_from_resnet50v2-vgg19", cache_uri))
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd}
+    if cfg.calibrate.enabled:
+        from kdray.calibrate import calibrate_checkpoint
+
+        for run in runs.values():
+            calibrate_checkpoint(run["best_checkpoint"], data, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
+                                 cfg.data.limit)
     metrics = {name: evaluate_model(r["best_checkpoint"], data, cfg.data.val_split,
                                     storage.join(out, "eval", name), name=name, limit=cfg.data.limit)
                for name, r in runs.items()}
@@ -125,8 +131,9 @@ def _export(checkpoint: str, data: str, cfg: PipelineConfig, output: str) -> dic
     from kdray.data import sample_images
     from kdray.export import export_student
 
-    calib, _ = sample_images(data, cfg.data.train_split, cfg.data.image_size, 64)
-    parity, labels = sample_images(data, cfg.data.val_split, cfg.data.image_size, 256)
+    size = cfg.image_size("student")
+    calib, _ = sample_images(data, cfg.data.train_split, size, 64)
+    parity, labels = sample_images(data, cfg.data.val_split, size, 256)
     return export_student(checkpoint, output, calib, parity, labels, strict=False)  # int8 failing parity → fp32
 
 
@@ -169,15 +176,19 @@ def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: 
     from kdray.data import sample_images
     from kdray.runtime import Predictor, measure_throughput
 
-    images, _ = sample_images(data, cfg.data.val_split, cfg.data.image_size, 64)
     rows = []
     for name, run in runs.items():
         m = metrics[name]
         model = served_model if name == "student_kd" else run["best_checkpoint"]
         predictor = Predictor.load(model, threads=os.cpu_count())
+        images, _ = sample_images(data, cfg.data.val_split, predictor.image_size, 64)
+        covid = m.get("covid") or {}
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                     "covid_sensitivity": (m.get("covid") or {}).get("sensitivity"),
-                     "params_M": run["cost"]["params"] / 1e6, "gflops": run["cost"]["gflops"],
-                     "img_per_s": measure_throughput(predictor, images), "runtime": predictor.backend,
-                     "train_s": run["wall_s"]})
+                     "covid_sensitivity": covid.get("sensitivity"), "covid_specificity": covid.get("specificity"),
+                     "covid_threshold": covid.get("threshold"), "macro_auc": m.get("macro_auc"),
+                     "ece_before_ts": m.get("ece_uncalibrated"), "ece": m.get("ece"),
+                     "per_source_accuracy": {k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
+                     "image_size": predictor.image_size, "params_M": run["cost"]["params"] / 1e6,
+                     "gflops": run["cost"]["gflops"], "img_per_s": measure_throughput(predictor, images),
+                     "runtime": predictor.backend, "train_s": run["wall_s"]})
     return rows

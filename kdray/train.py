@@ -64,7 +64,7 @@ def fit(cfg: TrainJobConfig) -> dict:
     train_ds, skipped = load_split(train_listing, size, shuffle_seed=cfg.run.seed)
     val_ds, skipped_val = load_split(val_listing, size)
     if cfg.kd.alpha > 0:
-        cache = logit_cache.open_cache(cfg.kd.cache, train_listing, size)
+        cache = logit_cache.open_cache(cfg.kd.cache, train_listing)  # the teacher may have run at another size
         train_ds = logit_cache.attach_logits(train_ds, cache)
 
     gpus = cluster_gpus()
@@ -77,6 +77,7 @@ def fit(cfg: TrainJobConfig) -> dict:
         "cfg": to_dict(cfg), "classes": train_listing.classes, "class_counts": train_listing.class_counts(),
         "steps_per_epoch": max(1, math.ceil((n_train // workers) / cfg.optim.batch_size)),
         "threads": int(cpus_per_worker), "run_name": run_name,
+        "training_data": training_data_summary(train_listing, n_train, skipped),
     }
     log.info("training %s on %d worker(s) (%s, %.0f CPU each): %d train / %d val images, run %s",
              cfg.model.name, workers, "GPU" if use_gpu else "CPU", cpus_per_worker, n_train, val_ds.count(), run_uri)
@@ -112,6 +113,15 @@ def fit(cfg: TrainJobConfig) -> dict:
     log.info("run %s done in %.0f s; best %s = %s; checkpoint %s", run_name, summary["wall_s"], METRIC,
              summary["best_metrics"].get(METRIC), best_uri)
     return summary
+
+
+def training_data_summary(listing, n_used: int, skipped: list) -> dict:
+    """What the model card says about the training data: where, how many, per class and per source."""
+    sources: dict[str, int] = {}
+    for source in listing.sources or []:
+        sources[source] = sources.get(source, 0) + 1
+    return {"root": listing.root, "split": listing.split, "images": n_used, "skipped_images": len(skipped),
+            "per_class": dict(zip(listing.classes, listing.class_counts())), "per_source": sources or None}
 
 
 def _best_metrics(result) -> dict:
@@ -205,6 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = _make_optimizer(cfg, core)
+    ema = _make_ema(core, cfg.optim.ema_decay)
+    evaluated = ema.module if ema is not None else core  # what is validated and checkpointed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps_per_epoch, cfg.optim.epochs,
                                                                          cfg.optim.warmup_epochs))
     weights = (torch.tensor(class_weights(config["class_counts"]), dtype=torch.float32, device=device)
@@ -213,8 +225,13 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            core.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location=device, weights_only=True))
             state = load_train_state(folder)
+            core.load_state_dict(state.get("live_model") or torch.load(os.path.join(folder, "model.pt"),
+                                                                       map_location=device, weights_only=True))
+            if ema is not None:
+                ema.module.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location=device,
+                                                      weights_only=True))
+                ema.n_averaged.fill_(1)  # continue the average instead of restarting it from the live weights
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_f1, stale = state["epoch"] + 1, state["best_f1"], state["stale"]
@@ -243,6 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(core)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             if cfg.optim.bn_recalibrate_batches:
@@ -254,13 +273,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_s": round(train_s, 1),
                    "train_img_per_s": round(seen * ctx.get_world_size() / max(train_s, 1e-9), 2),
                    "lr": scheduler.get_last_lr()[0]}
-        _recalibrate_batchnorm(core, recent_images, device, use_amp)
-        metrics.update(_validate(model, val_shard, device, 2 * cfg.optim.batch_size, use_amp))
+        _recalibrate_batchnorm(evaluated, recent_images, device, use_amp)
+        metrics.update(_validate(model if ema is None else ema.module, val_shard, device,
+                                 2 * cfg.optim.batch_size, use_amp))
         metrics["epoch_s"] = round(time.time() - started, 1)
         improved = metrics[METRIC] > best_f1
         best_f1, stale = (metrics[METRIC], 0) if improved else (best_f1, stale + 1)
         stop = bool(cfg.optim.early_stop_patience) and stale >= cfg.optim.early_stop_patience
-        _report(core, optimizer, scheduler, cfg, classes, metrics, rank, epoch, best_f1, stale)
+        _report(evaluated, core if ema is not None else None, optimizer, scheduler, cfg, config, metrics, rank,
+                epoch, best_f1, stale)
         if rank == 0:
             print(f"[kdray] epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.4f} "
                   f"val acc {metrics['val_accuracy']:.4f} macro-F1 {metrics[METRIC]:.4f} "
@@ -309,19 +330,33 @@ def _teacher_view(batch: dict, alpha: float, rng: np.random.Generator):
     return logits[np.arange(n), chosen], view_seeds(batch["image_id"], chosen)
 
 
-def _report(core, optimizer, scheduler, cfg, classes, metrics, rank, epoch, best_f1, stale) -> None:
+def _make_ema(model: torch.nn.Module, decay: float):
+    """An EMA copy of the weights (buffers are copied, then re-estimated by precise BN before validation)."""
+    if not decay:
+        return None
+    if not 0 < decay < 1:
+        raise KdrayError(f"optim.ema_decay must be in (0, 1), got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+def _report(evaluated, live, optimizer, scheduler, cfg, config, metrics, rank, epoch, best_f1, stale) -> None:
+    """Report the epoch; rank 0 attaches a checkpoint of the validated weights (the EMA ones when on; the
+    live weights then go into train_state.pt so that a resumed run continues exactly)."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as folder:
-        meta = {"model_name": cfg.model.name, "classes": classes, "image_size": cfg.data.image_size,
+        meta = {"model_name": cfg.model.name, "classes": config["classes"], "image_size": cfg.data.image_size,
                 "dropout": cfg.model.dropout, "epoch": epoch + 1, "metrics": metrics,
-                "kd": to_dict(cfg.kd), "data_root": cfg.data.root}
+                "kd": to_dict(cfg.kd), "data_root": cfg.data.root, "ema_decay": cfg.optim.ema_decay,
+                "training_data": config["training_data"]}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                 "best_f1": best_f1, "stale": stale}
-        save_checkpoint(folder, core.state_dict(), meta, state)
+                 "best_f1": best_f1, "stale": stale, "live_model": None if live is None else live.state_dict()}
+        save_checkpoint(folder, evaluated.state_dict(), meta, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -55,3 +55,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     stage = cfg.stage("student", 0.0, "run-x", None)
     assert stage.optim.epochs == 5 and stage.kd.alpha == 0.0 and stage.run.name == "run-x"
+
+
+def test_pipeline_stages_may_run_at_their_own_resolution():
+    cfg = load_config(PipelineConfig, ["--image_size", "128", "--teacher.image_size", "64"])
+    assert cfg.image_size("teacher") == 64 and cfg.image_size("student") == 128
+    assert cfg.stage("teacher", 0.0, "t").data.image_size == 64
+    assert cfg.stage("student", 0.7, "s", "cache").data.image_size == 128
+    assert cfg.data.image_size == 128  # the stages get copies; the shared data config is unchanged
+
+
+def test_accuracy_presets_load():
+    from pathlib import Path
+
+    for mode in ("quick", "full"):
+        cfg = load_config(PipelineConfig, ["--config", str(Path(__file__).parents[1] / "configs" / f"accuracy-{mode}.yaml")])
+        assert cfg.image_size("teacher") == 64 and cfg.kd.alpha > 0 and cfg.calibrate.target_sensitivity == 0.95
+        assert cfg.student.optim.ema_decay > 0 and not cfg.demo.serve

@@ -24,6 +24,12 @@ def test_pipeline_end_to_end(tmp_path):
     answer = json.loads(re.search(r"Serve answered: (\{.*\})", proc.stdout).group(1))
     assert set(answer["probabilities"]) == {"covid", "normal", "pneumonia"}
     assert answer["backend"] in ("onnx-int8", "onnx-fp32")  # the exported runtime, never torch
+    # calibrated on val after training; the stored threshold drives Serve's covid_suspect flag
+    calibrated = re.search(r"exported KD student: temperature ([\d.]+) \(ECE on val ([\d.]+) -> ([\d.]+)\), "
+                           r"covid threshold ([\d.e-]+) for sensitivity 95% on val", proc.stdout)
+    assert calibrated, proc.stdout[-3000:]
+    assert float(calibrated.group(1)) > 0 and 0 <= float(calibrated.group(4)) <= 1
+    assert answer["covid_suspect"] == (answer["probabilities"]["covid"] >= float(calibrated.group(4)))
     assert re.search(r"offline scoring: 45 images, 0 unreadable", proc.stdout)
     assert "(built)" in proc.stdout
     # everything it started is shut down: no SeaweedFS left on that data directory

@@ -14,7 +14,7 @@ def _cfg(data: str, output: str, name: str, epochs: int) -> TrainJobConfig:
     return load_config(TrainJobConfig, [
         "--data", data, "--output", output, "--name", name, "--model.name", "tiny_teacher",
         "--image_size", "48", "--epochs", str(epochs), "--batch_size", "8", "--lr", "3e-3",
-        "--warmup_epochs", "0.5", "--num_workers", "2",
+        "--warmup_epochs", "0.5", "--num_workers", "2", "--ema_decay", "0.9",
     ])
 
 
@@ -30,6 +30,10 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
     assert storage.exists(f"{output}/tiny-teacher-test/args.yaml")
     model, meta = load_model(f"{output}/tiny-teacher-test")  # a run folder resolves to its best checkpoint
     assert meta["classes"] == ["covid", "normal", "pneumonia"] and meta["image_size"] == 48
+    assert meta["ema_decay"] == 0.9  # the validated and checkpointed weights are the EMA ones
+    data_card = meta["training_data"]  # for the model card: 40 per class listed, the corrupt PNG skipped
+    assert data_card["per_class"] == {"covid": 41, "normal": 40, "pneumonia": 40}
+    assert data_card["images"] == 120 and data_card["skipped_images"] == 1
 
     # the same run name resumes from the latest checkpoint instead of starting over
     resumed = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=9))

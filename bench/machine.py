@@ -1,0 +1,48 @@
+"""What the benchmarks print about the machine they ran on, and how busy it was."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from kdray.export import available_cpus
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    import onnxruntime
+    import torch
+
+    return (f"{platform.platform()}; {cpu_model()}; {os.cpu_count()} logical CPUs ({available_cpus()} available); "
+            f"python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine since boot, CPU seconds used by this process)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+        machine_s = busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine_s = float("nan")
+    t = os.times()
+    return machine_s, t.user + t.system
+
+
+def others_share(start: tuple[float, float], wall: float) -> float:
+    """Share of the machine's CPU time that other processes used during the run (0 = we had it alone)."""
+    machine_s, own_s = cpu_seconds()
+    return max(0.0, (machine_s - start[0]) - (own_s - start[1])) / (wall * available_cpus())
+
+

@@ -1,0 +1,61 @@
+"""Temperature scaling and the COVID operating point (kdray.calibrate), on logits with known properties."""
+
+import numpy as np
+import pytest
+
+from kdray import KdrayError
+from kdray.calibrate import calibrate_checkpoint, calibration_report, validation_summary
+from kdray.evaluate import classification_metrics, softmax
+
+CLASSES = ["covid", "normal", "pneumonia"]
+
+
+def _overconfident(n: int = 600, seed: int = 0, scale: float = 6.0):
+    """Logits from a well-calibrated model (T=1), then multiplied by ``scale``: overconfident by design."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    logits = rng.normal(0, 1, size=(n, 3))
+    logits[np.arange(n), y] += 1.5
+    return y, logits * scale
+
+
+def test_temperature_recovers_the_overconfidence_and_lowers_ece():
+    y, logits = _overconfident()
+    report = calibration_report(y, logits, CLASSES)
+    assert 4.0 < report["temperature"] < 9.0  # the logits were scaled by 6
+    assert report["ece_before"] > 0.1 and report["ece_after"] < 0.05
+    assert report["ece_after"] < report["ece_before"] / 3
+    # cross-fitted (fit on one half, measured on the other) is worse than in-sample, but still calibrated
+    assert report["cross_fitted"]["ece_after"] < 0.08
+
+
+def test_covid_threshold_reaches_the_target_sensitivity_on_the_fitting_data():
+    y, logits = _overconfident(seed=1)
+    for target in (0.8, 0.95, 1.0):
+        report = calibration_report(y, logits, CLASSES, target_sensitivity=target)
+        probs = softmax(logits, report["temperature"])
+        flagged = probs[:, 0] >= report["covid_threshold"]
+        sensitivity = flagged[y == 0].mean()
+        assert sensitivity >= target and report["covid_at_threshold"]["sensitivity"] == pytest.approx(sensitivity)
+        # the largest such threshold: raising it by a hair loses sensitivity below the target
+        assert (probs[y == 0, 0] >= report["covid_threshold"] + 1e-9).mean() < target
+        assert 0 <= report["cross_fitted"]["sensitivity"] <= 1
+
+
+def test_no_covid_class_means_no_threshold():
+    y, logits = _overconfident(seed=2)
+    report = calibration_report(y, logits, ["a", "b", "c"])
+    assert report["covid_threshold"] is None and report["temperature"] > 1
+
+
+def test_validation_summary_keeps_the_card_fields_only():
+    y, logits = _overconfident(n=90, seed=3)
+    metrics = classification_metrics(y, softmax(logits), CLASSES, ["s1"] * 45 + ["s2"] * 45, 0.5)
+    summary = validation_summary(metrics)
+    assert set(summary) == {"n", "accuracy", "macro_f1", "macro_auc", "ece", "covid", "per_source", "per_class"}
+    assert summary["covid"]["threshold"] == 0.5 and set(summary["per_source"]) == {"s1", "s2"}
+
+
+def test_bad_target_sensitivity_is_refused(tmp_path):
+    with pytest.raises(KdrayError, match="target_sensitivity must be in"):
+        calibrate_checkpoint(str(tmp_path), str(tmp_path), target_sensitivity=1.5)
