@@ -62,6 +62,7 @@ COMMANDS = {
     "train-teacher": (_job("train_teacher"), "train the ResNet50V2+VGG19 teacher (Ray Train)"),
     "build-cache": (_job("build_cache"), "cache the teacher's logits as Parquet (Ray Data)"),
     "train-student": (_job("train_student"), "distil the MobileNetV2 student from cached logits (Ray Train)"),
+    "calibrate": (_job("calibrate"), "fit temperature scaling and the covid threshold on val, store them"),
     "evaluate": (_job("evaluate"), "metrics.json + plots for a checkpoint on a split"),
     "export": (_job("export"), "export a student to ONNX fp32/int8 with parity checks"),
     "score": (_job("score"), "score an image archive offline (Ray Data)"),

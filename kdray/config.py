@@ -290,6 +290,15 @@ class CalibrateConfig:
 
 
 @dataclass
+class CalibrateJobConfig:
+    model: str = ""  # a training checkpoint or run folder; its meta.json receives T and the covid threshold
+    data: DataConfig = field(default_factory=DataConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root"}
+
+
+@dataclass
 class DemoConfig:
     """What the pipeline does around training: the generated data set, export, serving and scoring."""
 

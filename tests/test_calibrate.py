@@ -59,3 +59,30 @@ def test_validation_summary_keeps_the_card_fields_only():
 def test_bad_target_sensitivity_is_refused(tmp_path):
     with pytest.raises(KdrayError, match="target_sensitivity must be in"):
         calibrate_checkpoint(str(tmp_path), str(tmp_path), target_sensitivity=1.5)
+
+
+@pytest.mark.integration
+def test_calibrate_job_stores_temperature_and_threshold_for_export(synthetic_dir, checkpoint_factory, tmp_path):
+    import json
+    import re
+
+    from kdray.data import sample_images
+    from kdray.export import export_student
+    from test_jobs import run_job
+
+    ckpt = checkpoint_factory("student", model_name="tiny_student", image_size=32)
+    proc = run_job("jobs.calibrate", "--model", ckpt, "--data", synthetic_dir, "--target_sensitivity", "0.9")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "student" / "meta.json").read_text())
+    calibration = meta["calibration"]
+    assert meta["temperature"] == calibration["temperature"] > 0
+    assert meta["covid_threshold"] == calibration["covid_threshold"] is not None
+    assert calibration["split"] == "val" and calibration["n"] == 60 and calibration["target_sensitivity"] == 0.9
+    assert calibration["covid_at_threshold"]["sensitivity"] >= 0.9
+    assert meta["validation"]["covid"]["threshold"] == meta["covid_threshold"]
+    assert re.search(r"covid threshold [\d.e-]+ for sensitivity >= 90%", proc.stdout)
+    # the model card carries what calibration stored
+    images, labels = sample_images(synthetic_dir, "val", 32, 24)
+    card = export_student(ckpt, str(tmp_path / "export"), images, images, labels, int8=False)
+    assert card["temperature"] == meta["temperature"] and card["covid_threshold"] == meta["covid_threshold"]
+    assert card["calibration"] == calibration and card["validation"]["n"] == 60
