@@ -20,7 +20,6 @@ import datetime as dt
 import io
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from kdray import KdrayError  # noqa: E402
 from kdray.checkpoints import save_checkpoint  # noqa: E402
 from kdray.data import sample_images, to_model_input  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
-from kdray.export import FP32_FILE, INT8_FILE, OrtPredictor, available_cpus, export_student, ort_session, \
+from kdray.export import FP32_FILE, INT8_FILE, OrtPredictor, export_student, ort_session, \
     read_metadata  # noqa: E402
 from kdray.models import build_model, count_params, model_cost  # noqa: E402
 from bench.machine import cpu_seconds, machine, others_share  # noqa: E402
