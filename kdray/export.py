@@ -58,7 +58,7 @@ ORT_CHUNK = 8  # images per ONNX Runtime call inside one predictor call (see Ort
 # on because on CPUs without VNNI (AVX2 only, like the 2-core dev box) the U8S8 kernel's 16-bit intermediate
 # sums saturate: with it off, top-1 agreement with fp32 dropped by several points in our measurements.
 QUANTIZATION = {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8", "per_channel": True,
-                "reduce_range": True, "calibration": "MinMax", "float_depthwise": False}
+                "reduce_range": True, "calibration": "MinMax"}
 
 
 class ParityError(KdrayError):
@@ -218,18 +218,13 @@ class _ImageReader:
         self._iter = iter(self.batches)
 
 
-def _nodes_kept_in_float(model_path: str, depthwise: bool) -> list[str]:
-    """Nodes that stay fp32: the in-graph preprocessing (everything before the first Conv) and, with
-    ``depthwise``, the depthwise convolutions (their per-channel int8 ranges are where parity is lost)."""
+def _preprocessing_nodes(model_path: str) -> list[str]:
+    """The in-graph preprocessing (every node before the first Conv): it stays fp32, unquantised."""
     import onnx
 
     nodes = onnx.load(model_path).graph.node
     first_conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    keep = [n.name for n in nodes[:first_conv]]
-    if depthwise:
-        keep += [n.name for n in nodes if n.op_type == "Conv"
-                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    return keep
+    return [n.name for n in nodes[:first_conv]]
 
 
 def quantize_int8(fp32_path: str, int8_path: str, calibration_images: np.ndarray) -> dict:
@@ -245,7 +240,7 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration_images: np.ndarray
     quantize_static(pre, int8_path, reader, quant_format=QuantFormat[q["format"]], per_channel=q["per_channel"],
                     reduce_range=q["reduce_range"], activation_type=QuantType[q["activations"]],
                     weight_type=QuantType[q["weights"]], calibrate_method=CalibrationMethod[q["calibration"]],
-                    nodes_to_exclude=_nodes_kept_in_float(pre, q["float_depthwise"]))
+                    nodes_to_exclude=_preprocessing_nodes(pre))
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected batches instead of merging them)
     os.remove(pre)
     return {**q, "calibration_images": int(len(calibration_images))}
