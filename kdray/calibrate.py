@@ -81,8 +81,10 @@ def validation_summary(metrics: dict) -> dict:
 
 
 def calibrate_checkpoint(model_uri: str, data_root: str, split: str = "val", target_sensitivity: float = 0.95,
-                         limit: int = 0) -> dict:
-    """Fit T and the covid threshold on ``split`` and write them (with the reports) into the checkpoint."""
+                         limit: int = 0, logits: dict | None = None) -> dict:
+    """Fit T and the covid threshold on ``split`` and write them (with the reports) into the checkpoint.
+
+    ``logits``: the checkpoint's :func:`kdray.evaluate.split_logits` on ``split``, if already run."""
     from kdray.checkpoints import META_FILE, resolve_checkpoint
     from kdray.evaluate import split_logits
 
@@ -92,7 +94,7 @@ def calibrate_checkpoint(model_uri: str, data_root: str, split: str = "val", tar
     meta_uri = storage.join(folder, META_FILE)
     meta = storage.read_json(meta_uri)
     # the raw model: a previous calibration must not feed into this one
-    out = split_logits(folder, data_root, split, backend="torch", limit=limit)
+    out = logits or split_logits(folder, data_root, split, backend="torch", limit=limit)
     classes = out["classes"]
     report = calibration_report(out["y"], out["logits"], classes, target_sensitivity)
     report.update({"split": split, "data": data_root})

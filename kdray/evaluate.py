@@ -406,14 +406,14 @@ def split_logits(model_uri: str, data_root: str, split: str, backend: str = "aut
 
 
 def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
-                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
+                   batch_size: int = 64, name: str = "", limit: int = 0, logits: dict | None = None) -> dict:
     """Metrics of a model on a split (with its stored temperature and covid threshold); writes metrics.json,
-    confusion.png and roc.png."""
+    confusion.png and roc.png. ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
     import tempfile
 
     from kdray import storage
 
-    out = split_logits(model_uri, data_root, split, backend, batch_size, limit)
+    out = logits or split_logits(model_uri, data_root, split, backend, batch_size, limit)
     card, classes, y = out["card"], out["classes"], out["y"]
     probs = softmax(out["logits"], float(card.get("temperature") or 1.0))
     metrics = classification_metrics(y, probs, classes, out["sources"], card.get("covid_threshold"))

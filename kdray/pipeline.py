@@ -74,7 +74,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     from kdray import logit_cache
     from kdray.data import list_split
-    from kdray.evaluate import evaluate_model
     from kdray.train import fit
 
     tiny = "tiny-" if cfg.teacher.model.name.startswith("tiny_") else ""
@@ -86,14 +85,7 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     kd = fit(cfg.stage("student", cfg.kd.alpha, f"{tiny}mobilenetv2_from_resnet50v2-vgg19", cache_uri))
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd}
-    if cfg.calibrate.enabled:
-        from kdray.calibrate import calibrate_checkpoint
-
-        for run in runs.values():
-            calibrate_checkpoint(run["best_checkpoint"], data, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
-                                 cfg.data.limit)
-    metrics = {name: evaluate_model(r["best_checkpoint"], data, cfg.data.val_split,
-                                    storage.join(out, "eval", name), name=name, limit=cfg.data.limit)
+    metrics = {name: _calibrate_and_evaluate(r["best_checkpoint"], data, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
     served_model = kd["best_checkpoint"]
     export = None
@@ -111,6 +103,20 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
             "runs": {k: {"run": v["run_uri"], "best_checkpoint": v["best_checkpoint"], "train_s": v["wall_s"]}
                      for k, v in runs.items()},
             "table": rows, "export": export, "serve_reply": reply, "score": scored}
+
+
+def _calibrate_and_evaluate(checkpoint: str, data: str, cfg: PipelineConfig, output: str, name: str) -> dict:
+    """Calibrate (if on) and evaluate one model, running it over val once when both use val."""
+    from kdray.calibrate import calibrate_checkpoint
+    from kdray.evaluate import evaluate_model, model_card, split_logits
+
+    val = split_logits(checkpoint, data, cfg.data.val_split, backend="torch", limit=cfg.data.limit)
+    if cfg.calibrate.enabled:
+        same_split = cfg.calibrate.split == cfg.data.val_split
+        calibrate_checkpoint(checkpoint, data, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
+                             cfg.data.limit, logits=val if same_split else None)
+        val["card"] = model_card(checkpoint)  # now with the fitted temperature and covid threshold
+    return evaluate_model(checkpoint, data, cfg.data.val_split, output, name=name, limit=cfg.data.limit, logits=val)
 
 
 def existing_run(uri: str) -> dict:
