@@ -6,7 +6,7 @@
 from kdray.cli import run_job
 from kdray.train import train_job
 
-JOB_DEFAULTS = {"model": {"name": "student"}, "kd": {"alpha": 0.5, "temperature": 4.0}}
+JOB_DEFAULTS = {"model": {"name": "student"}, "kd": {"alpha": 0.5, "temperature": 4.0, "views": 0}}  # 0: every cached view
 
 
 def main(argv: list[str]) -> dict:

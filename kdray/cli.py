@@ -23,8 +23,11 @@ def setup_logging() -> None:
 def run_job(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """Run a job's main; user errors print one line (``error: ...``) and exit 2, with no traceback."""
     setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if main.__module__ != __name__:
+        _print_doc_on_help(main.__module__, argv)
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        main(argv)
     except KdrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -48,11 +51,20 @@ def _make_data(argv: list[str]) -> None:
     print(f"wrote {sum(counts.values())} images to {a.output}")
 
 
+def _print_doc_on_help(module: str, argv: list[str]) -> None:
+    """With --help, a job first prints its module docstring (its usage); the options follow from load_config."""
+    doc = getattr(sys.modules.get(module), "__doc__", None)
+    if doc and any(arg in ("-h", "--help") for arg in argv):
+        print(doc.strip() + "\n")
+
+
 def _job(module: str) -> Callable[[list[str]], None]:
     def run(argv: list[str]) -> None:
         import importlib
 
-        importlib.import_module(f"jobs.{module}").main(argv)
+        job = importlib.import_module(f"jobs.{module}")
+        _print_doc_on_help(job.__name__, argv)
+        job.main(argv)
 
     return run
 

@@ -9,6 +9,7 @@ next to its outputs (``args.yaml``, as timm does).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class KDConfig:
     alpha: float = 0.0  # weight of the KD term; 0 = plain cross-entropy (the no-KD baseline)
     temperature: float = 4.0
     cache: str | None = None  # URI of a logit cache built by jobs.build_cache
-    views: int = 1  # teacher views per image in the cache: view 0 is clean, views 1.. are seeded augmentations
+    views: int = 1  # teacher views per image (view 0 clean, 1.. seeded augmentations): the pipeline caches this
+    # many, and training uses the first this many of the cache's views (0 = all of them)
 
 
 @dataclass
@@ -216,7 +218,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls: type[T], argv: list[str] | None = None, job_defaults: dict | None = None) -> T:
-    """Resolve ``cls`` from defaults < the job's own defaults < YAML file (``--config``) < command-line flags."""
+    """Resolve ``cls`` from defaults < the job's own defaults < YAML file (``--config``) < command-line flags.
+
+    ``--help`` (or ``-h``) prints every option with its default and exits.
+    """
+    if any(arg in ("-h", "--help") for arg in argv or []):
+        print(options_help(cls, job_defaults))
+        raise SystemExit(0)
     config_file, overrides = parse_overrides(cls, list(argv or []))
     values: dict = {}
     if config_file:
@@ -230,6 +238,21 @@ def load_config(cls: type[T], argv: list[str] | None = None, job_defaults: dict 
         if not isinstance(values, dict):
             raise KdrayError(f"config file {config_file} must hold a mapping at the top level")
     return from_dict(cls, _merge(_merge(job_defaults or {}, values), overrides))
+
+
+def options_help(cls: type, job_defaults: dict | None = None) -> str:
+    """Every ``--key`` of ``cls`` with its default (after the job's own defaults)."""
+    defaults = to_dict(from_dict(cls, job_defaults))
+    lines = ["options (defaults < --config FILE.yaml < --key value):", "  --config FILE.yaml"]
+    for path in _leaf_paths(cls):
+        value = defaults
+        for part in path.split("."):
+            value = value[part]
+        lines.append(f"  --{path} {json.dumps(value)}")
+    aliases = getattr(cls, "ALIASES", {})
+    if aliases:
+        lines.append("short names: " + ", ".join(f"--{a} = --{p}" for a, p in aliases.items()))
+    return "\n".join(lines)
 
 
 def dump_yaml(cfg: Any) -> str:
@@ -325,17 +348,38 @@ class PipelineConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     teacher_run: str = ""  # an existing teacher run or checkpoint: skip teacher training and use it
+    kd_sweep: list[str] = field(default_factory=list)  # KD settings "alpha/temperature/views" to train instead of
+    # kd's; the one with the best val macro-F1 becomes student_kd (T and alpha chosen on val)
 
     ALIASES: typing.ClassVar[dict[str, str]] = {"data": "data.root", "output": "run.output",
                                                  "image_size": "data.image_size"}
 
-    def stage(self, which: str, alpha: float, name: str, cache: str | None = None) -> TrainJobConfig:
-        """The TrainJobConfig of one pipeline stage."""
+    def stage(self, which: str, alpha: float, name: str, cache: str | None = None,
+              kd: KDConfig | None = None) -> TrainJobConfig:
+        """The TrainJobConfig of one pipeline stage (``kd``: a setting from ``kd_settings``, else ``self.kd``)."""
         stage = getattr(self, which)
-        kd = dataclasses.replace(self.kd, alpha=alpha, cache=cache)
+        kd = dataclasses.replace(kd or self.kd, alpha=alpha, cache=cache)
         run = dataclasses.replace(self.run, name=name)
         data = dataclasses.replace(self.data, image_size=stage.image_size or self.data.image_size)
         return TrainJobConfig(data, self.augment, stage.model, stage.optim, kd, run)
 
     def image_size(self, which: str) -> int:
         return getattr(self, which).image_size or self.data.image_size
+
+    def kd_settings(self) -> list[KDConfig]:
+        """The KD settings to train: ``kd`` itself, or one per ``kd_sweep`` entry ("alpha/temperature/views")."""
+        return [parse_kd_setting(entry, self.kd) for entry in self.kd_sweep] or [self.kd]
+
+
+def parse_kd_setting(entry: str, base: KDConfig) -> KDConfig:
+    """ "0.5/4/4" → KDConfig(alpha=0.5, temperature=4.0, views=4), other fields from ``base``."""
+    parts = str(entry).split("/")
+    try:
+        alpha, temperature, views = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise KdrayError(f"kd_sweep entry {entry!r}: expected alpha/temperature/views, e.g. 0.5/4/4") from None
+    if not (0 < alpha <= 1 and temperature > 0 and views >= 1):
+        raise KdrayError(f"kd_sweep entry {entry!r}: need 0 < alpha <= 1, temperature > 0 and views >= 1")
+    return dataclasses.replace(base, alpha=alpha, temperature=temperature, views=views)

@@ -132,9 +132,13 @@ def open_cache(uri: str, listing: Listing | None = None, image_size: int | None 
     return LogitCache(uri, meta["fingerprint"], meta, table)
 
 
-def attach_logits(ds, cache: LogitCache):
-    """Add a ``teacher_logits`` column (float32 [views, classes]) to a decoded dataset, joined on image_id."""
-    lookup = cache.lookup()
+def attach_logits(ds, cache: LogitCache, views: int = 0):
+    """Add a ``teacher_logits`` column (float32 [views, classes]) to a decoded dataset, joined on image_id.
+
+    ``views`` keeps the first that many cached views (view 0 is the clean image); 0 keeps them all.
+    """
+    views = views or cache.views
+    lookup = {image_id: logits[:views] for image_id, logits in cache.lookup().items()}
 
     def add(batch: dict) -> dict:
         missing = [i for i in batch["image_id"] if i not in lookup]
@@ -143,6 +147,6 @@ def attach_logits(ds, cache: LogitCache):
         batch["teacher_logits"] = np.stack([lookup[i] for i in batch["image_id"]])
         return batch
 
-    log.info("joining cached teacher logits from %s (%d views) on image_id", cache.uri, cache.views)
+    log.info("joining cached teacher logits from %s (%d of its %d view(s)) on image_id", cache.uri, views, cache.views)
     return ds.map_batches(add, batch_format="numpy", batch_size=256).materialize()
 

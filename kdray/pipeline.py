@@ -80,11 +80,14 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     teacher = (existing_run(cfg.teacher_run) if cfg.teacher_run
                else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19")))
     listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
+    settings = cfg.kd_settings()
     cache_uri, reused = logit_cache.build(teacher["best_checkpoint"], listing, cfg.image_size("teacher"), out,
-                                          cfg.kd.views, cfg.augment)
-    kd = fit(cfg.stage("student", cfg.kd.alpha, f"{tiny}mobilenetv2_from_resnet50v2-vgg19", cache_uri))
+                                          max(kd.views for kd in settings), cfg.augment)
+    sweep = _train_kd_students(cfg, settings, cache_uri, f"{tiny}mobilenetv2_from_resnet50v2-vgg19")
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
-    runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd}
+    kd = next(entry["summary"] for entry in sweep if entry["selected"])
+    runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd,
+            **{entry["label"]: entry["summary"] for entry in sweep if not entry["selected"]}}
     metrics = {name: _calibrate_and_evaluate(r["best_checkpoint"], data, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
     served_model = kd["best_checkpoint"]
@@ -99,10 +102,34 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
 
         scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
     rows = _summary_rows(runs, metrics, served_model, data, cfg)
+    for entry in sweep:
+        row = next(r for r in rows if r["model"] == ("student_kd" if entry["selected"] else entry["label"]))
+        row["kd"] = f"alpha={entry['alpha']:g} T={entry['temperature']:g} K={entry['views']}"
     return {"data": data, "output": out, "logit_cache": cache_uri, "logit_cache_reused": reused,
             "runs": {k: {"run": v["run_uri"], "best_checkpoint": v["best_checkpoint"], "train_s": v["wall_s"]}
                      for k, v in runs.items()},
+            "kd_sweep": [{k: v for k, v in entry.items() if k != "summary"} for entry in sweep],
             "table": rows, "export": export, "serve_reply": reply, "score": scored}
+
+
+def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name: str) -> list[dict]:
+    """Distil one student per KD setting and select the best by its val macro-F1 (T, alpha and K chosen on val)."""
+    from kdray.train import METRIC, fit
+
+    sweep = []
+    for kd in settings:
+        tag = f"a{kd.alpha:g}-t{kd.temperature:g}-k{kd.views}"
+        summary = fit(cfg.stage("student", kd.alpha, name if len(settings) == 1 else f"{name}-{tag}", cache_uri, kd))
+        sweep.append({"label": f"student_kd_{tag}", "alpha": kd.alpha, "temperature": kd.temperature,
+                      "views": kd.views, "val_macro_f1": summary["best_metrics"].get(METRIC), "summary": summary})
+    best = max(sweep, key=lambda entry: entry["val_macro_f1"] or -1.0)
+    for entry in sweep:
+        entry["selected"] = entry is best
+    if len(sweep) > 1:
+        log.info("KD settings on val macro-F1: %s; selected alpha=%g T=%g K=%d",
+                 ", ".join(f"{e['label']}={e['val_macro_f1']:.4f}" for e in sweep), best["alpha"],
+                 best["temperature"], best["views"])
+    return sweep
 
 
 def _calibrate_and_evaluate(checkpoint: str, data: str, cfg: PipelineConfig, output: str, name: str) -> dict:

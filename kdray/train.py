@@ -65,7 +65,10 @@ def fit(cfg: TrainJobConfig) -> dict:
     val_ds, skipped_val = load_split(val_listing, size)
     if cfg.kd.alpha > 0:
         cache = logit_cache.open_cache(cfg.kd.cache, train_listing)  # the teacher may have run at another size
-        train_ds = logit_cache.attach_logits(train_ds, cache)
+        views = cfg.kd.views or cache.views
+        if not 1 <= views <= cache.views:
+            raise KdrayError(f"--kd.views {views}: the logit cache {cfg.kd.cache} holds {cache.views} view(s) per image")
+        train_ds = logit_cache.attach_logits(train_ds, cache, views)
 
     gpus = cluster_gpus()
     use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(cfg.run.use_gpu).lower()]

@@ -72,3 +72,16 @@ def test_accuracy_presets_load():
         cfg = load_config(PipelineConfig, ["--config", str(Path(__file__).parents[1] / "configs" / f"accuracy-{mode}.yaml")])
         assert cfg.image_size("teacher") == 64 and cfg.kd.alpha > 0 and cfg.calibrate.target_sensitivity == 0.95
         assert cfg.student.optim.ema_decay > 0 and not cfg.demo.serve
+
+
+def test_kd_sweep_settings_and_bad_entries():
+    cfg = load_config(PipelineConfig, ["--kd.temperature", "3", "--kd_sweep", "0.5/4/1,0.9/2/4"])
+    settings = cfg.kd_settings()
+    assert [(s.alpha, s.temperature, s.views) for s in settings] == [(0.5, 4.0, 1), (0.9, 2.0, 4)]
+    stage = cfg.stage("student", settings[1].alpha, "s", "cache", settings[1])
+    assert (stage.kd.alpha, stage.kd.temperature, stage.kd.views, stage.kd.cache) == (0.9, 2.0, 4, "cache")
+    assert load_config(PipelineConfig, ["--kd.temperature", "3"]).kd_settings()[0].temperature == 3.0  # no sweep: kd
+    for bad, message in (("0.5/4", "expected alpha/temperature/views"), ("x/4/1", "expected"),
+                         ("0.5/4/1/2", "expected"), ("0/4/1", "0 < alpha <= 1"), ("0.5/4/0", "views >= 1")):
+        with pytest.raises(KdrayError, match=message):
+            load_config(PipelineConfig, ["--kd_sweep", bad]).kd_settings()

@@ -81,3 +81,14 @@ def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, ch
         assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "confusion.png").exists()
     finally:
         subprocess.run([str(head), "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [["-m", "jobs.train_student"], ["-m", "kdray.cli", "evaluate"]])
+def test_job_help_prints_usage_and_every_option_with_its_default(command):
+    proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m jobs." in proc.stdout  # the job's usage line, from its docstring
+    if command[-1] == "jobs.train_student":
+        assert '--kd.views 0' in proc.stdout and '--optim.lr 0.001' in proc.stdout  # job defaults over config ones
+    else:
+        assert '--split "val"' in proc.stdout

@@ -61,6 +61,12 @@ def test_views_and_refusals(synthetic_dir, teacher, tmp_path, ray_local):
     logits = cache.lookup()[listing.image_ids[0]]
     assert logits.shape == (3, 3)
     assert not np.allclose(logits[0], logits[1])  # view 1 is an augmented image, view 0 the clean one
+    import ray
+
+    rows = ray.data.from_items([{"image_id": i} for i in listing.image_ids[:4]])
+    first = logit_cache.attach_logits(rows, cache, views=1).take(1)[0]
+    np.testing.assert_array_equal(first["teacher_logits"], cache.lookup()[first["image_id"]][:1])  # the clean view
+    assert logit_cache.attach_logits(rows, cache).take(1)[0]["teacher_logits"].shape == (3, 3)
 
     with pytest.raises(KdrayError, match="data listing differs"):
         logit_cache.open_cache(uri, list_split(synthetic_dir, "train", limit=11), 32)

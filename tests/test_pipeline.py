@@ -16,11 +16,16 @@ TINY = ["--teacher.model.name", "tiny_teacher", "--student.model.name", "tiny_st
 
 
 def test_pipeline_end_to_end(tmp_path):
-    proc = run_job("jobs.pipeline", *TINY, "--s3_dir", str(tmp_path / "s3"), timeout=900)
+    proc = run_job("jobs.pipeline", *TINY, "--kd_sweep", "0.5/4/1,0.9/2/2", "--s3_dir", str(tmp_path / "s3"),
+                   timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    table = re.findall(r"^\| (teacher|student_kd|student_nokd) \|.*$", proc.stdout, re.M)
-    assert table == ["teacher", "student_kd", "student_nokd"], proc.stdout[-3000:]
+    table = re.findall(r"^\| (teacher|student_kd|student_nokd|student_kd_a[\d.]+-t[\d.]+-k\d) \|.*$", proc.stdout, re.M)
+    assert table[:3] == ["teacher", "student_kd", "student_nokd"] and len(table) == 4, proc.stdout[-3000:]
+    # two KD settings trained against one cache with K = 2 views; the better one on val is student_kd
+    assert table[3] in ("student_kd_a0.5-t4-k1", "student_kd_a0.9-t2-k2")
+    assert re.search(r"KD settings on val macro-F1: .*; selected alpha=(0.5 T=4 K=1|0.9 T=2 K=2)", out)
+    assert "2 view(s)" in out
     answer = json.loads(re.search(r"Serve answered: (\{.*\})", proc.stdout).group(1))
     assert set(answer["probabilities"]) == {"covid", "normal", "pneumonia"}
     assert answer["backend"] in ("onnx-int8", "onnx-fp32")  # the exported runtime, never torch
