@@ -109,7 +109,7 @@ def _sweep_lines(summary: dict) -> list[str]:
     sweep = summary.get("kd_sweep") or []
     if len(sweep) < 2:
         return []
-    rows = [{"model": "student_kd" if e["selected"] else e["label"], "alpha": f"{e['alpha']:g}", "T": f"{e['temperature']:g}",
+    rows = [{"model": e["model"], "alpha": f"{e['alpha']:g}", "T": f"{e['temperature']:g}",
              "K views": e["views"], "val macro-F1 (selection)": e["val_macro_f1"],
              "selected": "yes" if e["selected"] else ""} for e in sweep]
     return ["## KD settings tried, selected on val", "",

@@ -375,10 +375,10 @@ def parse_kd_setting(entry: str, base: KDConfig) -> KDConfig:
     """ "0.5/4/4" → KDConfig(alpha=0.5, temperature=4.0, views=4), other fields from ``base``."""
     parts = str(entry).split("/")
     try:
-        alpha, temperature, views = float(parts[0]), float(parts[1]), int(parts[2])
         if len(parts) != 3:
             raise ValueError
-    except (ValueError, IndexError):
+        alpha, temperature, views = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
         raise KdrayError(f"kd_sweep entry {entry!r}: expected alpha/temperature/views, e.g. 0.5/4/4") from None
     if not (0 < alpha <= 1 and temperature > 0 and views >= 1):
         raise KdrayError(f"kd_sweep entry {entry!r}: need 0 < alpha <= 1, temperature > 0 and views >= 1")

@@ -87,7 +87,7 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
     kd = next(entry["summary"] for entry in sweep if entry["selected"])
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd,
-            **{entry["label"]: entry["summary"] for entry in sweep if not entry["selected"]}}
+            **{entry["model"]: entry["summary"] for entry in sweep if not entry["selected"]}}
     metrics = {name: _calibrate_and_evaluate(r["best_checkpoint"], data, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
     served_model = kd["best_checkpoint"]
@@ -103,7 +103,7 @@ def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
         scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
     rows = _summary_rows(runs, metrics, served_model, data, cfg)
     for entry in sweep:
-        row = next(r for r in rows if r["model"] == ("student_kd" if entry["selected"] else entry["label"]))
+        row = next(r for r in rows if r["model"] == entry["model"])
         row["kd"] = f"alpha={entry['alpha']:g} T={entry['temperature']:g} K={entry['views']}"
     return {"data": data, "output": out, "logit_cache": cache_uri, "logit_cache_reused": reused,
             "runs": {k: {"run": v["run_uri"], "best_checkpoint": v["best_checkpoint"], "train_s": v["wall_s"]}
@@ -125,6 +125,7 @@ def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name
     best = max(sweep, key=lambda entry: entry["val_macro_f1"] or -1.0)
     for entry in sweep:
         entry["selected"] = entry is best
+        entry["model"] = "student_kd" if entry["selected"] else entry["label"]  # its name in runs and the table
     if len(sweep) > 1:
         log.info("KD settings on val macro-F1: %s; selected alpha=%g T=%g K=%d",
                  ", ".join(f"{e['label']}={e['val_macro_f1']:.4f}" for e in sweep), best["alpha"],
