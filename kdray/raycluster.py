@@ -8,7 +8,16 @@ import os
 log = logging.getLogger(__name__)
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "KDRAY_LOG_LEVEL")
+                 "KDRAY_LOG_LEVEL", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+# Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
+# to the original print: every progress line reached the driver twice. kdray's workers print plain progress
+# lines, so the patch is off unless the caller's environment sets it.
+WORKER_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment for Ray workers: the defaults above, then what the caller's environment sets."""
+    return {**WORKER_ENV_DEFAULTS, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
@@ -17,8 +26,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    runtime_env = {"env_vars": worker_env_vars()}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
