@@ -47,3 +47,44 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)
     assert fn(10) == pytest.approx(1.0) and fn(39) < 0.01
     assert all(fn(i) >= fn(i + 1) for i in range(10, 39))
+
+
+def _recalibrate_as_worker(rank: int, init_file: str, batches_per_rank: list, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kdray.models import build_model
+    from kdray.train import _recalibrate_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights on both workers, as under DDP
+    model = build_model("tiny_teacher", 3)
+    _recalibrate_batchnorm(model, batches_per_rank[rank], torch.device("cpu"), use_amp=False)
+    torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_precise_bn_pools_statistics_over_workers_like_one_pass_over_all_batches(tmp_path):
+    import numpy as np
+    import torch
+    import torch.multiprocessing as mp
+
+    from kdray.models import build_model
+    from kdray.train import _recalibrate_batchnorm
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (4, 32, 32), dtype=np.uint8) for _ in range(3)]
+    batches[2] = (batches[2] // 4).astype(np.uint8)  # a darker batch, so the workers' statistics differ
+    per_rank = [batches[:1], batches[1:]]  # unequal counts: rank 1 weighs twice as much
+    mp.spawn(_recalibrate_as_worker, args=(str(tmp_path / "init"), per_rank, str(tmp_path)), nprocs=2)
+
+    torch.manual_seed(0)
+    reference = build_model("tiny_teacher", 3)
+    _recalibrate_batchnorm(reference, batches, torch.device("cpu"), use_amp=False)  # one process, every batch
+    expected = reference.state_dict()
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    stat_keys = [k for k in expected if k.endswith(("running_mean", "running_var"))]
+    assert stat_keys
+    for key in stat_keys:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)  # every worker: same model
+        torch.testing.assert_close(states[0][key], expected[key], rtol=1e-4, atol=1e-5)
