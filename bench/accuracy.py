@@ -31,11 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
+from kdray import storage  # noqa: E402
 from kdray.config import PipelineConfig, dump_yaml, load_config  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
+from kdray.uncertainty import RESAMPLES  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 MODES = ("quick", "full")
+BENCH_FILE = "bench.json"  # in the run folder: mode, command, wall time and date, for --from-run
 COLUMNS = ["model", "kd", "accuracy", "macro_f1", "covid_sensitivity", "covid_specificity", "macro_auc", "ece_before_ts",
            "ece", "image_size", "params_M", "gflops", "train_min"]
 RENAME = {"kd": "KD setting", "covid_sensitivity": "COVID sens", "covid_specificity": "COVID spec", "macro_auc": "AUC",
@@ -68,7 +71,9 @@ def acceptance(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
     ]
 
 
-def render(summary: dict, cfg: PipelineConfig, mode: str, command: str, wall_s: float) -> str:
+def render(summary: dict, cfg: PipelineConfig, run: dict) -> str:
+    """The Markdown report. ``run``: the bench's own record (mode, command, wall_s, date; see BENCH_FILE)."""
+    mode, wall_s = run["mode"], run["wall_s"]
     rows = summary["table"]
     for r in rows:
         r["train_min"] = None if r.get("train_s") is None else r["train_s"] / 60
@@ -80,9 +85,9 @@ def render(summary: dict, cfg: PipelineConfig, mode: str, command: str, wall_s: 
     calib = _calibration_rows(summary)
     lines = [
         f"# Accuracy benchmark ({mode} mode)", "",
-        f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- date: {run['date']}",
         f"- machine: {machine()}",
-        f"- command: `{command}`",
+        f"- command: `{run['command']}`",
         f"- data: {cfg.data.root} (train for training, val for selection, calibration and these numbers)",
         f"- whole run: {wall_s / 60:.1f} min wall time (teacher, logit cache, every student, calibration, "
         "evaluation, export)",
@@ -98,6 +103,7 @@ def render(summary: dict, cfg: PipelineConfig, mode: str, command: str, wall_s: 
                              "cross-fitted COVID sens", "cross-fitted COVID spec"]), "",
         "Cross-fitted: T and the threshold fitted on one half of val and measured on the other (2 folds, "
         "averaged) - an estimate of how much fitting on val flatters the in-sample columns.", "",
+        *_precision_lines(summary),
         "## Acceptance points (issue 4), checked on this run", "",
         *[f"- [{'x' if ok else ' '}] {name}: {detail}" for name, ok, detail in checks], "",
     ]
@@ -118,6 +124,41 @@ def _sweep_lines(summary: dict) -> list[str]:
             "K > 1: consistent teaching, the teacher's logits for the very augmented view the student sees. "
             "Selection uses each training run's best-epoch val macro-F1; the val metrics above re-evaluate those "
             "checkpoints. Picking the best of several settings on val flatters student_kd slightly.", ""]
+
+
+def _precision_lines(summary: dict) -> list[str]:
+    """95% bootstrap intervals over the val images, per model and for KD minus no-KD / teacher (paired)."""
+    from kdray.evaluate import PREDICTIONS_FILE
+    from kdray.uncertainty import aligned, metric_intervals, paired_difference
+
+    files = {name: storage.join(summary["output"], "eval", name, PREDICTIONS_FILE) for name in summary["runs"]}
+    missing = [uri for uri in files.values() if not storage.exists(uri)]
+    if missing:
+        log.warning("no bootstrap intervals: missing %s", ", ".join(missing))
+        return []
+    log.info("bootstrap intervals over the val images (%d resamples)", RESAMPLES)
+    y, probs = aligned({name: storage.read_parquet(uri) for name, uri in files.items()})
+
+    def cell(m: dict) -> str:
+        return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+    rows = [{"model": name, **{k: cell(v) for k, v in metric_intervals(y, p).items()}} for name, p in probs.items()]
+    pairs = [("student_kd", "student_nokd"), ("student_kd", "teacher")]
+    diffs = []
+    for a, b in pairs:
+        for metric in ("macro_f1", "accuracy"):
+            d = paired_difference(y, probs[a], probs[b], metric)
+            diffs.append({"comparison": f"{a} - {b}", "metric": metric, "difference": f"{d['difference']:+.3f}",
+                          "95% interval": f"[{d['low']:+.3f}, {d['high']:+.3f}]",
+                          "resamples where A is better": f"{d['share_a_better']:.0%}"})
+    return ["## How precise these numbers are (bootstrap over the val images)", "",
+            f"Percentile bootstrap, {RESAMPLES} resamples of the {len(y)} val images: value [95% interval]. "
+            "It measures sampling noise only: val also selected the checkpoints, the KD setting, T and the "
+            "threshold, which flatters the values themselves.", "",
+            format_table(rows, ["model", "accuracy", "macro_f1", "ece"]), "",
+            "Paired: both models scored on the same resampled images.", "",
+            format_table(diffs, ["comparison", "metric", "difference", "95% interval", "resamples where A is better"]),
+            ""]
 
 
 def _calibration_rows(summary: dict) -> list[dict]:
@@ -142,9 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cxr"))
     p.add_argument("--output", default="", help="run folder (default runs/accuracy-<mode>-<time>)")
     p.add_argument("--results", default="", help="also write the Markdown report here")
+    p.add_argument("--from-run", default="", metavar="RUN",
+                   help="train nothing: render the report of a finished benchmark run folder again")
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    if args.from_run:
+        return _write(rerender(args.from_run), args.from_run, args.results)
     if not os.path.isdir(args.data) and not args.data.startswith("s3://"):
         raise SystemExit(f"error: {args.data}: no such data folder (pass --data ROOT)")
     output = args.output or str(ROOT / "runs" / f"accuracy-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -153,16 +198,32 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     summary = run_pipeline(cfg)
     wall = time.time() - started
-    command = "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = render(summary, cfg, args.mode, command, wall)
-    print(report)
-    Path(output, "accuracy.md").write_text(report) if not output.startswith("s3://") else None
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(report)
-        print(f"wrote {args.results}")
-    print(json.dumps({"wall_s": round(wall, 1), "output": output}))
+    run = {"mode": args.mode, "wall_s": round(wall, 1), "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    storage.write_json(storage.join(output, BENCH_FILE), run)
+    _write(render(summary, cfg, run), output, args.results)
+    print(json.dumps({"wall_s": run["wall_s"], "output": output}))
     return summary
+
+
+def rerender(run_folder: str) -> str:
+    """The report of a finished run, from its summary.json, args.yaml and bench.json."""
+    summary = storage.read_json(storage.join(run_folder, "summary.json"))
+    cfg = load_config(PipelineConfig, ["--config", storage.join(run_folder, "args.yaml")])
+    bench = storage.join(run_folder, BENCH_FILE)
+    if not storage.exists(bench):
+        raise SystemExit(f"error: {run_folder}: no {BENCH_FILE}; is it a bench/accuracy.py run folder?")
+    return render(summary, cfg, storage.read_json(bench))
+
+
+def _write(report: str, output: str, results: str) -> None:
+    print(report)
+    if not output.startswith("s3://"):
+        Path(output, "accuracy.md").write_text(report)
+    if results:
+        Path(results).parent.mkdir(parents=True, exist_ok=True)
+        Path(results).write_text(report)
+        print(f"wrote {results}")
 
 
 if __name__ == "__main__":

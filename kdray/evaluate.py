@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 COVID_CLASS = "covid"
+PREDICTIONS_FILE = "predictions.parquet"
 
 
 # --------------------------------------------------------------------------- #
@@ -402,13 +403,29 @@ def split_logits(model_uri: str, data_root: str, split: str, backend: str = "aut
     return {"card": card, "classes": classes, "image_size": size, "skipped": skipped,
             "seconds": time.time() - started, "y": np.asarray(table["label"].to_numpy()),
             "logits": np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64),
-            "sources": table["source"].to_pylist() if "source" in table.column_names else None}
+            "sources": table["source"].to_pylist() if "source" in table.column_names else None,
+            "image_ids": table["image_id"].to_pylist()}
+
+
+def predictions_table(image_ids: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str],
+                      sources: list[str] | None = None):
+    """One row per image: image_id, label, prediction and p_<class> (and source): for error analysis and
+    for paired comparisons between models scored on the same images (:mod:`kdray.uncertainty`)."""
+    import pyarrow as pa
+
+    names = np.asarray(classes, dtype=object)
+    columns = {"image_id": pa.array(image_ids, pa.string()), "label": pa.array(names[np.asarray(y)].tolist()),
+               "prediction": pa.array(names[probs.argmax(axis=1)].tolist()),
+               **{f"p_{c}": pa.array(probs[:, i], pa.float64()) for i, c in enumerate(classes)}}
+    if sources is not None:
+        columns["source"] = pa.array(sources, pa.string())
+    return pa.table(columns)
 
 
 def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
                    batch_size: int = 64, name: str = "", limit: int = 0, logits: dict | None = None) -> dict:
     """Metrics of a model on a split (with its stored temperature and covid threshold); writes metrics.json,
-    confusion.png and roc.png. ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
+    predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and roc.png. ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
     import tempfile
 
     from kdray import storage
@@ -431,5 +448,7 @@ def evaluate_model(model_uri: str, data_root: str, split: str, output: str, back
             local = str(Path(tmp) / fname)
             draw(local)
             storage.write_bytes(storage.join(output, fname), Path(local).read_bytes())
+    storage.write_parquet(storage.join(output, PREDICTIONS_FILE),
+                          predictions_table(out["image_ids"], y, probs, classes, out["sources"]))
     storage.write_json(storage.join(output, "metrics.json"), metrics)
     return metrics

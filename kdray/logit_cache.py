@@ -14,7 +14,6 @@ preprocessing at hand is refused.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from kdray import KdrayError, storage
 from kdray.checkpoints import resolve_checkpoint, weights_digest
@@ -101,9 +99,7 @@ def build(teacher_uri: str, listing: Listing, image_size: int, output: str, view
             "rows": table.num_rows, "images": table.num_rows // views, "skipped_images": skipped,
             "built_s": round(time.time() - started, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode(), b"kdray.meta": json.dumps(meta).encode()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(storage.join(uri, DATA_FILE), buf.getvalue())
+    storage.write_parquet(storage.join(uri, DATA_FILE), table)
     storage.write_json(sidecar, meta)  # last: marks the cache complete
     log.info("logit cache %s: %d rows in %.0f s", uri, table.num_rows, meta["built_s"])
     return uri, False
@@ -115,7 +111,7 @@ def open_cache(uri: str, listing: Listing | None = None, image_size: int | None 
     if not storage.exists(sidecar):
         raise KdrayError(f"{uri}: not a complete logit cache (no {SIDECAR_FILE}); build it with jobs.build_cache")
     meta = storage.read_json(sidecar)
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(uri, DATA_FILE))))
+    table = storage.read_parquet(storage.join(uri, DATA_FILE))
     stored = (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
     if stored != meta.get("fingerprint"):
         raise KdrayError(f"{uri}: Parquet fingerprint {stored[:16]} does not match {SIDECAR_FILE} "

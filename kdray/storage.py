@@ -162,6 +162,24 @@ def write_json(uri: str | Location, obj: object) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def write_parquet(uri: str | Location, table) -> None:
+    """Write a pyarrow Table as one Parquet file, atomically like :func:`write_bytes`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_parquet(uri: str | Location):
+    """Read one Parquet file into a pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_bytes(uri)))
+
+
 def makedirs(uri: str | Location) -> None:
     loc = resolve(uri) if isinstance(uri, str) else uri
     if loc.is_s3:

@@ -1,10 +1,12 @@
 """The job entry points as users run them: one-line errors, and submission to a Ray head with `ray job submit`."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +81,9 @@ def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, ch
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "confusion.png").exists()
+        predictions = pq.read_table(tmp_path / "eval" / "predictions.parquet")  # one row per image, by id
+        n = json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"]
+        assert predictions.num_rows == n == len(set(predictions["image_id"].to_pylist())) == 9
     finally:
         subprocess.run([str(head), "stop"], env=env, capture_output=True, timeout=120)
 

@@ -1,5 +1,6 @@
 import os
 
+import pyarrow as pa
 import pytest
 
 from kdray import KdrayError, storage
@@ -11,6 +12,8 @@ def test_local_round_trip_is_atomic(tmp_path):
     assert storage.read_json(str(target)) == {"x": 1}
     assert storage.read_json("file://" + str(target)) == {"x": 1}
     assert os.listdir(target.parent) == ["b.json"]  # no temporary files left behind
+    storage.write_parquet(str(target.parent / "c.parquet"), pa.table({"id": ["a"], "p": [0.5]}))
+    assert storage.read_parquet(str(target.parent / "c.parquet")).to_pydict() == {"id": ["a"], "p": [0.5]}
 
 
 @pytest.mark.parametrize("uri, message", [("", "empty"), ("gs://bucket/x", "unsupported URI scheme"),
@@ -32,9 +35,11 @@ def test_s3_round_trip_and_listing(local_s3, s3_bucket):
     base = f"s3://{s3_bucket}/storage-test"
     storage.write_bytes(f"{base}/x/1.bin", b"one")
     storage.write_json(f"{base}/x/2.json", {"two": 2})
+    storage.write_parquet(f"{base}/x/3.parquet", pa.table({"id": ["a", "b"], "p": [0.25, 0.75]}))
     assert storage.read_bytes(f"{base}/x/1.bin") == b"one"
+    assert storage.read_parquet(f"{base}/x/3.parquet").to_pydict() == {"id": ["a", "b"], "p": [0.25, 0.75]}
     files = storage.list_files(storage.resolve(base))
-    assert [f.base_name for f in files] == ["1.bin", "2.json"]
+    assert [f.base_name for f in files] == ["1.bin", "2.json", "3.parquet"]
     assert storage.exists(f"{base}/x/2.json") and not storage.exists(f"{base}/x/3.json")
 
 
