@@ -5,7 +5,7 @@ import pytest
 from kdray import storage
 from kdray.checkpoints import load_model, read_meta
 from kdray.config import TrainJobConfig, load_config
-from kdray.train import _lr_lambda, fit
+from kdray.train import _lr_lambda, _my_share, fit
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
     summary = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=8))
     assert summary["workers"] == 2
     assert summary["best_checkpoint"].startswith(f"s3://{s3_bucket}/runs/tiny-teacher-test/checkpoint_")
-    assert summary["best_metrics"]["val_n"] >= 58  # the 60 val images, split evenly across 2 workers
+    assert summary["best_metrics"]["val_n"] == 60  # every val image, each scored by one of the 2 workers
     # chance is 1/3 on three balanced classes
     assert summary["best_metrics"]["val_accuracy"] >= 0.6, summary["best_metrics"]
     assert [s["path"].rsplit("/", 1)[-1] for s in summary["skipped_images"]] == ["zz-corrupt.png"]
@@ -40,6 +40,14 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
     assert "resuming tiny-teacher-test from epoch 8" in capfd.readouterr().out
     assert resumed["final_metrics"]["epoch"] == 9
     assert read_meta(resumed["best_checkpoint"])["epoch"] >= summary["best_metrics"]["epoch"]
+
+
+def test_each_val_image_is_scored_by_exactly_one_worker():
+    ids = [f"img-{i:04d}" for i in range(1000)]
+    shares = [_my_share(ids, rank, 3) for rank in range(3)]
+    assert (sum(s.astype(int) for s in shares) == 1).all()
+    assert all(250 < s.sum() < 420 for s in shares)  # roughly even
+    assert _my_share(ids[::-1], 1, 3)[::-1].tolist() == shares[1].tolist()  # order does not matter
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
