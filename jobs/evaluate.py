@@ -3,7 +3,8 @@
     python -m jobs.evaluate --model RUN_OR_CHECKPOINT --data ROOT [--split val] [--output URI]
 
 Writes metrics.json (accuracy, per-class P/R/F1, macro-F1, COVID sensitivity/specificity/PPV,
-one-vs-rest ROC AUC, ECE, confusion matrix, per-source breakdown) and confusion.png / roc.png.
+one-vs-rest ROC AUC, ECE, confusion matrix, per-source breakdown), predictions.parquet (one row per
+image: image_id, label, prediction, calibrated p_<class>, source) and confusion.png / roc.png.
 """
 
 from kdray import KdrayError, storage
