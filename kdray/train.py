@@ -219,6 +219,20 @@ def _validate(model, val, device, batch_size: int, use_amp: bool) -> dict:
             "val_n": int(len(y))}
 
 
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+               cfg: TrainJobConfig, loss_weights: torch.Tensor | None, use_amp: bool) -> float:
+    """One optimiser step on a batch (bf16 autocast when ``use_amp``); returns the loss. With cfg.kd.alpha = 0
+    it is plain (class-weighted, label-smoothed) cross-entropy; bench/gpu_check.py runs it on a GPU."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(x)
+    loss = kd_loss(logits, y, teacher_logits, cfg.kd.alpha, cfg.kd.temperature, cfg.optim.label_smoothing,
+                   loss_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -275,18 +289,13 @@ def train_loop_per_worker(config: dict) -> None:
             teacher, seeds = _teacher_view(batch, cfg.kd.alpha, rng)
             x = _channels_last_input(batch["image"], device, cfg.augment, seeds)
             y = torch.tensor(batch["label"], dtype=torch.long, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-            loss = kd_loss(logits, y, None if teacher is None else torch.as_tensor(teacher, device=device),
-                           cfg.kd.alpha, cfg.kd.temperature, cfg.optim.label_smoothing, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y, None if teacher is None else torch.as_tensor(teacher, device=device),
+                              cfg, weights, use_amp)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(core)
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss * len(y)
             if cfg.optim.bn_recalibrate_batches:
                 recent_images = (recent_images + [batch["image"]])[-cfg.optim.bn_recalibrate_batches:]
             if rank == 0 and (step + 1) % 10 == 0:
