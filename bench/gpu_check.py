@@ -14,7 +14,8 @@ the paper's 224 px by default, it runs the library's own pieces, not copies:
 - that the step learns: the loss on one fixed batch of random images falls when trained on it
   (the KD step too, with teacher logits);
 - training throughput (images/s, after warm-up, synchronised) and peak GPU memory;
-- precise BN on the GPU, and that GPU inference (bf16) agrees with fp32 CPU inference.
+- precise BN on the GPU, and that GPU inference (bf16) of the trained student agrees with fp32 CPU
+  inference.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def check_model(name: str, size: int, batch: int, steps: int, device, alpha: float) -> dict:
-    """Train one model on one fixed batch for ``steps`` steps; report what the GPU path did."""
+def check_model(name: str, size: int, batch: int, steps: int, device, alpha: float) -> tuple[dict, torch.nn.Module]:
+    """Train one model on one fixed batch for ``steps`` steps; report what the GPU path did, and return the
+    EMA model after precise BN."""
     torch.manual_seed(0)
     use_amp = device.type == "cuda"
     model = build_model(name, CLASSES).to(device).to(memory_format=torch.channels_last).train()
@@ -89,27 +91,30 @@ def check_model(name: str, size: int, batch: int, steps: int, device, alpha: flo
         "peak GPU MiB": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
         "precise BN finite": all(torch.isfinite(m.running_var).all().item() for m in ema.module.modules()
                                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)),
-    }
+    }, ema.module
 
 
-def check_inference(size: int, device) -> dict:
-    """The same student weights through TorchPredictor on the GPU (bf16) and on the CPU (fp32)."""
+def check_inference(model: torch.nn.Module, size: int, device) -> dict:
+    """A trained student (the first check's EMA copy) through TorchPredictor on the device (bf16) and on the
+    CPU (fp32), on the batch it was trained on and on fresh random images."""
+    import copy
+
     from kdray.runtime import TorchPredictor
 
-    torch.manual_seed(0)
-    model = build_model("student", CLASSES).eval()
     meta = {"classes": ["covid", "normal", "pneumonia"], "image_size": size}
-    images = np.random.default_rng(2).integers(0, 256, (256, size, size), dtype=np.uint8)
-    on_device = TorchPredictor(build_model("student", CLASSES).eval(), meta, device=device.type)
-    on_device.model.load_state_dict(model.state_dict())
-    cpu = TorchPredictor(model, meta, device="cpu")
+    rng = np.random.default_rng(1)  # the trained batch first (seed 1, as in _batch), then fresh images
+    images = np.concatenate([rng.integers(0, 256, (64, size, size), dtype=np.uint8),
+                             np.random.default_rng(2).integers(0, 256, (192, size, size), dtype=np.uint8)])
+    on_device = TorchPredictor(copy.deepcopy(model).float(), meta, device=device.type)
+    cpu = TorchPredictor(copy.deepcopy(model).float().cpu(), meta, device="cpu")
     a, b = on_device.logits(images), cpu.logits(images)
     p_a, p_b = torch.softmax(torch.as_tensor(a), 1), torch.softmax(torch.as_tensor(b), 1)
     _sync(device)
     started = time.perf_counter()
     on_device.logits(images)
     _sync(device)
-    return {"inference": f"TorchPredictor {device.type} vs CPU fp32, student {size} px, 256 images",
+    return {"inference": f"TorchPredictor {device.type} vs CPU fp32, trained student {size} px, 256 images",
+            "logit spread (CPU std)": round(float(b.std()), 3),
             "argmax agreement": float((a.argmax(1) == b.argmax(1)).mean()),
             "max abs diff of probabilities": round(float((p_a - p_b).abs().max()), 4),
             "device img/s (batch 256)": round(256 / (time.perf_counter() - started), 1)}
@@ -132,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: no CUDA device (pass --allow-cpu for a dry run on the CPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     what = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    rows = [check_model("student", args.size, 64, args.steps, device, alpha=0.0),
-            check_model("student", args.size, 64, args.steps, device, alpha=0.5),
-            check_model("teacher", args.size, 32, args.steps, device, alpha=0.0)]
-    inference = check_inference(args.size, device)
+    student_row, student = check_model("student", args.size, 64, args.steps, device, alpha=0.0)
+    rows = [student_row, check_model("student", args.size, 64, args.steps, device, alpha=0.5)[0],
+            check_model("teacher", args.size, 32, args.steps, device, alpha=0.0)[0]]
+    inference = check_inference(student, args.size, device)
     ok = all(r["learns"] and r["precise BN finite"] and r["weights channels_last"] for r in rows) and (
-        device.type == "cpu" or all(r["forward dtype (autocast)"] == "bfloat16" for r in rows))
+        device.type == "cpu" or all(r["forward dtype (autocast)"] == "bfloat16" for r in rows)) and (
+        inference["argmax agreement"] >= 0.98)
     report = "\n".join([
         "# GPU check", "", f"- device: {what}; torch {torch.__version__}; {time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
         f"- command: `python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
