@@ -425,7 +425,8 @@ def predictions_table(image_ids: list[str], y: np.ndarray, probs: np.ndarray, cl
 def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
                    batch_size: int = 64, name: str = "", limit: int = 0, logits: dict | None = None) -> dict:
     """Metrics of a model on a split (with its stored temperature and covid threshold); writes metrics.json,
-    predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and roc.png. ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
+    predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and roc.png.
+    ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
     import tempfile
 
     from kdray import storage
