@@ -32,9 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdray.config import TrainJobConfig  # noqa: E402
-from kdray.data import to_model_input  # noqa: E402
 from kdray.models import build_model  # noqa: E402
-from kdray.train import _make_ema, _make_optimizer, _recalibrate_batchnorm, train_step  # noqa: E402
+from kdray.train import (  # noqa: E402
+    _channels_last_input,
+    _make_ema,
+    _make_optimizer,
+    _recalibrate_batchnorm,
+    train_step,
+)
 
 CLASSES = 3
 
@@ -48,8 +53,7 @@ def _config(alpha: float, lr: float) -> TrainJobConfig:
 def _batch(n: int, size: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
-    x = to_model_input(images, device=device).contiguous(memory_format=torch.channels_last)
-    return x, torch.as_tensor(rng.integers(0, CLASSES, n), device=device), images
+    return _channels_last_input(images, device), torch.as_tensor(rng.integers(0, CLASSES, n), device=device), images
 
 
 def _sync(device) -> None:
@@ -57,16 +61,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def check_model(name: str, size: int, batch: int, steps: int, device, alpha: float) -> tuple[dict, torch.nn.Module]:
+def check_model(name: str, size: int, batch: int, steps: int, device,
+                alpha: float) -> tuple[dict, torch.nn.Module, np.ndarray]:
     """Train one model on one fixed batch for ``steps`` steps; report what the GPU path did, and return the
-    EMA model after precise BN."""
+    EMA model after precise BN with the images it was trained on."""
     torch.manual_seed(0)
     use_amp = device.type == "cuda"
     model = build_model(name, CLASSES).to(device).to(memory_format=torch.channels_last).train()
     cfg = _config(alpha, lr=1e-3)
     optimizer, ema = _make_optimizer(cfg, model), _make_ema(model, 0.99)
     x, y, images = _batch(batch, size, device, seed=1)
-    teacher = 4 * torch.nn.functional.one_hot(y, CLASSES).float() + torch.randn(batch, CLASSES, device=device) if alpha else None
+    teacher = None  # KD row: teacher logits that agree with the labels, plus noise
+    if alpha:
+        teacher = 4 * torch.nn.functional.one_hot(y, CLASSES).float() + torch.randn(batch, CLASSES, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         forward_dtype = model(x).dtype
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
@@ -91,20 +98,20 @@ def check_model(name: str, size: int, batch: int, steps: int, device, alpha: flo
         "peak GPU MiB": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
         "precise BN finite": all(torch.isfinite(m.running_var).all().item() for m in ema.module.modules()
                                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)),
-    }, ema.module
+    }, ema.module, images
 
 
-def check_inference(model: torch.nn.Module, size: int, device) -> dict:
+def check_inference(model: torch.nn.Module, trained_on: np.ndarray, device) -> dict:
     """A trained student (the first check's EMA copy) through TorchPredictor on the device (bf16) and on the
-    CPU (fp32), on the batch it was trained on and on fresh random images."""
+    CPU (fp32), on the images it was trained on and on fresh random ones (256 in all)."""
     import copy
 
     from kdray.runtime import TorchPredictor
 
+    size = trained_on.shape[-1]
     meta = {"classes": ["covid", "normal", "pneumonia"], "image_size": size}
-    rng = np.random.default_rng(1)  # the trained batch first (seed 1, as in _batch), then fresh images
-    images = np.concatenate([rng.integers(0, 256, (64, size, size), dtype=np.uint8),
-                             np.random.default_rng(2).integers(0, 256, (192, size, size), dtype=np.uint8)])
+    fresh = np.random.default_rng(2).integers(0, 256, (256 - len(trained_on), size, size), dtype=np.uint8)
+    images = np.concatenate([trained_on, fresh])
     on_device = TorchPredictor(copy.deepcopy(model).float(), meta, device=device.type)
     cpu = TorchPredictor(copy.deepcopy(model).float().cpu(), meta, device="cpu")
     a, b = on_device.logits(images), cpu.logits(images)
@@ -137,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: no CUDA device (pass --allow-cpu for a dry run on the CPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     what = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    student_row, student = check_model("student", args.size, 64, args.steps, device, alpha=0.0)
+    student_row, student, trained_on = check_model("student", args.size, 64, args.steps, device, alpha=0.0)
     rows = [student_row, check_model("student", args.size, 64, args.steps, device, alpha=0.5)[0],
             check_model("teacher", args.size, 32, args.steps, device, alpha=0.0)[0]]
-    inference = check_inference(student, args.size, device)
+    inference = check_inference(student, trained_on, device)
     ok = all(r["learns"] and r["precise BN finite"] and r["weights channels_last"] for r in rows) and (
         device.type == "cpu" or all(r["forward dtype (autocast)"] == "bfloat16" for r in rows)) and (
         inference["argmax agreement"] >= 0.98)
