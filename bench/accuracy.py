@@ -162,11 +162,11 @@ def _precision_lines(summary: dict) -> list[str]:
 
 
 def _calibration_rows(summary: dict) -> list[dict]:
-    from kdray.checkpoints import read_meta
+    from kdray.checkpoints import read_checkpoint_meta
 
     out = []
     for name, run in summary["runs"].items():
-        c = read_meta(run["best_checkpoint"]).get("calibration") or {}
+        c = read_checkpoint_meta(run["best_checkpoint"]).calibration or {}
         crossed = c.get("cross_fitted") or {}
         out.append({"model": name, "T": c.get("temperature"), "ECE raw": c.get("ece_before"),
                     "ECE T-scaled": c.get("ece_after"), "covid threshold": c.get("covid_threshold"),

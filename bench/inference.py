@@ -34,11 +34,11 @@ from kdray import KdrayError  # noqa: E402
 from kdray.checkpoints import save_checkpoint  # noqa: E402
 from kdray.data import sample_images, to_model_input  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
-from kdray.export import FP32_FILE, INT8_FILE, OrtPredictor, export_student, ort_session, \
-    read_metadata  # noqa: E402
+from kdray.export import FP32_FILE, INT8_FILE, export_student  # noqa: E402
+from kdray.predictor import OrtPredictor, ort_session, read_model_card  # noqa: E402
 from kdray.models import build_model, count_params, model_cost  # noqa: E402
 from bench.machine import cpu_seconds, machine, others_share  # noqa: E402
-from kdray.runtime import TorchPredictor  # noqa: E402
+from kdray.predictor import TorchPredictor  # noqa: E402
 from kdray.synthetic import CLASSES, make_image  # noqa: E402
 
 log = logging.getLogger("bench.inference")
@@ -130,15 +130,16 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
         save_checkpoint(ckpt, student.state_dict(), {"model_name": "student", **meta, "dropout": 0.2, "metrics": {}})
         t = time.perf_counter()
         try:
-            export_student(ckpt, out, calib, calib[:32])
+            export_student(ckpt, out, calib, calib[:32], np.arange(32) % len(CLASSES))
             parity_note = ""
         except KdrayError as exc:  # random weights: a parity miss says nothing about speed; measure anyway
             parity_note = f"export parity with random weights (meaningless here; speed unaffected): {exc}"
         export_s = time.perf_counter() - t
-        card = read_metadata(out)
-        ort = {kind: OrtPredictor(ort_session(os.path.join(out, f), threads), card, f"onnx-{kind}")
+        card = read_model_card(out)
+        ort = {kind: OrtPredictor(ort_session(os.path.join(out, f), threads), card.classes, card.image_size,
+                                  f"onnx-{kind}")
                for kind, f in (("fp32", FP32_FILE), ("int8", INT8_FILE))}
-        sizes = {kind: card["artifacts"][kind]["size_mb"] for kind in ort}
+        sizes = {kind: card.artifacts[kind].size_mb for kind in ort}
 
         per_engine = budget / 4
         student_cost = {"params (M)": count_params(student) / 1e6, "GFLOPs": cost["student"]["gflops"]}
@@ -162,7 +163,7 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
     ratios.update({f"int8 / teacher, batch {b}": int8[f"img/s (batch {b})"] / teach[f"img/s (batch {b})"]
                    for b in (1, 32)})
     return {"rows": rows, "ratios": ratios, "size": size, "threads": threads, "export_s": export_s,
-            "parity": card.get("parity", {}), "parity_note": parity_note, "calibration": len(calib),
+            "parity": {k: v.model_dump() for k, v in card.parity.items()}, "parity_note": parity_note, "calibration": len(calib),
             "calibration_source": data or "synthetic (kdray.synthetic)", "total_s": time.perf_counter() - started,
             "others_cpu_share": others_share(cpu_start, time.perf_counter() - started)}
 

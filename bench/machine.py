@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from kdray.export import available_cpus
+from kdray.predictor import available_cpus
 
 
 def cpu_model() -> str:

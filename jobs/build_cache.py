@@ -4,7 +4,7 @@
 """
 
 from kdray import KdrayError, logit_cache, storage
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.config import CacheJobConfig, dump_yaml, load_config
 from kdray.data import list_split
 

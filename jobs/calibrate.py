@@ -9,7 +9,7 @@ the checkpoint's meta.json. Export copies them into the model card; scoring and 
 
 from kdray import KdrayError
 from kdray.calibrate import calibrate_checkpoint
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.config import CalibrateJobConfig, load_config
 
 

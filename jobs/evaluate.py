@@ -8,7 +8,7 @@ image: image_id, label, prediction, calibrated p_<class>, source) and confusion.
 """
 
 from kdray import KdrayError, storage
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.config import EvalJobConfig, dump_yaml, load_config
 from kdray.evaluate import evaluate_model
 

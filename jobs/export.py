@@ -1,67 +1,76 @@
-"""Export a trained student to ONNX fp32 + static int8 (and optionally TorchScript), with parity checks.
+"""Export a trained student to ONNX fp32 + static int8 (and optionally TorchScript), validate it, and fit
+the served operating point.
 
     python -m jobs.export --model CKPT_OR_RUN --data ROOT --output URI \
-        [--calibration 128] [--parity 256] [--int8 true] [--torchscript false] [--strict true]
+        [--calibration 128] [--parity 0] [--int8 true] [--torchscript false] [--strict true]
 
-Calibration images come from the train split, parity images from the val split. The export
-folder gets the artifacts, ``args.yaml`` (this job's resolved config) and, last,
-``metadata.json`` (the model card and commit marker). An artifact below its parity bar makes the
-job fail (exit 2) after printing the parity table; with ``--strict false`` a failing int8 or
-TorchScript artifact is only marked ``validated: false`` and the job succeeds with fp32.
+Calibration images for int8 come from the train split. Parity and the operating point use the
+labelled val split (all of it by default): every artifact must agree with the torch model on
+top-1, then each ONNX artifact gets its own temperature and covid threshold fitted on its own
+logits, and its covid_suspect must agree with torch at that threshold. int8 is served if it
+passes, else fp32. The export folder gets the artifacts, ``args.yaml`` (this job's resolved
+config) and, last, ``metadata.json`` (the model card and commit marker). An artifact below a bar
+makes the job fail (exit 2) after printing the parity table; with ``--strict false`` a failing
+int8 or TorchScript artifact is only marked ``validated: false`` and the job succeeds with fp32.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kdray import KdrayError, storage
-from kdray.checkpoints import read_meta
-from kdray.cli import run_job
+from kdray import storage
+from kdray.checkpoints import read_checkpoint_meta
+from kdray.runner import run_job
 from kdray.config import dump_yaml, load_config
 from kdray.data import sample_images
 from kdray.evaluate import format_table
-from kdray.export import PARITY_BARS, ExportJobConfig, ParityError, export_student
+from kdray.export import ExportJobConfig, ParityError, export_student
+from kdray.schemas import ModelCard
 
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(ExportJobConfig, argv)
-    for key in ("model", "data", "output"):
-        if not getattr(cfg, key):
-            raise KdrayError(f"--{key} is required")
-    meta = read_meta(cfg.model)
-    size, classes = int(meta["image_size"]), list(meta["classes"])
+    meta = read_checkpoint_meta(cfg.model)
+    size, classes = meta.image_size, meta.classes
 
     calibration = np.zeros((0, size, size), np.uint8)
     if cfg.int8:
         calibration, _ = sample_images(cfg.data, cfg.train_split, size, cfg.calibration, classes)
-    parity, labels = sample_images(cfg.data, cfg.val_split, size, cfg.parity, classes)
+    val_images, val_labels = sample_images(cfg.data, cfg.val_split, size, cfg.parity, classes)
 
     storage.makedirs(cfg.output)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     extra = {k: v for k, v in (("name", cfg.name), ("version", cfg.version)) if v}
     try:
-        metadata = export_student(cfg.model, cfg.output, calibration, parity, labels, int8=cfg.int8,
-                                  torchscript=cfg.torchscript, extra_metadata=extra, strict=cfg.strict)
+        card = export_student(cfg.model, cfg.output, calibration, val_images, val_labels, int8=cfg.int8,
+                              torchscript=cfg.torchscript, extra_metadata=extra, strict=cfg.strict,
+                              target_sensitivity=cfg.target_sensitivity, split=cfg.val_split)
     except ParityError as exc:
         if exc.metadata:  # committed, with the failing artifact marked validated=false
-            print_summary(exc.metadata, cfg.val_split)
+            print_summary(exc.metadata)
         raise
-    print_summary(metadata, cfg.val_split)
+    print_summary(card)
     print(f"exported {cfg.model} -> {cfg.output}")
-    return metadata
+    return card.model_dump(mode="json")
 
 
-def print_summary(metadata: dict, split: str) -> None:
-    rows = [{"artifact": kind, "file": a["file"], "size MB": a["size_mb"],
-             "top-1 agreement": metadata["parity"][kind]["top1_agreement"], "bar": PARITY_BARS[kind],
-             "max |Δp|": metadata["parity"][kind]["max_abs_prob_diff"],
-             "accuracy": metadata["parity"][kind].get("accuracy"), "validated": str(a["validated"])}
-            for kind, a in metadata["artifacts"].items()]
-    reference = metadata["parity"].get("reference", {}).get("accuracy")
-    n = metadata["parity"]["fp32"]["n"]
-    print(f"parity against the fp32 torch model on {n} {split} images"
-          + (f" (torch accuracy {reference:.4f}):" if reference is not None else ":"))
+def print_summary(card: ModelCard) -> None:
+    """The parity table, then the served artifact's operating point."""
+    rows = []
+    for kind, artifact in card.artifacts.items():
+        parity, op = card.parity[kind], card.operating_point(kind)
+        rows.append({"artifact": kind, "size MB": artifact.size_mb, "top-1 agreement": parity.top1_agreement,
+                     "covid_suspect agreement": parity.covid_suspect_agreement, "max |Δp|": parity.max_abs_prob_diff,
+                     "accuracy": parity.accuracy, "T": op.temperature if op else None,
+                     "covid threshold": op.covid_threshold if op else None, "validated": str(artifact.validated)})
+    reference = card.parity_reference or {}
+    print(f"parity against the fp32 torch model on {reference.get('n')} {reference.get('split')} images "
+          f"(torch accuracy {reference.get('accuracy', float('nan')):.4f}); bars {card.parity_bars}:")
     print(format_table(rows, list(rows[0])))
+    op = card.operating_points[card.served_artifact]
+    print(f"served: {card.served_artifact}, temperature {op.temperature:.3f} (ECE {op.ece_before:.4f} -> "
+          f"{op.ece_after:.4f}), covid threshold {op.covid_threshold} for sensitivity {op.target_sensitivity:.0%} "
+          f"on {op.split}")
 
 
 if __name__ == "__main__":

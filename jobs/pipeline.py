@@ -7,7 +7,7 @@
 import json
 
 from kdray import storage
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.config import PipelineConfig, load_config
 from kdray.evaluate import format_table
 from kdray.pipeline import SUMMARY_COLUMNS, run_pipeline
@@ -15,14 +15,16 @@ from kdray.pipeline import SUMMARY_COLUMNS, run_pipeline
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(PipelineConfig, argv)
-    summary = run_pipeline(cfg)
+    from serve.app import deploy  # imported here: Ray Serve loads only when the pipeline runs
+
+    summary = run_pipeline(cfg, deploy=deploy)
     print("\n" + format_table(summary["table"], SUMMARY_COLUMNS))
-    card = summary.get("export") or {}
-    if card.get("calibration"):
-        c = card["calibration"]
-        print(f"\nexported KD student: temperature {c['temperature']:.3f} (ECE on {c['split']} {c['ece_before']:.4f} -> "
-              f"{c['ece_after']:.4f}), covid threshold {c['covid_threshold']} for sensitivity "
-              f"{c['target_sensitivity']:.0%} on {c['split']}")
+    card = summary.get("export")
+    if card:
+        op = card["operating_points"][card["served_artifact"]]
+        print(f"\nexported KD student, served as {card['served_artifact']}: temperature {op['temperature']:.3f} "
+              f"(ECE on {op['split']} {op['ece_before']:.4f} -> {op['ece_after']:.4f}), covid threshold "
+              f"{op['covid_threshold']} for sensitivity {op['target_sensitivity']:.0%}, fitted on its own logits")
     if summary.get("serve_reply"):
         print(f"\nServe answered: {json.dumps(summary['serve_reply']['response'])}")
     if summary.get("score"):

@@ -16,10 +16,9 @@ import sys
 import numpy as np
 
 from kdray import KdrayError, storage
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.data import decode_image, describe_decode_error
-from kdray.evaluate import COVID_CLASS
-from kdray.runtime import BACKENDS, Predictor
+from kdray.predictor import BACKENDS, Predictor
 
 BATCH = 32
 
@@ -50,15 +49,14 @@ def main(argv: list[str]) -> list[dict]:
         except KdrayError as exc:
             errors.append(str(exc))
 
-    covid = next((i for i, c in enumerate(predictor.classes) if c.lower() == COVID_CLASS), None)
     results = []
     for start in range(0, len(images), BATCH):
         probs = predictor.probabilities(np.stack(images[start:start + BATCH]))
         for path, row in zip(good[start:start + BATCH], probs):
             fields = [path, predictor.classes[int(row.argmax())]]
             fields += [f"p({c})={p:.4f}" for c, p in zip(predictor.classes, row)]
-            suspect = (covid is not None and predictor.covid_threshold is not None
-                       and row[covid] >= float(predictor.covid_threshold))
+            flags = predictor.covid_suspect(row[None])
+            suspect = bool(flags[0]) if flags is not None else False
             if suspect:
                 fields.append("covid_suspect")
             print("\t".join(fields), flush=True)

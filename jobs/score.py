@@ -4,7 +4,7 @@
 """
 
 from kdray import KdrayError, storage
-from kdray.cli import run_job
+from kdray.runner import run_job
 from kdray.config import ScoreJobConfig, dump_yaml, load_config
 from kdray.score import score_archive
 

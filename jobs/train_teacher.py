@@ -3,14 +3,17 @@
     python -m jobs.train_teacher --config configs/teacher.yaml [--key value ...]
 """
 
-from kdray.cli import run_job
-from kdray.train import train_job
+from kdray.config import TrainJobConfig, load_config
+from kdray.runner import run_job
+from kdray.train import fit, run_report
 
 JOB_DEFAULTS = {"model": {"name": "teacher"}}
 
 
 def main(argv: list[str]) -> dict:
-    return train_job(argv, JOB_DEFAULTS, "teacher")
+    summary = fit(load_config(TrainJobConfig, argv, JOB_DEFAULTS))
+    print(run_report("teacher", summary))
+    return summary.model_dump()
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ import torch
 
 from kdray import KdrayError, storage
 from kdray.models import build_model
+from kdray.schemas import CheckpointMeta, RunSummary, dump, parse
 
 MODEL_FILE, STATE_FILE, META_FILE, RESULT_FILE = "model.pt", "train_state.pt", "meta.json", "result.json"
 
 
-def save_checkpoint(folder: str, model_state: dict, meta: dict, train_state: dict | None = None) -> None:
+def save_checkpoint(folder: str, model_state: dict, meta: CheckpointMeta | dict,
+                    train_state: dict | None = None) -> None:
+    meta = meta if isinstance(meta, CheckpointMeta) else parse(CheckpointMeta, meta, folder)
     os.makedirs(folder, exist_ok=True)
     torch.save(model_state, os.path.join(folder, MODEL_FILE))
     if train_state is not None:
         torch.save(train_state, os.path.join(folder, STATE_FILE))
-    storage.write_json(os.path.join(folder, META_FILE), meta)
+    write_checkpoint_meta(folder, meta)
 
 
 def _torch_load(data: bytes, what: str) -> dict:
@@ -39,26 +42,30 @@ def resolve_checkpoint(uri: str) -> str:
         return uri
     result = storage.join(uri, RESULT_FILE)
     if storage.exists(result):
-        best = storage.read_json(result).get("best_checkpoint")
-        if best:
-            return best
+        return read_run_summary(uri).best_checkpoint
     raise KdrayError(f"{uri}: not a checkpoint (no {META_FILE}) nor a finished run (no {RESULT_FILE})")
 
 
-def read_meta(uri: str) -> dict:
-    return storage.read_json(storage.join(resolve_checkpoint(uri), META_FILE))
+def read_checkpoint_meta(uri: str) -> CheckpointMeta:
+    """The checkpoint's ``meta.json`` (for a checkpoint or run folder), validated."""
+    meta_uri = storage.join(resolve_checkpoint(uri), META_FILE)
+    return parse(CheckpointMeta, storage.read_json(meta_uri), meta_uri)
 
 
-def load_model(uri: str) -> tuple[torch.nn.Module, dict]:
+def write_checkpoint_meta(folder: str, meta: CheckpointMeta) -> None:
+    storage.write_json(storage.join(folder, META_FILE), dump(meta))
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, CheckpointMeta]:
     """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
     folder = resolve_checkpoint(uri)
-    meta = storage.read_json(storage.join(folder, META_FILE))
+    meta = read_checkpoint_meta(folder)
     state = _torch_load(storage.read_bytes(storage.join(folder, MODEL_FILE)), folder)
-    model = build_model(meta["model_name"], len(meta["classes"]), meta.get("dropout", 0.3))
+    model = build_model(meta.model_name, len(meta.classes), meta.dropout)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise KdrayError(f"{folder}: weights do not match model {meta['model_name']} ({str(exc)[:160]})") from None
+        raise KdrayError(f"{folder}: weights do not match model {meta.model_name} ({str(exc)[:160]})") from None
     model.eval()
     return model, meta
 
@@ -75,3 +82,12 @@ def weights_digest(uri: str) -> str:
     """sha256 of a checkpoint's weights file: the teacher's identity in logit-cache fingerprints."""
     folder = resolve_checkpoint(uri)
     return hashlib.sha256(storage.read_bytes(storage.join(folder, MODEL_FILE))).hexdigest()
+
+
+def read_run_summary(run_uri: str) -> RunSummary:
+    result = storage.join(run_uri, RESULT_FILE)
+    return parse(RunSummary, storage.read_json(result), result)
+
+
+def write_run_summary(summary: RunSummary) -> None:
+    storage.write_json(storage.join(summary.run_uri, RESULT_FILE), dump(summary))

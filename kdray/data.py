@@ -361,7 +361,7 @@ def class_weights(counts: list[int]) -> list[float]:
 
 def sample_images(root: str, split: str, size: int, n: int, classes: list[str] | None = None,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Decode up to ``n`` readable images of a split in plain Python (no Ray): (uint8 [n, S, S], labels [n]).
+    """Decode up to ``n`` (0: all) readable images of a split in plain Python (no Ray): (uint8 [n, S, S], labels [n]).
 
     Used for small samples: export calibration and parity sets, throughput measurements.
     """
@@ -369,7 +369,7 @@ def sample_images(root: str, split: str, size: int, n: int, classes: list[str] |
     order = np.random.default_rng(seed).permutation(len(listing))
     images, labels = [], []
     for i in order:
-        if len(images) >= n:
+        if 0 < n <= len(images):
             break
         try:
             with listing.fs.open_input_stream(listing.paths[i]) as fh:

@@ -13,6 +13,7 @@ preprocessing at hand is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,9 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from kdray import KdrayError, storage
+from kdray.batch import run_logits
 from kdray.checkpoints import resolve_checkpoint, weights_digest
-from kdray.config import AugmentConfig, to_dict
+from kdray.config import AugmentConfig, KDConfig, to_dict
 from kdray.data import Listing, load_split
+from kdray.raycluster import init_ray
+from kdray.train import TrainingData
 
 log = logging.getLogger(__name__)
 DATA_FILE, SIDECAR_FILE = "logits.parquet", "cache.json"
@@ -85,9 +89,6 @@ def build(teacher_uri: str, listing: Listing, image_size: int, output: str, view
         return uri, True
     log.info("building logit cache %s: teacher %s over %d images x %d view(s)", uri, teacher_uri, len(listing), views)
     started = time.time()
-    from kdray.raycluster import init_ray
-    from kdray.runtime import run_logits
-
     init_ray()
     ds, skipped = load_split(listing, image_size)
     table = run_logits(ds, teacher_uri, views, to_dict(augment), batch_size, backend="torch")
@@ -146,3 +147,15 @@ def attach_logits(ds, cache: LogitCache, views: int = 0):
     log.info("joining cached teacher logits from %s (%d of its %d view(s)) on image_id", cache.uri, views, cache.views)
     return ds.map_batches(add, batch_format="numpy", batch_size=256).materialize()
 
+
+def with_teacher_logits(data: TrainingData, kd: KDConfig) -> TrainingData:
+    """``data`` with the cached teacher logits joined onto its train split (``kd.cache``, first ``kd.views``).
+
+    The cache must have been built for this very listing; the teacher may have run at another image size."""
+    if not kd.cache:
+        raise KdrayError("distillation needs --kd.cache (build one with jobs.build_cache)")
+    cache = open_cache(kd.cache, data.train_listing)
+    views = kd.views or cache.views
+    if not 1 <= views <= cache.views:
+        raise KdrayError(f"--kd.views {views}: the logit cache {kd.cache} holds {cache.views} view(s) per image")
+    return dataclasses.replace(data, train=attach_logits(data.train, cache, views))

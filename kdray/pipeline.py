@@ -11,9 +11,25 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 
-from kdray import storage
+from kdray import logit_cache, storage
+from kdray.calibrate import calibrate_checkpoint
+from kdray.checkpoints import RESULT_FILE, read_checkpoint_meta, read_run_summary, resolve_checkpoint
 from kdray.config import PipelineConfig, dump_yaml
+from kdray.data import list_split, sample_images
+from kdray.evaluate import evaluate_model, split_logits
+from kdray.export import export_student
+from kdray.models import build_model, model_cost
+from kdray.predictor import Predictor, measure_throughput, model_info
+from kdray.raycluster import init_ray
+from kdray.schemas import ModelCard, RunSummary
+from kdray.score import score_archive
+from kdray.train import METRIC, fit, load_training_data
+
+#: Deploys an export with Ray Serve and returns its base URL: ``deploy(model_dir, port=...)``.
+#: The entry point (jobs.pipeline) hands in ``serve.app.deploy``; the library never imports serve/.
+DeployFn = Callable[..., str]
 
 log = logging.getLogger(__name__)
 DEMO_BUCKET = "kdray-demo"
@@ -49,11 +65,12 @@ def demo_storage(cfg: PipelineConfig):
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
+def run_pipeline(cfg: PipelineConfig, deploy: DeployFn | None = None) -> dict:
+    """Run every stage; ``deploy`` (Ray Serve) is needed when ``demo.serve`` is on."""
     import ray
 
-    from kdray.raycluster import init_ray
-
+    if cfg.demo.serve and deploy is None:
+        raise ValueError("run_pipeline: demo.serve is on but no deploy function was given")
     started = time.time()
     with demo_storage(cfg) as (data, out):
         cfg.data.root, cfg.run.output = data, out
@@ -62,7 +79,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         log.info("pipeline: data %s → outputs %s", data, out)
         init_ray()
         try:
-            summary = _stages(cfg, data, out)
+            summary = _stages(cfg, data, out, deploy)
         finally:
             _stop_serve()
             ray.shutdown()
@@ -71,57 +88,51 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
-def _stages(cfg: PipelineConfig, data: str, out: str) -> dict:
-    from kdray import logit_cache
-    from kdray.data import list_split
-    from kdray.train import fit
-
+def _stages(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None) -> dict:
     tiny = "tiny-" if cfg.teacher.model.name.startswith("tiny_") else ""
     teacher = (existing_run(cfg.teacher_run) if cfg.teacher_run
                else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19")))
     listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     settings = cfg.kd_settings()
-    cache_uri, reused = logit_cache.build(teacher["best_checkpoint"], listing, cfg.image_size("teacher"), out,
+    cache_uri, reused = logit_cache.build(teacher.best_checkpoint, listing, cfg.image_size("teacher"), out,
                                           max(kd.views for kd in settings), cfg.augment)
     sweep = _train_kd_students(cfg, settings, cache_uri, f"{tiny}mobilenetv2_from_resnet50v2-vgg19")
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
     kd = next(entry["summary"] for entry in sweep if entry["selected"])
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd,
             **{entry["model"]: entry["summary"] for entry in sweep if not entry["selected"]}}
-    metrics = {name: _calibrate_and_evaluate(r["best_checkpoint"], data, cfg, storage.join(out, "eval", name), name)
+    metrics = {name: _calibrate_and_evaluate(r.best_checkpoint, data, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
-    served_model = kd["best_checkpoint"]
+    served_model = kd.best_checkpoint
     export = None
     if cfg.demo.export:
         served_model = storage.join(out, "export", "student")
-        export = _export(kd["best_checkpoint"], data, cfg, served_model)
-    reply = _serve_once(served_model, data, cfg) if cfg.demo.serve else None
+        export = _export(kd.best_checkpoint, data, cfg, served_model)
+    reply = _serve_once(deploy, served_model, data, cfg) if cfg.demo.serve else None
     scored = None
     if cfg.demo.score:
-        from kdray.score import score_archive
-
         scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
     rows = _summary_rows(runs, metrics, served_model, data, cfg)
     for entry in sweep:
         row = next(r for r in rows if r["model"] == entry["model"])
         row["kd"] = f"alpha={entry['alpha']:g} T={entry['temperature']:g} K={entry['views']}"
     return {"data": data, "output": out, "logit_cache": cache_uri, "logit_cache_reused": reused,
-            "runs": {k: {"run": v["run_uri"], "best_checkpoint": v["best_checkpoint"], "train_s": v["wall_s"]}
+            "runs": {k: {"run": v.run_uri, "best_checkpoint": v.best_checkpoint, "train_s": v.wall_s}
                      for k, v in runs.items()},
             "kd_sweep": [{k: v for k, v in entry.items() if k != "summary"} for entry in sweep],
-            "table": rows, "export": export, "serve_reply": reply, "score": scored}
+            "table": rows, "export": export.model_dump(mode="json") if export else None, "serve_reply": reply,
+            "score": scored}
 
 
 def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name: str) -> list[dict]:
     """Distil one student per KD setting and select the best by its val macro-F1 (T, alpha and K chosen on val)."""
-    from kdray.train import METRIC, fit
-
     sweep = []
     for kd in settings:
         tag = f"a{kd.alpha:g}-t{kd.temperature:g}-k{kd.views}"
-        summary = fit(cfg.stage("student", kd.alpha, name if len(settings) == 1 else f"{name}-{tag}", cache_uri, kd))
+        stage = cfg.stage("student", kd.alpha, name if len(settings) == 1 else f"{name}-{tag}", cache_uri, kd)
+        summary = fit(stage, logit_cache.with_teacher_logits(load_training_data(stage), stage.kd))
         sweep.append({"label": f"student_kd_{tag}", "alpha": kd.alpha, "temperature": kd.temperature,
-                      "views": kd.views, "val_macro_f1": summary["best_metrics"].get(METRIC), "summary": summary})
+                      "views": kd.views, "val_macro_f1": summary.best_metrics.get(METRIC), "summary": summary})
     best = max(sweep, key=lambda entry: entry["val_macro_f1"] or -1.0)
     for entry in sweep:
         entry["selected"] = entry is best
@@ -135,48 +146,36 @@ def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name
 
 def _calibrate_and_evaluate(checkpoint: str, data: str, cfg: PipelineConfig, output: str, name: str) -> dict:
     """Calibrate (if on) and evaluate one model, running it over val once when both use val."""
-    from kdray.calibrate import calibrate_checkpoint
-    from kdray.evaluate import evaluate_model, model_card, split_logits
-
     val = split_logits(checkpoint, data, cfg.data.val_split, backend="torch", limit=cfg.data.limit)
     if cfg.calibrate.enabled:
         same_split = cfg.calibrate.split == cfg.data.val_split
         calibrate_checkpoint(checkpoint, data, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
                              cfg.data.limit, logits=val if same_split else None)
-        val["card"] = model_card(checkpoint)  # now with the fitted temperature and covid threshold
+        val["info"] = model_info(checkpoint)  # now with the fitted temperature and covid threshold
     return evaluate_model(checkpoint, data, cfg.data.val_split, output, name=name, limit=cfg.data.limit, logits=val)
 
 
-def existing_run(uri: str) -> dict:
+def existing_run(uri: str) -> RunSummary:
     """The summary of a finished training run (or a bare checkpoint), to start the pipeline from it."""
-    from kdray.checkpoints import RESULT_FILE, read_meta, resolve_checkpoint
-    from kdray.models import build_model, model_cost
-
-    result = storage.join(uri, RESULT_FILE)
-    if storage.exists(result):
-        return storage.read_json(result)
-    meta = read_meta(uri)
-    cost = model_cost(build_model(meta["model_name"], len(meta["classes"])), int(meta["image_size"]))
-    return {"run_uri": uri, "best_checkpoint": resolve_checkpoint(uri), "wall_s": None, "cost": cost,
-            "model_name": meta["model_name"], "classes": meta["classes"]}
+    if storage.exists(storage.join(uri, RESULT_FILE)):
+        return read_run_summary(uri)
+    meta = read_checkpoint_meta(uri)
+    cost = model_cost(build_model(meta.model_name, len(meta.classes)), meta.image_size)
+    return RunSummary(run_name=os.path.basename(uri.rstrip("/")), run_uri=uri, best_checkpoint=resolve_checkpoint(uri),
+                      cost=cost, model_name=meta.model_name, classes=meta.classes)
 
 
-def _export(checkpoint: str, data: str, cfg: PipelineConfig, output: str) -> dict:
-    from kdray.data import sample_images
-    from kdray.export import export_student
-
+def _export(checkpoint: str, data: str, cfg: PipelineConfig, output: str) -> ModelCard:
     size = cfg.image_size("student")
     calib, _ = sample_images(data, cfg.data.train_split, size, 64)
-    parity, labels = sample_images(data, cfg.data.val_split, size, 256)
-    return export_student(checkpoint, output, calib, parity, labels, strict=False)  # int8 failing parity → fp32
+    val_images, val_labels = sample_images(data, cfg.data.val_split, size, 0)  # all of val
+    return export_student(checkpoint, output, calib, val_images, val_labels, strict=False,  # int8 failing → fp32
+                          target_sensitivity=cfg.calibrate.target_sensitivity, split=cfg.data.val_split)
 
 
-def _serve_once(model: str, data: str, cfg: PipelineConfig) -> dict:
+def _serve_once(deploy: DeployFn, model: str, data: str, cfg: PipelineConfig) -> dict:
     """Deploy the student with Ray Serve and answer one real HTTP request with a validation image."""
     import requests
-
-    from kdray.data import list_split
-    from serve.app import deploy
 
     url = deploy(model, port=cfg.demo.serve_port or _free_port())
     listing = list_split(data, cfg.data.val_split, cfg.data.classes, 1)
@@ -207,13 +206,10 @@ def _free_port() -> int:
 
 
 def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: PipelineConfig) -> list[dict]:
-    from kdray.data import sample_images
-    from kdray.runtime import Predictor, measure_throughput
-
     rows = []
     for name, run in runs.items():
         m = metrics[name]
-        model = served_model if name == "student_kd" else run["best_checkpoint"]
+        model = served_model if name == "student_kd" else run.best_checkpoint
         predictor = Predictor.load(model, threads=os.cpu_count())
         images, _ = sample_images(data, cfg.data.val_split, predictor.image_size, 64)
         covid = m.get("covid") or {}
@@ -222,7 +218,7 @@ def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: 
                      "covid_threshold": covid.get("threshold"), "macro_auc": m.get("macro_auc"),
                      "ece_before_ts": m.get("ece_uncalibrated"), "ece": m.get("ece"),
                      "per_source_accuracy": {k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
-                     "image_size": predictor.image_size, "params_M": run["cost"]["params"] / 1e6,
-                     "gflops": run["cost"]["gflops"], "img_per_s": measure_throughput(predictor, images),
-                     "runtime": predictor.backend, "train_s": run["wall_s"]})
+                     "image_size": predictor.image_size, "params_M": run.cost["params"] / 1e6,
+                     "gflops": run.cost["gflops"], "img_per_s": measure_throughput(predictor, images),
+                     "runtime": predictor.backend, "train_s": run.wall_s})
     return rows

@@ -15,7 +15,10 @@ import numpy as np
 import pyarrow as pa
 
 from kdray import KdrayError, storage
+from kdray.batch import actor_pool
 from kdray.data import IMAGE_EXTENSIONS, DecodeBatch
+from kdray.predictor import Predictor, model_info
+from kdray.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -25,8 +28,6 @@ class ScoreActor:
     """Ray Data actor: decoded images → class probabilities with the shared predictor."""
 
     def __init__(self, model_uri: str, backend: str = "auto", threads: int = 1):
-        from kdray.runtime import Predictor
-
         self.predictor = Predictor.load(model_uri, backend=backend, threads=threads)
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -40,8 +41,8 @@ class ScoreActor:
                                      pa.string())}
         for k, name in enumerate(p.classes):
             columns[f"p_{name}"] = pa.array(probs[:, k], pa.float32())
-        if p.covid_threshold is not None and "covid" in p.classes:
-            suspect = probs[:, p.classes.index("covid")] >= p.covid_threshold
+        suspect = p.covid_suspect(probs)
+        if suspect is not None:
             columns["covid_suspect"] = pa.array([bool(s) if good else None for s, good in zip(suspect, ok)], pa.bool_())
         columns["model_id"] = pa.array([p.model_id] * len(ok), pa.string())
         columns["backend"] = pa.array([p.backend] * len(ok), pa.string())
@@ -63,14 +64,10 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                   overwrite: bool = False) -> dict:
     import ray
 
-    from kdray.evaluate import model_card
-    from kdray.raycluster import init_ray
-    from kdray.runtime import actor_pool
-
     if storage.exists(storage.join(output_uri, SUMMARY_FILE)) and not overwrite:
         raise KdrayError(f"{output_uri} already holds a finished scoring run; choose another --output "
                          "or pass --overwrite true")
-    card = model_card(model_uri)
+    info = model_info(model_uri, backend)
     fs, files = list_archive(input_uri)
     init_ray()
     out_loc = storage.resolve(output_uri)
@@ -81,7 +78,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
     started = time.time()
     compute, resources, threads = actor_pool(use_gpu=False)
     ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(1, min(200, len(files) // 256)))
-    ds = ds.map_batches(DecodeBatch(fs, int(card["image_size"])), batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(DecodeBatch(fs, info.image_size), batch_size=batch_size, batch_format="numpy")
     scored = ds.map_batches(ScoreActor, fn_constructor_kwargs={"model_uri": model_uri, "backend": backend,
                                                                "threads": threads},
                             batch_size=batch_size, batch_format="numpy", compute=compute, **resources).materialize()
@@ -96,6 +93,6 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
     elapsed = time.time() - started
     summary = {"model": model_uri, "input": input_uri, "output": output_uri, "images": len(files),
                "scored": n_pred, "errors": n_err, "wall_s": round(elapsed, 1),
-               "img_per_s": round(len(files) / max(elapsed, 1e-9), 2), "backend": backend}
+               "img_per_s": round(len(files) / max(elapsed, 1e-9), 2), "backend": info.backend}
     storage.write_json(storage.join(output_uri, SUMMARY_FILE), summary)
     return summary

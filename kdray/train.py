@@ -13,16 +13,19 @@ import os
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from kdray import KdrayError, storage
-from kdray.checkpoints import RESULT_FILE, load_train_state, save_checkpoint
+from kdray.checkpoints import load_train_state, save_checkpoint, write_run_summary
 from kdray.config import TrainJobConfig, dump_yaml, from_dict, to_dict
-from kdray.data import class_weights, list_split, load_split, to_model_input, view_seeds
+from kdray.data import Listing, class_weights, list_split, load_split, to_model_input, view_seeds
 from kdray.losses import kd_loss
 from kdray.models import build_model, model_cost
+from kdray.schemas import RunSummary
 
 log = logging.getLogger(__name__)
 METRIC = "val_macro_f1"
@@ -43,33 +46,60 @@ def default_run_name(cfg: TrainJobConfig) -> str:
 # ----------------------------------------------------------------------------- driver side
 
 
-def fit(cfg: TrainJobConfig) -> dict:
-    """Train one model as configured; returns the run summary also written to ``<run>/result.json``."""
+@dataclass
+class TrainingData:
+    """The decoded datasets a run trains and validates on, with their listings.
+
+    For distillation the caller adds a ``teacher_logits`` column to ``train`` (see
+    :func:`kdray.logit_cache.with_teacher_logits`); training itself never opens the cache.
+    """
+
+    train_listing: Listing
+    val_listing: Listing
+    train: Any  # ray.data.Dataset
+    val: Any
+    skipped_train: list = field(default_factory=list)  # files that could not be decoded
+    skipped_val: list = field(default_factory=list)
+
+    @property
+    def has_teacher_logits(self) -> bool:
+        return "teacher_logits" in self.train.schema().names
+
+
+def load_training_data(cfg: TrainJobConfig) -> TrainingData:
+    """List and decode the train and val splits (starting or joining Ray)."""
+    from kdray.raycluster import init_ray
+
+    train_listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
+    val_listing = list_split(cfg.data.root, cfg.data.val_split, train_listing.classes, cfg.data.limit)
+    init_ray()
+    train_ds, skipped = load_split(train_listing, cfg.data.image_size, shuffle_seed=cfg.run.seed)
+    val_ds, skipped_val = load_split(val_listing, cfg.data.image_size)
+    return TrainingData(train_listing, val_listing, train_ds, val_ds, skipped, skipped_val)
+
+
+def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
+    """Train one model as configured; returns the run summary also written to ``<run>/result.json``.
+
+    ``data``: the decoded datasets (default: :func:`load_training_data`). With ``kd.alpha > 0`` its train
+    dataset must carry a ``teacher_logits`` column."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kdray import logit_cache
-    from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
+    from kdray.raycluster import cluster_cpus, cluster_gpus
 
     if cfg.kd.alpha > 0 and not cfg.kd.cache:
         raise KdrayError("kd.alpha > 0 needs --kd.cache (build one with jobs.build_cache)")
     size = cfg.data.image_size
-    train_listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
-    val_listing = list_split(cfg.data.root, cfg.data.val_split, train_listing.classes, cfg.data.limit)
     run_name = cfg.run.name or default_run_name(cfg)
     run_uri = storage.join(cfg.run.output, run_name)
+    data = data or load_training_data(cfg)
+    if cfg.kd.alpha > 0 and not data.has_teacher_logits:
+        raise KdrayError("kd.alpha > 0: the training data has no teacher_logits column "
+                         "(join the logit cache first: kdray.logit_cache.with_teacher_logits)")
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, "args.yaml"), dump_yaml(cfg))
-    init_ray()
-
-    train_ds, skipped = load_split(train_listing, size, shuffle_seed=cfg.run.seed)
-    val_ds, skipped_val = load_split(val_listing, size)
-    if cfg.kd.alpha > 0:
-        cache = logit_cache.open_cache(cfg.kd.cache, train_listing)  # the teacher may have run at another size
-        views = cfg.kd.views or cache.views
-        if not 1 <= views <= cache.views:
-            raise KdrayError(f"--kd.views {views}: the logit cache {cfg.kd.cache} holds {cache.views} view(s) per image")
-        train_ds = logit_cache.attach_logits(train_ds, cache, views)
+    train_listing, train_ds, val_ds, skipped = data.train_listing, data.train, data.val, data.skipped_train
 
     gpus = cluster_gpus()
     use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(cfg.run.use_gpu).lower()]
@@ -110,15 +140,15 @@ def fit(cfg: TrainJobConfig) -> dict:
     if best is None:
         raise KdrayError(f"training run {run_name} produced no checkpoint")
     best_uri = ("s3://" + best.path) if storage_loc.is_s3 else best.path
-    summary = {
-        "run_name": run_name, "run_uri": run_uri, "best_checkpoint": best_uri, "model_name": cfg.model.name,
-        "classes": train_listing.classes, "best_metrics": _best_metrics(result), "final_metrics": result.metrics,
-        "wall_s": round(time.time() - started, 1), "workers": workers, "use_gpu": use_gpu,
-        "skipped_images": skipped + skipped_val, "cost": model_cost(build_model(cfg.model.name, len(train_listing.classes)), size),
-    }
-    storage.write_json(storage.join(run_uri, RESULT_FILE), summary)
-    log.info("run %s done in %.0f s; best %s = %s; checkpoint %s", run_name, summary["wall_s"], METRIC,
-             summary["best_metrics"].get(METRIC), best_uri)
+    summary = RunSummary(
+        run_name=run_name, run_uri=run_uri, best_checkpoint=best_uri, model_name=cfg.model.name,
+        classes=train_listing.classes, best_metrics=_best_metrics(result), final_metrics=result.metrics,
+        wall_s=round(time.time() - started, 1), workers=workers, use_gpu=use_gpu,
+        skipped_images=data.skipped_train + data.skipped_val,
+        cost=model_cost(build_model(cfg.model.name, len(train_listing.classes)), size))
+    write_run_summary(summary)
+    log.info("run %s done in %.0f s; best %s = %s; checkpoint %s", run_name, summary.wall_s, METRIC,
+             summary.best_metrics.get(METRIC), best_uri)
     return summary
 
 
@@ -420,12 +450,7 @@ def _report(evaluated, live, optimizer, scheduler, cfg, config, metrics, rank, e
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-
-def train_job(argv: list[str], job_defaults: dict, role: str) -> dict:
-    """The body of jobs.train_teacher / jobs.train_student: resolve the config, train, say where it went."""
-    from kdray.config import load_config
-
-    summary = fit(load_config(TrainJobConfig, argv, job_defaults))
-    print(f"{role} run: {summary['run_uri']}\nbest checkpoint: {summary['best_checkpoint']}\n"
-          f"best val: {summary['best_metrics']}")
-    return summary
+def run_report(role: str, summary: RunSummary) -> str:
+    """What the training jobs print at the end: where the run and its best checkpoint are."""
+    best = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.best_metrics.items()}
+    return f"{role} run: {summary.run_uri}\nbest checkpoint: {summary.best_checkpoint}\nbest val: {best}"

@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdray import KdrayError
-from kdray.evaluate import _macro_f1 as macro_f1
-from kdray.evaluate import expected_calibration_error
+from kdray.metrics import expected_calibration_error, macro_f1
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -32,12 +31,12 @@ def _accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(probs.argmax(axis=1) == y))
 
 
-def _macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
+def _macro_f1_of_probs(y: np.ndarray, probs: np.ndarray) -> float:
     return macro_f1(y, probs.argmax(axis=1))  # the definition the metrics tables use
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": _accuracy, "macro_f1": _macro_f1, "ece": lambda y, p: expected_calibration_error(p, y)}
+    "accuracy": _accuracy, "macro_f1": _macro_f1_of_probs, "ece": lambda y, p: expected_calibration_error(p, y)}
 
 
 def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, seed: int, resamples: int):

@@ -35,6 +35,7 @@ from ray.serve import Application
 
 from kdray import KdrayError
 from kdray.data import decode_image
+from kdray.predictor import BACKENDS, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,12 @@ def _one_line(exc: Exception) -> str:
 @serve.deployment(**DEPLOYMENT_DEFAULTS)
 @serve.ingress(fastapi_app)
 class StudentClassifier:
-    """One replica: a loaded :class:`kdray.runtime.Predictor` plus batching counters."""
+    """One replica: a loaded :class:`kdray.predictor.Predictor` plus batching counters."""
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None):
-        from kdray.runtime import Predictor
-
         self.threads = max(1, int(threads)) if threads else replica_threads()
         self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
-        self.covid_index = self.classes.index("covid") if "covid" in self.classes else None
         size = self.predictor.image_size
         # Warm-up: the first request should not pay for lazy initialisation, and a model that
         # cannot run should fail the replica's start, not its first user.
@@ -146,10 +144,8 @@ class StudentClassifier:
         return list(probs)
 
     def _response(self, probs: np.ndarray) -> dict:
-        threshold = self.predictor.covid_threshold
-        suspect = None
-        if threshold is not None and self.covid_index is not None:
-            suspect = bool(probs[self.covid_index] >= float(threshold))
+        flags = self.predictor.covid_suspect(probs[None])
+        suspect = None if flags is None else bool(flags[0])
         return {"label": self.classes[int(np.argmax(probs))],
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
                 "covid_suspect": suspect, "model_id": self.predictor.model_id, "backend": self.predictor.backend}
@@ -210,8 +206,6 @@ def _resolve_model_dir(model_dir: str) -> str:
 
 def build_app(model_dir: str, backend: str = "auto", threads: int | None = None, **deployment_options) -> Application:
     """The bound application; ``deployment_options`` override :data:`DEPLOYMENT_DEFAULTS`."""
-    from kdray.runtime import BACKENDS
-
     if backend not in BACKENDS:
         raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     deployment = StudentClassifier.options(**deployment_options) if deployment_options else StudentClassifier

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from kdray import KdrayError
-from kdray.calibrate import calibrate_checkpoint, calibration_report, validation_summary
-from kdray.evaluate import classification_metrics, softmax
+from kdray.calibrate import calibrate_checkpoint
+from kdray.metrics import calibration_report, classification_metrics, softmax, validation_summary
 
 CLASSES = ["covid", "normal", "pneumonia"]
 

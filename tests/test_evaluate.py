@@ -1,4 +1,4 @@
-"""Tests for kdray.evaluate against hand-computed examples."""
+"""Tests for kdray.metrics (and kdray.evaluate's plots and table) against hand-computed examples."""
 
 import json
 import warnings
@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdray.evaluate import (
+from kdray.evaluate import format_table, plot_confusion_matrix, plot_roc
+from kdray.metrics import (
     classification_metrics,
     covid_threshold_for_sensitivity,
     expected_calibration_error,
     fit_temperature,
-    format_table,
-    plot_confusion_matrix,
-    plot_roc,
     softmax,
 )
 

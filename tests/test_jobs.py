@@ -53,7 +53,7 @@ def test_s3_bad_input(local_s3, tmp_path):
 
 
 def test_kdray_command_lists_stages():
-    proc = subprocess.run([sys.executable, "-m", "kdray.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for stage in ("train-teacher", "build-cache", "train-student", "evaluate", "export", "score", "predict",
                   "pipeline", "make-data"):
@@ -88,7 +88,7 @@ def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, ch
         subprocess.run([str(head), "stop"], env=env, capture_output=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", [["-m", "jobs.train_student"], ["-m", "kdray.cli", "evaluate"]])
+@pytest.mark.parametrize("command", [["-m", "jobs.train_student"], ["-m", "jobs.cli", "evaluate"]])
 def test_job_help_prints_usage_and_every_option_with_its_default(command):
     proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

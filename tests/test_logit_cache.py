@@ -10,7 +10,7 @@ import pytest
 from kdray import KdrayError, logit_cache, storage
 from kdray.config import AugmentConfig
 from kdray.data import decode_image, list_split
-from kdray.runtime import Predictor
+from kdray.predictor import Predictor
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 import pytest
 
 from kdray import storage
-from kdray.checkpoints import load_model, read_meta
+from kdray.checkpoints import load_model, read_checkpoint_meta
 from kdray.config import TrainJobConfig, load_config
 from kdray.train import _lr_lambda, _my_share, fit
 
@@ -39,7 +39,7 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
     resumed = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=9))
     assert "resuming tiny-teacher-test from epoch 8" in capfd.readouterr().out
     assert resumed["final_metrics"]["epoch"] == 9
-    assert read_meta(resumed["best_checkpoint"])["epoch"] >= summary["best_metrics"]["epoch"]
+    assert read_checkpoint_meta(resumed.best_checkpoint).epoch >= summary.best_metrics["epoch"]
 
 
 def test_each_val_image_is_scored_by_exactly_one_worker():

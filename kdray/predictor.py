@@ -1,0 +1,297 @@
+"""One predictor over ONNX Runtime or torch, and the read side of an export: the model card.
+
+``Predictor.load(uri)`` accepts a training checkpoint (or run folder), served with torch, or an
+export folder (``metadata.json`` plus ONNX files), served with ONNX Runtime: by default the
+artifact the card names as served (int8 when it passed its parity checks, else fp32). Each
+predictor carries the temperature and covid threshold fitted for exactly what it runs: an ONNX
+artifact's own operating point from the card, or a checkpoint's own calibration.
+
+The logit cache, evaluation, scoring, serving and ``kdray predict`` all classify through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kdray import KdrayError, storage
+from kdray.checkpoints import load_model, read_checkpoint_meta, resolve_checkpoint
+from kdray.config import AugmentConfig
+from kdray.data import to_model_input
+from kdray.metrics import covid_suspect, softmax
+from kdray.schemas import ModelCard, parse
+
+log = logging.getLogger(__name__)
+MODEL_CARD_FILE = "metadata.json"
+BACKENDS = ("auto", "onnx-int8", "onnx-fp32", "torch")
+ONNX_BACKENDS = {"onnx-int8": "int8", "onnx-fp32": "fp32"}
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ORT_CHUNK = 8  # images per ONNX Runtime call inside one predictor call (see OrtPredictor)
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def sha256_file(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def batches(images: np.ndarray, batch_size: int = 64):
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size]
+
+
+def ort_session(path: str, threads: int | None = None):
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads (default: the CPUs available), one inter-op
+    thread, sequential execution, all graph optimisations.
+
+    The intra-op threads busy-wait between runs only when the session has every CPU to itself (``threads``
+    equals the CPUs available: ``kdray predict``, a single scorer); spinning saves a wake-up per call
+    (docs/architecture.md, "Measured choices"). With fewer threads than CPUs (Ray actors and Serve
+    replicas sharing the node) it would burn cores that the neighbours need, so it is off.
+    """
+    import onnxruntime as ort
+
+    cpus = available_cpus()
+    intra = int(threads) if threads else cpus
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra >= cpus else "0")
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise KdrayError(f"{path}: cannot load ONNX model ({str(exc).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------- predictors
+
+
+class Predictor:
+    """Maps uint8 [N, S, S] grayscale images to logits / probabilities for ``classes``."""
+
+    def __init__(self, classes: list[str], image_size: int, backend: str, temperature: float = 1.0,
+                 covid_threshold: float | None = None, model_id: str = ""):
+        self.classes, self.image_size, self.backend = list(classes), int(image_size), backend
+        self.temperature, self.covid_threshold, self.model_id = float(temperature), covid_threshold, model_id
+
+    @staticmethod
+    def load(uri: str, backend: str = "auto", threads: int | None = None, device: str | None = None) -> "Predictor":
+        if backend not in BACKENDS:
+            raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if is_export(uri):
+            return load_exported(uri, backend, threads)
+        if backend.startswith("onnx"):
+            raise KdrayError(f"{uri}: backend {backend} needs an exported model folder (run jobs.export)")
+        return TorchPredictor.from_checkpoint(uri, threads, device)
+
+    def logits(self, images: np.ndarray, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:
+        raise NotImplementedError
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(images), self.temperature)
+
+    def covid_suspect(self, probs: np.ndarray) -> np.ndarray | None:
+        """P(covid) >= this predictor's threshold, per row; None without a covid class or a threshold."""
+        return covid_suspect(probs, self.classes, self.covid_threshold)
+
+    def check_input(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise KdrayError(f"expected uint8 images of shape [N, {self.image_size}, {self.image_size}], "
+                             f"got {images.shape}")
+        return images
+
+
+class TorchPredictor(Predictor):
+    """A training checkpoint in torch: channels_last and bf16 autocast on a GPU, fp32 on the CPU."""
+
+    def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, temperature: float = 1.0,
+                 covid_threshold: float | None = None, threads: int | None = None, device: str | None = None,
+                 model_id: str = ""):
+        super().__init__(classes, image_size, "torch", temperature, covid_threshold, model_id)
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, threads: int | None = None, device: str | None = None) -> "TorchPredictor":
+        model, meta = load_model(uri)
+        return cls(model, meta.classes, meta.image_size, meta.temperature, meta.covid_threshold, threads, device,
+                   model_id=resolve_checkpoint(uri))
+
+    @torch.no_grad()
+    def logits(self, images, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:
+        x = to_model_input(self.check_input(images), augment, seeds, self.device)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(x).float().cpu().numpy()
+
+
+class OrtPredictor(Predictor):
+    """A :class:`Predictor` over an ONNX Runtime session whose graph takes the uint8 images directly.
+
+    Large batches run as consecutive chunks of ``chunk`` images, so that a chunk's activations stay in
+    the CPU caches (docs/architecture.md, "Measured choices"). Results are identical; the chunks are
+    independent.
+    """
+
+    def __init__(self, session, classes: list[str], image_size: int, backend: str, temperature: float = 1.0,
+                 covid_threshold: float | None = None, model_id: str = "", chunk: int = ORT_CHUNK):
+        super().__init__(classes, image_size, backend, temperature, covid_threshold, model_id)
+        self.session, self.chunk = session, max(1, int(chunk))
+
+    def logits(self, images, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:
+        if augment is not None and augment.enabled:
+            raise KdrayError(f"{self.backend}: augmented views need the torch backend (a training checkpoint)")
+        x = np.ascontiguousarray(self.check_input(images), dtype=np.uint8)
+        if len(x) <= self.chunk:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return np.concatenate([self.session.run([OUTPUT_NAME], {INPUT_NAME: c})[0] for c in batches(x, self.chunk)])
+
+
+def measure_throughput(predictor: Predictor, images: np.ndarray, batch_size: int = 32, min_seconds: float = 2.0) -> float:
+    """Images per second of ``predictor.logits`` on ``images`` in batches (after one warm-up batch)."""
+    predictor.logits(images[:batch_size])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < min_seconds or done == 0:
+        for i in range(0, len(images), batch_size):
+            done += len(predictor.logits(images[i:i + batch_size]))
+    return round(done / (time.perf_counter() - started), 2)
+
+
+# ----------------------------------------------------------------------------- reading an export
+
+
+def is_export(uri: str) -> bool:
+    return storage.exists(storage.join(uri, MODEL_CARD_FILE))
+
+
+def read_model_card(uri: str) -> ModelCard:
+    """The export folder's model card, validated, or a one-line error saying what is wrong with it."""
+    import json
+
+    loc = storage.resolve(storage.join(uri, MODEL_CARD_FILE))
+    if not storage.exists(loc):
+        raise KdrayError(f"{uri}: not an exported model ({MODEL_CARD_FILE} missing; run jobs.export)")
+    try:
+        data = json.loads(storage.read_bytes(loc))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdrayError(f"{loc.uri}: corrupt model card ({exc})") from None
+    return parse(ModelCard, data, loc.uri)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a stage needs to know about a model before running it: for a checkpoint or an export."""
+
+    classes: list[str]
+    image_size: int
+    backend: str  # what Predictor.load(uri, backend) will run: torch, onnx-fp32 or onnx-int8
+    temperature: float
+    covid_threshold: float | None
+    calibration: dict | None = None
+
+
+def model_info(uri: str, backend: str = "auto") -> ModelInfo:
+    if not is_export(uri):
+        meta = read_checkpoint_meta(uri)
+        return ModelInfo(meta.classes, meta.image_size, "torch", meta.temperature, meta.covid_threshold,
+                         meta.calibration)
+    card = read_model_card(uri)
+    chosen = choose_backend(uri, card, backend)
+    if chosen == "torch":
+        meta = read_checkpoint_meta(card.source_checkpoint)
+        return ModelInfo(card.classes, card.image_size, "torch", meta.temperature, meta.covid_threshold,
+                         meta.calibration)
+    op = card.operating_point(ONNX_BACKENDS[chosen])
+    return ModelInfo(card.classes, card.image_size, chosen, op.temperature if op else 1.0,
+                     op.covid_threshold if op else None, op.model_dump() if op else None)
+
+
+def choose_backend(uri: str, card: ModelCard, backend: str) -> str:
+    """``auto`` runs the served artifact; an explicit ONNX backend must exist and have passed parity."""
+    if backend in ONNX_BACKENDS:
+        kind = ONNX_BACKENDS[backend]
+        if kind not in card.artifacts:
+            raise KdrayError(f"{uri}: the export has no {kind} model (artifacts: {', '.join(card.artifacts)})")
+        if not card.artifacts[kind].validated:
+            raise KdrayError(f"{uri}: the {kind} model failed its parity check at export (validated=false)")
+        return backend
+    if backend == "auto" and card.served_artifact in ("int8", "fp32"):
+        return f"onnx-{card.served_artifact}"
+    return "torch"
+
+
+def _verified_local_file(uri: str, file: str, sha256: str, cache_root: str) -> str:
+    """A local copy of an artifact (downloaded if on S3) whose sha256 matches the model card."""
+    file_uri = storage.join(uri, file)
+    path = storage.local_copy(file_uri, cache_root)
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise KdrayError(f"{file_uri}: sha256 {digest[:12]}… does not match the model card's "
+                         f"{sha256[:12]}… (corrupt or replaced file)")
+    return path
+
+
+def load_exported(uri: str, backend: str = "auto", threads: int | None = None) -> Predictor:
+    """A predictor for an export folder: the served artifact (or the one ``backend`` names), checked
+    against the card's sha256 and shapes, with that artifact's own temperature and covid threshold."""
+    card = read_model_card(uri)
+    for entry in card.artifacts.values():  # every listed file must be there
+        if not storage.exists(storage.join(uri, entry.file)):
+            raise KdrayError(f"{storage.join(uri, entry.file)}: artifact listed in {MODEL_CARD_FILE} is missing")
+    chosen = choose_backend(uri, card, backend)
+    if chosen == "torch":
+        return _torch_fallback(uri, card, threads)
+    kind = ONNX_BACKENDS[chosen]
+    entry = card.artifacts[kind]
+    path = _verified_local_file(uri, entry.file, entry.sha256,
+                                os.path.join(tempfile.gettempdir(), "kdray-export-cache"))
+    session = ort_session(path, threads)
+    out_shape, in_shape = session.get_outputs()[0].shape, session.get_inputs()[0].shape
+    if len(out_shape) != 2 or out_shape[1] != len(card.classes):
+        raise KdrayError(f"{uri}: {entry.file} outputs {out_shape[-1]} scores but the model card lists "
+                         f"{len(card.classes)} classes {card.classes}")
+    if len(in_shape) != 3 or list(in_shape[1:]) != [card.image_size, card.image_size]:
+        raise KdrayError(f"{uri}: {entry.file} expects input {in_shape}, but the model card says "
+                         f"image_size {card.image_size}")
+    op = card.operating_point(kind)
+    log.info("loaded %s (%s) from %s", card.name, chosen, uri)
+    return OrtPredictor(session, card.classes, card.image_size, chosen, op.temperature if op else 1.0,
+                        op.covid_threshold if op else None,
+                        model_id=f"{storage.resolve(uri).uri}#{chosen}:{entry.sha256[:12]}")
+
+
+def _torch_fallback(uri: str, card: ModelCard, threads: int | None) -> Predictor:
+    try:
+        predictor = TorchPredictor.from_checkpoint(card.source_checkpoint, threads)
+    except KdrayError as exc:
+        raise KdrayError(f"{uri}: the torch backend needs the source checkpoint, which cannot be loaded "
+                         f"({exc})") from None
+    if predictor.classes != card.classes:
+        raise KdrayError(f"{uri}: source checkpoint classes {predictor.classes} differ from the model card's "
+                         f"{card.classes}")
+    return predictor

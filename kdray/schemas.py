@@ -1,0 +1,210 @@
+"""Typed contracts between stages: the model card, checkpoint meta and run summaries (pydantic).
+
+Each is validated when it is written and when it is read. Unknown fields are refused and
+required fields are required, so a card from another tool, a hand-edited file or an older
+kdray fails with one clear line instead of a KeyError three modules later.
+
+The model card (``metadata.json`` in an export folder) follows the MONAI bundle's
+``metadata.json`` where its fields fit: ``network_data_format``, ``intended_use``,
+``data_source``, ``eval_metrics`` and the versions of the software that wrote it. It carries
+``schema_version``; a reader refuses any version other than :data:`MODEL_CARD_SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdray import KdrayError
+
+MODEL_CARD_SCHEMA_VERSION = 2  # 1: the untyped cards written before the schema existed
+ArtifactKind = Literal["fp32", "int8", "torchscript"]
+M = TypeVar("M", bound=BaseModel)
+
+
+class Contract(BaseModel):
+    """Base of every contract: unknown fields are an error, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def validation_message(exc: ValidationError, limit: int = 3) -> str:
+    """A pydantic error as one readable line: ``field.path: message; ...`` (no reprs of the input)."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse(model: type[M], data: Any, what: str) -> M:
+    """``model`` validated from ``data``, or a one-line :class:`KdrayError` naming ``what``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise KdrayError(f"{what}: invalid {model.__name__} ({validation_message(exc)})") from None
+
+
+def dump(obj: BaseModel) -> dict:
+    """JSON-ready dict of a contract, validated again on the way out."""
+    return type(obj).model_validate(obj.model_dump()).model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- checkpoints and runs
+
+
+class CheckpointMeta(Contract):
+    """``meta.json`` of a training checkpoint folder (next to ``model.pt``)."""
+
+    model_name: Literal["teacher", "student", "tiny_teacher", "tiny_student"]
+    classes: list[str] = Field(min_length=2)
+    image_size: int = Field(ge=8)
+    dropout: float = 0.3
+    epoch: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    kd: dict[str, Any] | None = None
+    data_root: str | None = None
+    ema_decay: float = 0.0
+    training_data: dict[str, Any] | None = None
+    # written by kdray.calibrate (torch logits of this checkpoint on a held-out split)
+    temperature: float = Field(default=1.0, gt=0)
+    covid_threshold: float | None = None
+    calibration: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+
+
+class RunSummary(Contract):
+    """``result.json`` of a finished training run: what ``kdray.train.fit`` returns."""
+
+    run_name: str
+    run_uri: str
+    best_checkpoint: str
+    model_name: str
+    classes: list[str]
+    best_metrics: dict[str, Any] = Field(default_factory=dict)
+    final_metrics: dict[str, Any] | None = None
+    wall_s: float | None = None
+    workers: int | None = None
+    use_gpu: bool | None = None
+    skipped_images: list[Any] = Field(default_factory=list)
+    cost: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- the model card
+
+
+class TensorSpec(Contract):
+    type: Literal["image", "probabilities", "logits"]
+    format: str
+    dtype: Literal["uint8", "float32"]
+    shape: list[int | str]
+    name: str
+    note: str = ""
+
+
+class NetworkDataFormat(Contract):
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+class Artifact(Contract):
+    file: str
+    format: Literal["onnx", "torchscript"]
+    precision: Literal["fp32", "int8"]
+    sha256: str = Field(min_length=64, max_length=64)
+    size_mb: float
+    validated: bool
+    quantization: dict[str, Any] | None = None
+
+
+class Parity(Contract):
+    """One artifact against the fp32 torch model on the parity images."""
+
+    n: int
+    top1_agreement: float
+    max_abs_prob_diff: float
+    accuracy: float | None = None
+    covid_suspect_agreement: float | None = None  # at the artifact's own temperature and threshold
+
+
+class OperatingPoint(Contract):
+    """Temperature and covid threshold fitted on one artifact's own logits over a labelled split."""
+
+    artifact: ArtifactKind
+    split: str
+    n: int
+    temperature: float = Field(gt=0)
+    covid_threshold: float | None
+    target_sensitivity: float
+    ece_before: float | None = None
+    ece_after: float | None = None
+    covid_at_threshold: dict[str, Any] = Field(default_factory=dict)
+    cross_fitted: dict[str, Any] = Field(default_factory=dict)
+
+
+class Versions(Contract):
+    kdray: str
+    torch: str
+    onnx: str
+    onnxruntime: str
+    numpy: str
+    onnx_opset: int
+
+
+class ModelCard(Contract):
+    """``metadata.json`` of an export folder. Written last, it is also the folder's commit marker."""
+
+    schema_version: int
+    name: str
+    version: str
+    description: str
+    created: str
+    model_name: str
+    classes: list[str] = Field(min_length=2)
+    image_size: int = Field(ge=8)
+    network_data_format: NetworkDataFormat
+    preprocessing: dict[str, Any]
+    artifacts: dict[ArtifactKind, Artifact] = Field(min_length=1)
+    served_artifact: ArtifactKind
+    parity: dict[ArtifactKind, Parity]
+    parity_bars: dict[str, float]
+    parity_reference: dict[str, Any] | None = None
+    operating_points: dict[ArtifactKind, OperatingPoint]
+    eval_metrics: dict[str, Any] = Field(default_factory=dict)  # the checkpoint's val metrics in training
+    validation: dict[str, Any] | None = None
+    data_source: dict[str, Any] | None = None
+    source_checkpoint: str
+    intended_use: str
+    known_biases: str
+    versions: Versions
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_first(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            version = data.get("schema_version")
+            if version is None:
+                raise ValueError(f"no schema_version: a card from kdray before schema {MODEL_CARD_SCHEMA_VERSION} "
+                                 "or from another tool; export the model again with this kdray")
+            if version != MODEL_CARD_SCHEMA_VERSION:
+                raise ValueError(f"schema_version {version} is not supported (this kdray reads "
+                                 f"{MODEL_CARD_SCHEMA_VERSION}); export the model again with this kdray")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelCard":
+        if self.served_artifact not in self.artifacts:
+            raise ValueError(f"served_artifact {self.served_artifact!r} is not among the artifacts")
+        if not self.artifacts[self.served_artifact].validated:
+            raise ValueError(f"served_artifact {self.served_artifact!r} did not pass its parity check")
+        for kind in self.operating_points:
+            if kind not in self.artifacts:
+                raise ValueError(f"operating point for {kind!r}, which is not among the artifacts")
+        if len(self.network_data_format.outputs) != 1:
+            raise ValueError("network_data_format must name exactly one output")
+        return self
+
+    def operating_point(self, kind: str) -> OperatingPoint | None:
+        return self.operating_points.get(kind)  # type: ignore[call-overload]

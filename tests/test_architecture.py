@@ -1,0 +1,182 @@
+"""The module layers of docs/architecture.md, enforced: no import cycle, no upward import.
+
+Every ``import`` counts, including those inside functions (they are read from the source with
+``ast``, not from ``sys.modules``). A module may import its own layer or any layer below it;
+the import graph as a whole must be acyclic.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kdray", "jobs", "serve")
+
+#: Bottom to top. Keep in step with the drawing in docs/architecture.md.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas"}),
+    ("core", {"kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
+              "kdray.raycluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
+              "kdray.train"}),
+    ("predictor", {"kdray.predictor"}),
+    ("artifacts and Ray Data glue", {"kdray.export", "kdray.batch"}),
+    ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score"}),
+    ("pipeline", {"kdray.pipeline"}),
+    ("entry points", {"jobs.*", "serve.*"}),
+]
+#: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
+NO_RAY = {"kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor"}
+#: Imports that are forbidden even though the layers would allow them.
+FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
+    """module → every module it imports (any depth in the file), as absolute dotted names."""
+    files = {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative import
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    deps.add(full if full in files else base)
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def layer_of(module: str) -> int | None:
+    for index, (_, members) in enumerate(LAYERS):
+        for member in members:
+            if module == member or (member.endswith(".*") and module.startswith(member[:-1])) \
+                    or (member.endswith(".*") and module == member[:-2]):
+                return index
+    return None
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle among the graph's own modules, as a path that returns to its start; None if acyclic."""
+    white, grey, black = 0, 1, 2
+    colour = {m: white for m in graph}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        colour[module] = grey
+        stack.append(module)
+        for dep in sorted(graph[module]):
+            if dep not in graph:
+                continue
+            if colour[dep] == grey:
+                return stack[stack.index(dep):] + [dep]
+            if colour[dep] == white and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        colour[module] = black
+        return None
+
+    for module in sorted(graph):
+        if colour[module] == white and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for module, deps in sorted(graph.items()):
+        mine = layer_of(module)
+        for dep in sorted(deps):
+            theirs = layer_of(dep)
+            if theirs is not None and mine is not None and theirs > mine:
+                problems.append(f"{module} ({LAYERS[mine][0]}) imports {dep} ({LAYERS[theirs][0]}): upward")
+            if (module, dep) in FORBIDDEN:
+                problems.append(f"{module} imports {dep}: forbidden")
+            if module in NO_RAY and (dep == "ray" or dep.startswith("ray.")):
+                problems.append(f"{module} imports {dep}: this module must not import Ray")
+    return problems
+
+
+# ----------------------------------------------------------------------------- the project
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(ROOT)
+
+
+def test_every_module_has_a_layer(graph):
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"place these modules in a layer (tests/test_architecture.py, docs/architecture.md): {unplaced}"
+
+
+def test_no_import_cycle(graph):
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_upward_or_forbidden_import(graph):
+    assert layer_violations(graph) == []
+
+
+def test_architecture_doc_draws_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    drawing = doc[doc.index("## Layers"):doc.index("Never:")]
+    for _, members in LAYERS:
+        for member in members:
+            assert member.removesuffix(".*").rsplit(".", 1)[-1] in drawing, member
+
+
+# ----------------------------------------------------------------------------- the checker itself
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return import_graph(tmp_path)
+
+
+def test_checker_finds_a_cycle_held_apart_by_a_lazy_import(tmp_path):
+    graph = _tree(tmp_path, {
+        "kdray/__init__.py": "",
+        "kdray/evaluate.py": "from kdray.predictor import Predictor\n",
+        "kdray/predictor.py": "def f():\n    from kdray import evaluate\n",
+        "jobs/__init__.py": "", "serve/__init__.py": "",
+    })
+    assert find_cycle(graph) == ["kdray.evaluate", "kdray.predictor", "kdray.evaluate"]
+
+
+def test_checker_finds_upward_imports_ray_in_pure_modules_and_relative_imports(tmp_path):
+    graph = _tree(tmp_path, {
+        "kdray/__init__.py": "",
+        "kdray/pipeline.py": "def f():\n    from serve.app import deploy\n",
+        "kdray/metrics.py": "import ray.data\n",
+        "kdray/train.py": "from . import logit_cache\n",
+        "kdray/logit_cache.py": "",
+        "jobs/__init__.py": "", "serve/__init__.py": "", "serve/app.py": "",
+    })
+    problems = layer_violations(graph)
+    assert any(p.startswith("kdray.pipeline (pipeline) imports serve.app") for p in problems)
+    assert any(p.startswith("kdray.metrics imports ray.data") for p in problems)
+    assert any(p.startswith("kdray.train (core) imports kdray.logit_cache (stages)") for p in problems)
+    assert find_cycle(graph) is None
