@@ -1,7 +1,9 @@
 import pytest
 
 from kdray import KdrayError
-from kdray.config import PipelineConfig, TrainJobConfig, dump_yaml, load_config
+from kdray.config import (
+    EvalJobConfig, PipelineConfig, ScoreJobConfig, TrainJobConfig, dump_yaml, load_config, options_help,
+)
 
 
 def test_defaults_file_flags_precedence(tmp_path):
@@ -15,7 +17,8 @@ def test_defaults_file_flags_precedence(tmp_path):
 
 
 def test_short_names_aliases_and_types():
-    cfg = load_config(TrainJobConfig, ["--lr=3e-4", "--data", "s3://b/x", "--class_balance", "--classes", "a,b"])
+    cfg = load_config(TrainJobConfig, ["--lr=3e-4", "--data", "s3://b/x", "--class_balance", "true",
+                                       "--classes", "a,b"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.data.root == "s3://b/x"
     assert cfg.optim.class_balance is True
@@ -27,6 +30,7 @@ def test_short_names_aliases_and_types():
     (["--nope", "1"], "unknown option --nope"),
     (["--epochs", "many"], "cannot read 'many' as int"),
     (["--class_balance", "maybe"], "cannot read 'maybe' as bool"),
+    (["--class_balance"], "option --class_balance needs a value"),  # a bare flag no longer means true
     (["positional"], "unexpected argument"),
 ])
 def test_bad_flags_are_clear(argv, message):
@@ -44,7 +48,7 @@ def test_bad_file(tmp_path):
         load_config(TrainJobConfig, ["--config", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lrr: 1\n")
-    with pytest.raises(KdrayError, match=r"unknown config key\(s\) \['lrr'\] in optim"):
+    with pytest.raises(KdrayError, match=r"unknown config key optim\.lrr; known in optim: optimizer, lr, "):
         load_config(TrainJobConfig, ["--config", str(bad)])
 
 
@@ -85,3 +89,62 @@ def test_kd_sweep_settings_and_bad_entries():
                          ("0.5/4/1/2", "expected"), ("0/4/1", "0 < alpha <= 1"), ("0.5/4/0", "views >= 1")):
         with pytest.raises(KdrayError, match=message):
             load_config(PipelineConfig, ["--kd_sweep", bad]).kd_settings()
+
+
+def test_enums_are_plain_strings_and_use_gpu_reads_yaml_bools(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("run:\n  use_gpu: false\noptim:\n  optimizer: SGD\nmodel:\n  name: tiny_student\n")
+    cfg = load_config(TrainJobConfig, ["--config", str(cfg_file)])
+    assert (cfg.run.use_gpu, cfg.optim.optimizer, cfg.model.name) == ("false", "sgd", "tiny_student")
+    assert type(cfg.run.use_gpu) is str
+    assert load_config(TrainJobConfig, ["--use_gpu", "True"]).run.use_gpu == "true"
+    assert load_config(TrainJobConfig, ["--run.use_gpu=auto"]).run.use_gpu == "auto"  # --key=value still works
+    from kdray.config import RunConfig
+
+    assert RunConfig(use_gpu=True).use_gpu == "true" and RunConfig(use_gpu=False).use_gpu == "false"  # from code
+    assert load_config(EvalJobConfig, ["--model", "m", "--backend", "onnx-int8"]).backend == "onnx-int8"
+    (tmp_path / "args.yaml").write_text(dump_yaml(cfg))  # args.yaml round-trips, "false" stays a string
+    assert load_config(TrainJobConfig, ["--config", str(tmp_path / "args.yaml")]) == cfg
+
+
+def test_yaml_scalars_are_read_as_the_declared_types(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  classes: [a, b]\n  root:\noptim:\n  lr: 1\n  epochs: 2.0\nrun:\n  name: 7\n")
+    cfg = load_config(TrainJobConfig, ["--config", str(cfg_file)])
+    assert cfg.data.classes == ["a", "b"] and cfg.data.root == ""
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.epochs == 2 and isinstance(cfg.optim.epochs, int)
+    assert cfg.run.name == "7"
+
+
+def test_help_lists_choices_ranges_and_required_keys(capsys):
+    text = options_help(ScoreJobConfig)
+    assert '--model ""  (required)' in text
+    assert '--backend "auto"  (auto | torch | onnx-fp32 | onnx-int8)' in text
+    assert "--batch_size 32  (>= 1)" in text
+    with pytest.raises(SystemExit) as exit_info:  # --help wins over a missing required key
+        load_config(ScoreJobConfig, ["--help"])
+    assert exit_info.value.code == 0
+    assert "--run.use_gpu \"auto\"  (auto | true | false)" in options_help(PipelineConfig)
+    assert "--model" in capsys.readouterr().out
+
+
+def test_required_is_generic_and_checked_after_resolution(tmp_path):
+    from dataclasses import dataclass, field
+
+    from kdray.config import DataConfig
+
+    @dataclass
+    class Job:
+        data: DataConfig = field(default_factory=DataConfig)
+        model: str = ""
+        REQUIRED = ("model", "data.root")  # a tuple of keys also works; no phrase then
+
+    with pytest.raises(KdrayError, match=r"^--model is required$"):
+        load_config(Job, [])
+    with pytest.raises(KdrayError, match=r"^--data.root is required$"):
+        load_config(Job, ["--model", "m"])
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: m\n")
+    assert load_config(Job, ["--config", str(cfg_file), "--data.root", "/d"]).model == "m"  # the file counts
+    assert load_config(ScoreJobConfig, [], {"model": "m", "input": "i", "output": "o"}).model == "m"
