@@ -3,7 +3,7 @@
     python -m jobs.build_cache --teacher RUN_OR_CHECKPOINT --data ROOT [--views K] [--output URI]
 """
 
-from kdray import KdrayError, logit_cache, storage
+from kdray import logit_cache, storage
 from kdray.runner import run_job
 from kdray.config import CacheJobConfig, dump_yaml, load_config
 from kdray.data import list_split
@@ -11,8 +11,6 @@ from kdray.data import list_split
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(CacheJobConfig, argv)
-    if not cfg.teacher:
-        raise KdrayError("--teacher is required (a teacher checkpoint or run folder)")
     listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     uri, reused = logit_cache.build(cfg.teacher, listing, cfg.data.image_size, cfg.output, cfg.views, cfg.augment,
                                     cfg.batch_size)

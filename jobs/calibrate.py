@@ -7,7 +7,6 @@ the checkpoint's meta.json. Export copies them into the model card; scoring and 
 ``covid_suspect`` when P(covid) reaches the threshold. Run it before jobs.export.
 """
 
-from kdray import KdrayError
 from kdray.calibrate import calibrate_checkpoint
 from kdray.runner import run_job
 from kdray.config import CalibrateJobConfig, load_config
@@ -15,8 +14,6 @@ from kdray.config import CalibrateJobConfig, load_config
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(CalibrateJobConfig, argv)
-    if not cfg.model:
-        raise KdrayError("--model is required (a training checkpoint or run folder)")
     c = calibrate_checkpoint(cfg.model, cfg.data.root, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
                              cfg.data.limit)
     crossed = c["cross_fitted"]

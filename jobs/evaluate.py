@@ -7,7 +7,7 @@ one-vs-rest ROC AUC, ECE, confusion matrix, per-source breakdown), predictions.p
 image: image_id, label, prediction, calibrated p_<class>, source) and confusion.png / roc.png.
 """
 
-from kdray import KdrayError, storage
+from kdray import storage
 from kdray.runner import run_job
 from kdray.config import EvalJobConfig, dump_yaml, load_config
 from kdray.evaluate import evaluate_model
@@ -15,8 +15,6 @@ from kdray.evaluate import evaluate_model
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(EvalJobConfig, argv)
-    if not cfg.model:
-        raise KdrayError("--model is required (a checkpoint, run folder or exported model)")
     output = cfg.output or storage.join(cfg.model, f"eval-{cfg.split}")
     storage.makedirs(output)
     storage.write_text(storage.join(output, "args.yaml"), dump_yaml(cfg))

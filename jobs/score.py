@@ -3,7 +3,7 @@
     python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--backend auto]
 """
 
-from kdray import KdrayError, storage
+from kdray import storage
 from kdray.runner import run_job
 from kdray.config import ScoreJobConfig, dump_yaml, load_config
 from kdray.score import score_archive
@@ -11,9 +11,6 @@ from kdray.score import score_archive
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(ScoreJobConfig, argv)
-    for key in ("model", "input", "output"):
-        if not getattr(cfg, key):
-            raise KdrayError(f"--{key} is required")
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     print(f"scored {summary['scored']} image(s), {summary['errors']} unreadable, {summary['img_per_s']} img/s\n"

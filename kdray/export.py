@@ -33,6 +33,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ import torch
 import kdray
 from kdray import KdrayError, storage
 from kdray.checkpoints import load_model, resolve_checkpoint
+from kdray.config import Check, between, ge
 from kdray.data import IMAGENET_MEAN, IMAGENET_STD, preprocess_config, to_model_input
 from kdray.metrics import calibration_report, covid_suspect, softmax
 from kdray.predictor import INPUT_NAME, MODEL_CARD_FILE, OUTPUT_NAME, batches, ort_session, sha256_file
@@ -105,6 +107,12 @@ class ExportJobConfig:
     name: str = ""  # model-card name (default: kdray-<model_name>)
     version: str = ""  # model-card version (default: the kdray version)
 
+    REQUIRED: ClassVar[dict[str, str]] = {"model": "a training checkpoint or run folder",
+                                          "data": "the data root, for calibration and parity images",
+                                          "output": "the export folder"}
+    CHECKS: ClassVar[dict[str, Check]] = {"calibration": ge(1), "parity": ge(0),
+                                          "target_sensitivity": between(0, 1, lo_open=True)}
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -159,7 +167,7 @@ def covid_suspect_agreement(ref_logits: np.ndarray, logits: np.ndarray, classes:
 class UInt8Input(torch.nn.Module):
     """``model`` behind the preprocessing of :func:`kdray.data.to_model_input`, so that the exported graph
     takes the decoded uint8 images as they are. Doing the scaling and normalisation inside ONNX Runtime
-    instead of in torch before it saves a copy and a thread hand-over per call (measured in bench/inference.py).
+    instead of in torch before it saves a copy and a thread hand-over per call (docs/architecture.md).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -167,7 +175,7 @@ class UInt8Input(torch.nn.Module):
         self.model = model
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add that also broadcasts grey to 3 channels: two elementwise
-        # passes instead of four. Measured at 224 px, int8, interleaved runs: median 245 vs 209 img/s.
+        # passes instead of four (docs/architecture.md, "Measured choices")
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -mean / std)
 

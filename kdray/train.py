@@ -102,7 +102,7 @@ def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
     train_listing, train_ds, val_ds, skipped = data.train_listing, data.train, data.val, data.skipped_train
 
     gpus = cluster_gpus()
-    use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(cfg.run.use_gpu).lower()]
+    use_gpu = {"auto": gpus > 0, "true": True, "false": False}[cfg.run.use_gpu]
     cpus = cluster_cpus()
     workers = cfg.run.num_workers or (int(gpus) if use_gpu else max(1, min(int(cpus), 2)))
     cpus_per_worker = max(1.0, math.floor(cpus / workers)) if not use_gpu else 1.0
@@ -277,8 +277,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda"
 
-    # channels_last on GPU and CPU alike: 1.49x for the MobileNetV2 training step on the 2-core CPU box, no
-    # change for the teacher at 64 px (docs/recipe.md)
+    # channels_last on GPU and CPU alike: faster for MobileNetV2 on the CPU too (docs/architecture.md, "Measured choices")
     model = build_model(cfg.model.name, len(classes), cfg.model.dropout, cfg.model.weights).to(
         memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
