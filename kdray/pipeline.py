@@ -90,27 +90,40 @@ def run_pipeline(cfg: PipelineConfig, deploy: DeployFn | None = None) -> dict:
 
 def _stages(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None) -> dict:
     tiny = "tiny-" if cfg.teacher.model.name.startswith("tiny_") else ""
+    stage = _StageCounter(8)
+    stage("train the ResNet50V2+VGG19 teacher" if not cfg.teacher_run else f"reuse the teacher {cfg.teacher_run}")
     teacher = (existing_run(cfg.teacher_run) if cfg.teacher_run
                else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19")))
+    _log_run("teacher", teacher)
+    stage("cache the teacher's logits (Parquet)")
     listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     settings = cfg.kd_settings()
     cache_uri, reused = logit_cache.build(teacher.best_checkpoint, listing, cfg.image_size("teacher"), out,
                                           max(kd.views for kd in settings), cfg.augment)
+    log.info("logit cache %s: %s", cache_uri, "reused" if reused else "built")
+    stage("distil the MobileNetV2 student from the cached logits")
     sweep = _train_kd_students(cfg, settings, cache_uri, f"{tiny}mobilenetv2_from_resnet50v2-vgg19")
+    stage("train the no-KD student (the baseline)")
     nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
+    _log_run("student_nokd", nokd)
     kd = next(entry["summary"] for entry in sweep if entry["selected"])
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd,
             **{entry["model"]: entry["summary"] for entry in sweep if not entry["selected"]}}
+    stage(f"calibrate and evaluate {len(runs)} models on {cfg.data.val_split}")
     metrics = {name: _calibrate_and_evaluate(r.best_checkpoint, data, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
     served_model = kd.best_checkpoint
     export = None
     if cfg.demo.export:
+        stage("export the KD student: ONNX fp32 + int8, parity, served operating point")
         served_model = storage.join(out, "export", "student")
         export = _export(kd.best_checkpoint, data, cfg, served_model)
+    if cfg.demo.serve:
+        stage("serve it with Ray Serve and send one request")
     reply = _serve_once(deploy, served_model, data, cfg) if cfg.demo.serve else None
     scored = None
     if cfg.demo.score:
+        stage(f"score the {cfg.data.val_split} images offline (Ray Data)")
         scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
     rows = _summary_rows(runs, metrics, served_model, data, cfg)
     for entry in sweep:
@@ -124,6 +137,23 @@ def _stages(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None) -
             "score": scored}
 
 
+class _StageCounter:
+    """Numbered stage headers on the console: ``[3/8] distil the student``."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        log.info("[%d/%d] %s", self.done, self.total, what)
+
+
+def _log_run(name: str, run: RunSummary) -> None:
+    f1 = run.best_metrics.get(METRIC)
+    log.info("%s: best val macro-F1 %s%s", name, f"{f1:.4f}" if isinstance(f1, float) else f1,
+             f" in {run.wall_s:.0f} s" if run.wall_s else "")
+
+
 def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name: str) -> list[dict]:
     """Distil one student per KD setting and select the best by its val macro-F1 (T, alpha and K chosen on val)."""
     sweep = []
@@ -134,6 +164,7 @@ def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name
         sweep.append({"label": f"student_kd_{tag}", "alpha": kd.alpha, "temperature": kd.temperature,
                       "views": kd.views, "val_macro_f1": summary.best_metrics.get(METRIC), "summary": summary})
     best = max(sweep, key=lambda entry: entry["val_macro_f1"] or -1.0)
+    _log_run("student_kd", best["summary"])
     for entry in sweep:
         entry["selected"] = entry is best
         entry["model"] = "student_kd" if entry["selected"] else entry["label"]  # its name in runs and the table

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("kdray.progress")
+PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "KDRAY_LOG_LEVEL", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "RAY_TRAIN_ENABLE_PRINT_PATCH")
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
 # to the original print: every progress line reached the driver twice. kdray's workers print plain progress
 # lines, so the patch is off unless the caller's environment sets it.
@@ -26,7 +30,10 @@ def worker_env_vars() -> dict[str, str]:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
-    """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else."""
+    """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else.
+
+    Unless ``KDRAY_VERBOSE`` is set, worker output goes to the log and only kdray's own progress
+    lines reach the console (:func:`quiet_worker_output`)."""
     import ray
 
     if ray.is_initialized():
@@ -42,7 +49,70 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  runtime_env=runtime_env, configure_logging=False)
     _quiet_ray_data()
+    if not _verbose():
+        quiet_worker_output()
+        log_file = os.environ.get("KDRAY_LOG_FILE")
+        progress_log.info("Ray %s; worker output and Ray's progress go to %s (--verbose prints them here)",
+                          "joined" if address else "started on 127.0.0.1", log_file or "the 'kdray.workers' logger")
     return ray
+
+
+def _verbose() -> bool:
+    return os.environ.get("KDRAY_VERBOSE", "") not in ("", "0")
+
+
+class _ProgressThrottle:
+    """Forwards kdray's ``[kdray]`` worker lines to the console: in place on a terminal; otherwise at most
+    one line every ``every_s`` seconds, plus the lines that end a run (last epoch, early stop, resume)."""
+
+    KEEP = ("resuming", "early stop")
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s, self.last = every_s, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, line: str) -> None:
+        text = line[line.index(PROGRESS_TAG):]
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text[:200])
+            sys.stderr.flush()
+            return
+        now = time.monotonic()
+        final = any(k in text for k in self.KEEP) or _is_last_epoch(text)
+        if final or now - self.last >= self.every_s:
+            self.last = now
+            progress_log.info("%s", text)
+
+
+def _is_last_epoch(text: str) -> bool:
+    parts = text.split("epoch ", 1)[-1].split(":", 1)[0].split("/")
+    return len(parts) == 2 and parts[0].strip() == parts[1].strip() and "step" not in text
+
+
+def quiet_worker_output() -> None:
+    """Route Ray's worker output to the ``ray.workers`` logger (the log file) instead of the console;
+    kdray's own progress lines still reach the console, throttled.
+
+    Ray 2.60 prints worker output through a dispatcher in ``ray._private``: replacing its handler is the
+    one hook there is. If that private API moves, worker output simply stays on the console."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - a future Ray
+        log.debug("cannot reroute Ray worker output on this Ray version")
+        return
+    workers_log = logging.getLogger("kdray.workers")
+    workers_log.setLevel(logging.INFO)
+    progress = _ProgressThrottle()
+
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        for line in data.get("lines", []):
+            workers_log.info("(%s pid=%s) %s", who, data.get("pid"), line)
+            if PROGRESS_TAG in line:
+                progress(line)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("kdray_worker_output", handle)
 
 
 def _unless_state_api_warning(record: logging.LogRecord) -> bool:
@@ -57,11 +127,19 @@ def drop_state_api_warnings() -> None:
 
 
 def _quiet_ray_data() -> None:
+    """Ray Data's progress bars and per-operator log lines only with ``--verbose``; they go to the log otherwise."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("KDRAY_PROGRESS", "1") != "0"
+    ctx.enable_progress_bars = _verbose()
     ctx.print_on_execution_start = False
+    if not _verbose():
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # marks Ray Data's "Progress bars disabled" as said
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
 
 
 def cluster_cpus() -> float:

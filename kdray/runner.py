@@ -5,24 +5,74 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from kdray import KdrayError
 
 log = logging.getLogger("kdray")
+VERBOSE_FLAGS = ("--verbose", "-v")
+#: Loggers whose INFO records reach the console when quiet: stage headers and progress lines.
+CONSOLE_LOGGERS = ("kdray.pipeline", "kdray.progress")
+NOISY_LIBRARIES = ("filelock", "urllib3", "botocore", "matplotlib", "PIL", "fsspec", "asyncio")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging() -> None:
+class _ConsoleFilter(logging.Filter):
+    """Quiet console: warnings and errors from anyone, INFO only from the stage and progress loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":  # library deprecation chatter: the log file has it
+            return False
+        return record.levelno >= logging.WARNING or record.name.startswith(CONSOLE_LOGGERS)
+
+
+def is_verbose() -> bool:
+    return os.environ.get("KDRAY_VERBOSE", "") not in ("", "0")
+
+
+def setup_logging(verbose: bool = False, job: str = "kdray") -> str | None:
+    """Log to the console, and when quiet (the default) everything else to a log file; returns its path.
+
+    Quiet: the console gets warnings, errors, stage headers and progress; Ray's per-operator
+    progress, worker output and every INFO record go to ``.kdray/logs/<job>-<time>.log`` (or
+    ``$KDRAY_LOG_DIR``). ``--verbose`` (or ``KDRAY_VERBOSE=1``) prints everything, as Ray does.
+    """
     level = os.environ.get("KDRAY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("ray", "filelock", "urllib3", "botocore", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
+    if verbose or is_verbose():
+        os.environ["KDRAY_VERBOSE"] = "1"  # Ray setup reads it (kdray.raycluster)
+        logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
+        for noisy in ("ray", *NOISY_LIBRARIES):
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
+        return None
+    folder = os.environ.get("KDRAY_LOG_DIR") or os.path.join(".kdray", "logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.abspath(os.path.join(folder, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
+    os.environ["KDRAY_LOG_FILE"] = path
+    root = logging.getLogger()
+    root.setLevel(level)
+    to_file = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file for a job that logs nothing
+    to_file.setFormatter(logging.Formatter(FORMAT))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    console.addFilter(_ConsoleFilter())
+    root.handlers[:] = [to_file, console]
+    logging.captureWarnings(True)
+    for noisy in NOISY_LIBRARIES:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
 
 
 def run_job(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Run a job's main; user errors print one line (``error: ...``) and exit 2, with no traceback."""
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a job's main; user errors print one line (``error: ...``) and exit 2, with no traceback.
+
+    ``--verbose`` (anywhere in ``argv``) prints every log line instead of writing them to a file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(flag in argv for flag in VERBOSE_FLAGS)
+    argv = [a for a in argv if a not in VERBOSE_FLAGS]
+    job = main.__module__.rsplit(".", 1)[-1] if main.__module__ != "__main__" else \
+        os.path.splitext(os.path.basename(sys.argv[0]))[0] or "kdray"
+    log_file = setup_logging(verbose, job)
     if main.__module__ != __name__:
         _print_doc_on_help(main.__module__, argv)
     try:
@@ -33,6 +83,11 @@ def run_job(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        if log_file:
+            logging.getLogger("kdray").exception("failed")
+            print(f"the full log: {log_file}", file=sys.stderr)
+        raise
 
 
 def _print_doc_on_help(module: str, argv: list[str]) -> None:

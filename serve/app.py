@@ -134,9 +134,8 @@ class StudentClassifier:
         # arrival, then parks it until the running one is done. With inference in a thread, that
         # next batch is closed while this one runs and holds only the 1-2 requests that arrived in
         # those 10 ms; blocking the replica's user event loop instead lets every request that
-        # arrives meanwhile join the next batch. Measured (MobileNetV2 224 px, torch, 1 replica,
-        # 0.5 CPU, 16 clients): mean batch 3.4 vs 1.6, throughput equal or better. Health checks
-        # run on Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, the default).
+        # arrives meanwhile join the next batch (larger batches: docs/architecture.md, "Measured
+        # choices"). Health checks run on Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD).
         probs = self.predictor.probabilities(np.stack(images))
         self.batches += 1
         self.batched_images += len(images)
