@@ -14,9 +14,9 @@ normalises with the ImageNet statistics so that ImageNet weights can be used as 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,14 +27,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kdray import KdrayError, storage
 from kdray.config import AugmentConfig
+from kdray.images import DECODER_VERSION, IO_ERROR, ImageRefused, check_file_size, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# which files of an ImageFolder tree are training images (the loader itself judges content, not names)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCE_COLUMNS = ("source", "source_repo")
@@ -194,30 +195,31 @@ def _list_manifest(loc: storage.Location, split: str, classes: list[str] | None)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Decode image bytes to a uint8 [size, size] grayscale array (raises on corrupt input)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img, dtype=np.float32)
-            lo, hi = np.percentile(arr, (0.5, 99.5))
-            arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255
-            img = Image.fromarray(arr.astype(np.uint8))
-        else:
-            img = img.convert("L")  # RGB → ITU-R 601 luma
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        if side != size:
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(img, dtype=np.uint8)
+    """Decode image bytes to a uint8 [size, size] grayscale array: :func:`kdray.images.load_image`'s pixels.
+
+    Raises :class:`kdray.images.ImageRefused` (with a ``reason`` code) for anything it will not decode.
+    """
+    return load_image(data, size).pixels
+
+
+def _read_checked(fs, path: str) -> bytes:
+    """A file's bytes, refused as file_too_large before it is read whole when it is over the byte limit."""
+    size = fs.get_file_info(path).size
+    if size is not None:
+        check_file_size(size)
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
 
 
 def describe_decode_error(exc: Exception) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "cannot decode image: not a recognised image format"
-    return f"cannot decode image: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    """One line for a failed read or decode: ``cannot decode image: <reason code>: <message>``.
+
+    An :class:`ImageRefused` gives its own reason; any other exception (reading the bytes failed) is ``io_error``.
+    """
+    if isinstance(exc, ImageRefused):
+        return f"cannot decode image: {exc.reason}: {exc}"
+    detail = " ".join(re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "", str(exc)).split())
+    return f"cannot decode image: {IO_ERROR}: {type(exc).__name__}" + (f": {detail}" if detail else "")[:300]
 
 
 def view_seeds(image_ids, views) -> np.ndarray:
@@ -284,7 +286,10 @@ def to_model_input(images, augment_cfg: AugmentConfig | None = None, seeds: np.n
 def preprocess_config(size: int) -> dict:
     """What a consumer of an exported model needs to reproduce the preprocessing."""
     return {
-        "decode": "EXIF orientation, 8-bit grayscale (ITU-R 601 luma; 16-bit windowed to 0.5-99.5 pct)",
+        "decoder": DECODER_VERSION,
+        "decode": "kdray.images.load_image: PNG/JPEG/TIFF/BMP/WebP/DICOM by content; EXIF orientation; 8-bit "
+                  "grayscale (ITU-R 601 luma; 16-bit windowed to 0.5-99.5 pct; DICOM: modality LUT, VOI LUT or "
+                  "window, MONOCHROME1 inverted); JPEG decoded at the smallest DCT scale >= the crop",
         "crop": "centre square", "resize": [size, size], "interpolation": "bilinear",
         "channels": "grayscale repeated to 3", "scale": "1/255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "layout": "NCHW float32",
@@ -305,8 +310,7 @@ class DecodeBatch:
         errors = []
         for i, path in enumerate(batch["path"]):
             try:
-                with self.fs.open_input_stream(str(path)) as fh:
-                    images[i] = decode_image(fh.read(), self.size)
+                images[i] = decode_image(_read_checked(self.fs, str(path)), self.size)
                 errors.append("")
             except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, never fatal
                 reason = describe_decode_error(exc)
@@ -372,8 +376,7 @@ def sample_images(root: str, split: str, size: int, n: int, classes: list[str] |
         if 0 < n <= len(images):
             break
         try:
-            with listing.fs.open_input_stream(listing.paths[i]) as fh:
-                images.append(decode_image(fh.read(), size))
+            images.append(decode_image(_read_checked(listing.fs, listing.paths[i]), size))
             labels.append(listing.labels[i])
         except Exception as exc:  # noqa: BLE001
             log.warning("skipping unreadable image %s (%s)", listing.paths[i], describe_decode_error(exc))

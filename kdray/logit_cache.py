@@ -28,6 +28,7 @@ from kdray.batch import run_logits
 from kdray.checkpoints import resolve_checkpoint, weights_digest
 from kdray.config import AugmentConfig, KDConfig, to_dict
 from kdray.data import Listing, load_split
+from kdray.images import DECODER_VERSION
 from kdray.raycluster import init_ray
 from kdray.train import TrainingData
 
@@ -37,7 +38,8 @@ FINGERPRINT_KEY = b"kdray.fingerprint"
 
 
 def preprocessing_key(image_size: int, views: int, augment: AugmentConfig) -> dict:
-    return {"image_size": image_size, "views": views, "augment": to_dict(augment) if views > 1 else None}
+    return {"image_size": image_size, "views": views, "augment": to_dict(augment) if views > 1 else None,
+            "decoder": DECODER_VERSION}
 
 
 def fingerprint(teacher_digest: str, listing_signature: str, preprocessing: dict) -> str:

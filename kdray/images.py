@@ -1,0 +1,571 @@
+"""The one loader for untrusted medical images: bytes → uint8 [S, S] grayscale, or a refusal with a reason code.
+
+Everything that turns image bytes into pixels (training, the logit cache, evaluation, scoring,
+serving, ``kdray predict``) goes through :func:`load_image`; ``kdray.data.decode_image`` is a thin
+wrapper around it.
+
+Formats are recognised by their content, never by the file name. Allowed: PNG, JPEG, TIFF, BMP,
+WebP (decoded by Pillow, which is only ever offered the one plugin the magic bytes name) and DICOM
+Part 10 files (``DICM`` at byte 128, decoded by pydicom). Anything else is refused. A file with
+``DICM`` at byte 128 is DICOM whatever its first bytes say (a DICOM preamble may itself look like a
+TIFF: such polyglots are read as DICOM only).
+
+Pipeline, for every format: limits checked from the header before any pixel is decoded (file
+bytes, shorter side, pixel count) → decode → 8-bit grayscale → centre square crop → bilinear
+resize to S×S (``reducing_gap=2.0``).
+
+* PNG, TIFF, BMP, WebP, JPEG: EXIF orientation applied; 16-bit and float images are windowed to
+  their 0.5-99.5 percentiles; anything else is converted with ``convert("L")`` (ITU-R 601 luma;
+  alpha is ignored). Multi-page TIFF, animated PNG/WebP: the first frame.
+* JPEG: ``draft`` lets libjpeg decode at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side
+  is still ≥ S, so the crop is never upscaled. Where it applies (shorter side ≥ 2·S) the pixels
+  differ slightly from a full decode (colour JPEGs then keep libjpeg's Y channel as their gray);
+  smaller JPEGs are decoded exactly as before.
+* DICOM: first frame only (a multi-frame file reports ``frames``); Bits Stored honoured (bits above
+  it are cleared, or sign-extended for signed data); Modality LUT or rescale; then the VOI LUT or
+  window where the file has one, else the 0.5-99.5 percentile window as for 16-bit PNGs;
+  MONOCHROME1 inverted; colour (RGB, YBR, palette) converted to luma. Compressed transfer syntaxes
+  decode where an installed handler can (pydicom's RLE, Pillow, pylibjpeg); otherwise the file is
+  refused as ``unsupported_dicom``. Deflated DICOM is inflated in bounded steps first, so that it
+  cannot expand past ``max_bytes``.
+
+Refusals raise :class:`ImageRefused` (a :class:`kdray.KdrayError`) with a stable ``reason`` (one of
+:data:`REASONS`) and a one-line message that holds no object reprs and no DICOM tag values other
+than those :class:`LoadedImage` reports (the dimensions, Modality and the transfer syntax's name).
+
+A successful load returns :class:`LoadedImage`: the pixels, ``format`` (png, jpeg, tiff, bmp, webp,
+dicom), the stored ``width`` and ``height`` (before orientation, crop and resize), ``frames``, and for
+DICOM these identifiers where present, and nothing else from the header: StudyInstanceUID,
+SeriesInstanceUID, SOPInstanceUID, Modality, BodyPartExamined, ViewPosition.
+
+This module imports numpy, Pillow and pydicom only (no Ray, no torch).
+
+:data:`DECODER_VERSION` changes whenever the pixels this module produces for the same bytes change;
+logit-cache fingerprints and model cards carry it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from kdray import KdrayError
+
+__all__ = [
+    "CORRUPT", "DEFAULT_LIMITS", "FILE_TOO_LARGE", "FORMATS", "IO_ERROR", "ImageLimits", "ImageRefused", "LoadedImage",
+    "NOT_AN_IMAGE", "NO_PIXELS", "REASONS", "TOO_LARGE", "TOO_SMALL", "TRUNCATED", "UNSUPPORTED_DICOM",
+    "WRONG_MODALITY", "check_file_size", "load_image", "sniff_format",
+]
+
+# ----------------------------------------------------------------------------- reason codes (stable: callers store them)
+
+NOT_AN_IMAGE = "not_an_image"  # none of the allowed formats (GIF, text, HTML, empty, ...)
+TRUNCATED = "truncated"  # an allowed format, cut off before its end
+TOO_SMALL = "too_small"  # shorter side below ImageLimits.min_side
+TOO_LARGE = "too_large"  # more pixels than ImageLimits.max_pixels (or Pillow's bomb limit); read from the header
+FILE_TOO_LARGE = "file_too_large"  # more bytes than ImageLimits.max_bytes
+UNSUPPORTED_DICOM = "unsupported_dicom"  # a DICOM image this installation cannot decode (transfer syntax, layout)
+NO_PIXELS = "no_pixels"  # a DICOM object without pixel data (DICOMDIR, SR, presentation state, ...)
+WRONG_MODALITY = "wrong_modality"  # a DICOM modality outside ImageLimits.modalities
+IO_ERROR = "io_error"  # reserved for callers: the bytes could not be read at all
+CORRUPT = "corrupt"  # an allowed format whose content cannot be decoded
+DECODER_VERSION = "kdray.images/1"  # 1: JPEG draft, DICOM (before it: a full Pillow decode of every file)
+
+REASONS = (NOT_AN_IMAGE, TRUNCATED, TOO_SMALL, TOO_LARGE, FILE_TOO_LARGE, UNSUPPORTED_DICOM, NO_PIXELS,
+           WRONG_MODALITY, IO_ERROR, CORRUPT)
+
+#: format name → the Pillow plugin allowed to open it (DICOM goes to pydicom).
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP", "dicom": None}
+_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WebP", "dicom": "DICOM"}
+DICOM_IDENTIFIERS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "BodyPartExamined",
+                     "ViewPosition")
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+_TIFF_PAGE_CAP = 1000
+
+
+class ImageRefused(KdrayError):
+    """An image that will not be decoded: ``reason`` is one of :data:`REASONS`, ``str(exc)`` a one-line message."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown image refusal reason {reason!r}")
+        self.reason = reason
+        self.message = _one_line(message)
+        super().__init__(self.message)
+
+    def __reduce__(self):  # picklable across processes (Ray workers) despite the two-argument constructor
+        return type(self), (self.reason, self.message)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What :func:`load_image` accepts. ``modalities=None`` accepts any DICOM modality."""
+
+    min_side: int = 32
+    max_pixels: int = 64_000_000  # 8000 × 8000; a 12000 × 12000 (144 MP) image is refused
+    max_bytes: int = 512 * 2**20
+    modalities: tuple[str, ...] | None = ("CR", "DX")
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    pixels: np.ndarray  # uint8 [size, size]
+    format: str  # png, jpeg, tiff, bmp, webp, dicom
+    width: int  # as stored, before orientation, crop and resize
+    height: int
+    frames: int  # DICOM NumberOfFrames, TIFF pages (counted up to 1000), APNG/WebP frames; the first is used
+    dicom: dict[str, str] = field(default_factory=dict)  # DICOM_IDENTIFIERS present in the file; {} otherwise
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The allowed format that ``data`` starts like ("png", "jpeg", "tiff", "bmp", "webp", "dicom"), else None."""
+    head = bytes(data[:132])
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_file_size(nbytes: int, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """Refuse (``file_too_large``) a file of ``nbytes``; readers call this before reading a file whole."""
+    if nbytes > limits.max_bytes:
+        raise ImageRefused(FILE_TOO_LARGE, f"file is {_mib(nbytes)}; at most {_mib(limits.max_bytes)} is accepted")
+
+
+def load_image(data: bytes, size: int, limits: ImageLimits = DEFAULT_LIMITS) -> LoadedImage:
+    """Decode untrusted image bytes to uint8 [size, size] grayscale, or raise :class:`ImageRefused`."""
+    return _load_image(data, size, limits, draft=True)
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+def _load_image(data: bytes, size: int, limits: ImageLimits, *, draft: bool) -> LoadedImage:
+    """:func:`load_image`; ``draft=False`` decodes JPEGs at full scale (benchmarks and parity tests)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, not {size!r}")
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    check_file_size(len(data), limits)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRefused(NOT_AN_IMAGE, f"not a recognised image format: {_what_is_it(data)}; accepted are PNG, "
+                                         "JPEG, TIFF, BMP, WebP and DICOM, recognised by content, not by name")
+    if fmt == "dicom":
+        return _load_dicom(data, size, limits)
+    return _load_pillow(data, fmt, size, limits, draft)
+
+
+def _load_pillow(data: bytes, fmt: str, size: int, limits: ImageLimits, draft: bool) -> LoadedImage:
+    name = _NAMES[fmt]
+    try:
+        img = Image.open(io.BytesIO(data), formats=[FORMATS[fmt]])  # lazy: reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning, where filters raise it
+        raise ImageRefused(TOO_LARGE, f"{name} image is over Pillow's decompression-bomb limit of "
+                                      f"{Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - plugins raise SyntaxError, struct.error, OSError, ...
+        raise _pillow_failure(exc, fmt, data, "header") from None
+    with img:
+        width, height = img.size
+        _check_dimensions(name, width, height, limits)
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            # Where Pillow would only warn (DecompressionBombWarning), refuse as well.
+            raise ImageRefused(TOO_LARGE, f"{name} image is {_dims(width, height)}, over Pillow's "
+                                          f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels")
+        try:
+            frames = _frame_count(img, fmt)
+            if draft and fmt == "jpeg":
+                _draft(img, size)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                img = Image.fromarray(_percentile_window(np.asarray(img, dtype=np.float32)))
+            else:
+                img = img.convert("L")  # RGB → ITU-R 601 luma
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _pillow_failure(exc, fmt, data, "image data") from None
+        return LoadedImage(_crop_resize(img, size), fmt, width, height, frames)
+
+
+def _draft(img: Image.Image, size: int) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale where the shorter side stays ≥ ``size`` (never at 1/1).
+
+    The requested size keeps the image's aspect ratio with its shorter side at ``size``; Pillow picks
+    the largest power-of-two scale ≤ min(width // requested width, height // requested height) and
+    rounds the scaled size up, so the shorter side of the decoded image is still ≥ ``size``.
+    """
+    width, height = img.size
+    short = min(width, height)
+    if short < 2 * size:
+        return  # at scale 1/1 draft would only change the colour conversion, not the size
+    request = (-(-size * width // short), -(-size * height // short))  # ceil: the shorter side is exactly `size`
+    if min(width // request[0], height // request[1]) >= 2:
+        img.draft("L", request)
+
+
+def _frame_count(img: Image.Image, fmt: str) -> int:
+    """Frames in the file (the first is decoded); TIFF pages are counted up to a cap (n_frames walks every IFD)."""
+    if fmt != "tiff":
+        try:
+            return max(1, int(getattr(img, "n_frames", 1)))
+        except Exception:  # noqa: BLE001 - a broken later frame does not matter: only the first is decoded
+            return 1
+    if not getattr(img, "is_animated", False):
+        return 1
+    pages = 1
+    try:
+        while pages < _TIFF_PAGE_CAP:
+            img.seek(pages)
+            pages += 1
+    except Exception:  # noqa: BLE001 - EOFError after the last page; a broken later page does not matter
+        pass
+    img.seek(0)
+    return pages
+
+
+def _pillow_failure(exc: Exception, fmt: str, data: bytes, part: str) -> ImageRefused:
+    name = _NAMES[fmt]
+    detail = _one_line(str(exc))
+    detail = re.sub(r"cannot identify image file\s*", "", detail).strip()
+    if re.search(r"truncat", detail, re.IGNORECASE) or isinstance(exc, EOFError) or _looks_cut(fmt, data):
+        return ImageRefused(TRUNCATED, f"{name} file is cut off: it ends before its image data does")
+    if isinstance(exc, Image.UnidentifiedImageError):  # Pillow hides its reader's own error
+        return ImageRefused(CORRUPT, f"{name} header is damaged: Pillow's {name} reader does not recognise it")
+    detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return ImageRefused(CORRUPT, f"{name} {part} cannot be decoded ({detail[:160]})")
+
+
+def _looks_cut(fmt: str, data: bytes) -> bool:
+    """Whether the file's own structure says it ends early (only asked after the decoder failed)."""
+    n = len(data)
+    try:
+        if fmt == "png":  # walk the chunks: one that runs past the end, or no IEND, means cut off
+            pos = 8
+            while pos + 8 <= n:
+                length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+                if not ctype.isalpha():
+                    return False  # garbage, not an early end
+                pos += 12 + length
+                if ctype == b"IEND":
+                    return pos > n
+            return True
+        if fmt == "jpeg":  # walk the marker segments up to the scan; then the end-of-image marker must be there
+            pos = 2
+            while pos + 4 <= n:
+                if data[pos] != 0xFF:
+                    return False
+                marker = data[pos + 1]
+                if marker == 0xFF:
+                    pos += 1
+                    continue
+                if marker in (0x01, *range(0xD0, 0xD8)):
+                    pos += 2
+                    continue
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                if marker == 0xDA:  # start of scan
+                    return pos + 2 + length > n or data.rfind(b"\xff\xd9") < pos
+                pos += 2 + length
+            return True
+        if fmt == "bmp":
+            return n < 14 or n < int.from_bytes(data[2:6], "little") or n < int.from_bytes(data[10:14], "little")
+        if fmt == "webp":
+            return n < 8 + int.from_bytes(data[4:8], "little")
+        if fmt == "tiff":
+            return n < 8 or n < int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big")
+    except (IndexError, struct.error, ValueError):
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
+    import pydicom
+    from pydicom.pixels import get_decoder, pixel_array
+
+    _check_deflated(data, limits)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no exception text: it may quote tag values
+        if isinstance(exc, EOFError):
+            raise ImageRefused(TRUNCATED, "DICOM file is cut off: it ends inside its header") from None
+        raise ImageRefused(CORRUPT, f"DICOM header cannot be read ({type(exc).__name__})") from None
+    meta = _dicom_identifiers(ds)
+    file_meta = getattr(ds, "file_meta", None)
+    sop = _text(ds, "SOPClassUID") or (_text(file_meta, "MediaStorageSOPClassUID") if file_meta is not None else "")
+    if "PixelData" not in ds:
+        imageish = any(k in ds for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")) \
+            or not sop or "Image Storage" in _uid_name(sop)
+        if imageish:
+            raise ImageRefused(TRUNCATED, "DICOM file is cut off: its pixel data is missing or incomplete")
+        kind = f" (a {_uid_name(sop)} object)" if _uid_name(sop) else ""
+        raise ImageRefused(NO_PIXELS, f"DICOM file has no pixel data{kind}: it is not an image")
+
+    modality = meta.get("Modality", "")
+    if limits.modalities is not None and modality.upper() not in {m.upper() for m in limits.modalities}:
+        shown = f"modality {modality}" if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality) else \
+            "no modality" if not modality else "an invalid modality"
+        raise ImageRefused(WRONG_MODALITY, f"DICOM image has {shown}; accepted are {', '.join(limits.modalities)}")
+
+    tsyntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
+    if not tsyntax:
+        raise ImageRefused(CORRUPT, "DICOM file meta has no transfer syntax")
+    ts_name = _transfer_syntax_name(tsyntax)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM transfer syntax {ts_name} cannot be decoded: pydicom has no "
+                                              "pixel data handler for it") from None
+    if not decoder.is_available:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM transfer syntax {ts_name} cannot be decoded: none of its pixel "
+                                              "data handlers is installed") from None
+
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = max(1, int(ds.get("NumberOfFrames") or 1))
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageRefused(CORRUPT, f"DICOM image pixel module is missing or invalid ({type(exc).__name__})") from None
+    _check_dimensions("DICOM", cols, rows, limits)
+    monochrome = photometric in ("MONOCHROME1", "MONOCHROME2")
+    supported = (monochrome or photometric == "PALETTE COLOR") and samples == 1 \
+        or (photometric == "RGB" or photometric.startswith("YBR_")) and samples == 3
+    if not supported:
+        shown = photometric if re.fullmatch(r"[A-Z0-9_ ]{1,16}", photometric) else "an invalid value"
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM photometric interpretation {shown} with {samples} sample(s) per "
+                                              "pixel is not supported")
+
+    try:
+        arr = pixel_array(ds, index=0)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no exception text: it may quote tag values
+        if isinstance(exc, EOFError) or "less than expected" in str(exc) or "ended unexpectedly" in str(exc):
+            raise ImageRefused(TRUNCATED, "DICOM file is cut off: its pixel data is shorter than the image") from None
+        raise ImageRefused(CORRUPT, f"DICOM pixel data ({ts_name}) cannot be decoded ({type(exc).__name__})") \
+            from None
+    try:
+        gray = _dicom_gray(ds, arr, bits_stored, signed, photometric) if monochrome else \
+            _dicom_colour(ds, arr, bits_stored, photometric)
+    except MemoryError:
+        raise
+    except ImageRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageRefused(CORRUPT, f"DICOM pixel values cannot be mapped to gray levels ({type(exc).__name__})") \
+            from None
+    return LoadedImage(_crop_resize(Image.fromarray(gray), size), "dicom", cols, rows, frames, meta)
+
+
+def _dicom_gray(ds, arr: np.ndarray, bits_stored: int, signed: bool, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if arr.ndim != 2:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM frame has shape {arr.shape}, not rows × columns")
+    arr = _honour_bits_stored(arr, bits_stored, signed)
+    arr = apply_modality_lut(arr, ds)
+    out = None
+    voi = ds.get("VOILUTSequence")
+    has_lut = bool(voi) and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if has_lut or has_window:
+        try:
+            if has_lut:  # pydicom indexes the LUT in its own (16-bit) dtype: keep inputs inside the table
+                descriptor = voi[0].LUTDescriptor
+                entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
+                table = apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
+                lo, hi = float(table.min()), float(table.max())
+                src = np.clip(np.rint(arr), first, first + entries - 1).astype(np.int64)
+            else:  # the window's output range: what it gives far below and far above it
+                lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0))
+                src = arr
+            if hi != lo:
+                scaled = (apply_voi_lut(src, ds, index=0).astype(np.float64) - lo) / (hi - lo)
+                out = (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+        except (ValueError, NotImplementedError, IndexError, TypeError, AttributeError, KeyError):
+            out = None  # an unusable window (e.g. width < 1) falls back to the percentile window
+    if out is None:
+        out = _percentile_window(np.asarray(arr, dtype=np.float64))
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _dicom_colour(ds, arr: np.ndarray, bits_stored: int, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:
+        bits = bits_stored
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM colour frame has shape {arr.shape}, not rows × columns × 3")
+    if arr.dtype != np.uint8 or bits != 8:
+        arr = (np.clip(arr.astype(np.float64) / (2**bits - 1), 0, 1) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr), "RGB").convert("L"))
+
+
+def _honour_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Clear the bits above Bits Stored (unsigned) or sign-extend from it (signed); pydicom does it too, make sure."""
+    width = arr.dtype.itemsize * 8
+    if arr.dtype.kind not in "iu" or not 0 < bits_stored < width:
+        return arr
+    if signed:
+        as_signed = arr.astype(np.dtype(f"i{arr.dtype.itemsize}"), copy=True)
+        shift = width - bits_stored
+        return np.right_shift(np.left_shift(as_signed, shift), shift)
+    return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+
+
+def _check_deflated(data: bytes, limits: ImageLimits) -> None:
+    """A deflated DICOM may inflate a thousandfold; inflate it in bounded steps before pydicom inflates it whole."""
+    if _DEFLATED not in data[132:132 + 65536]:
+        return
+    if data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise ImageRefused(UNSUPPORTED_DICOM, "deflated DICOM without a file meta group length cannot be checked "
+                                              "before inflating, so it is not decoded")
+    end = 144 + int.from_bytes(data[140:144], "little")
+    if _DEFLATED not in data[132:end]:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, chunk = 0, data[end:]
+    try:
+        while chunk:
+            total += len(inflater.decompress(chunk, 16 * 2**20))
+            if total > limits.max_bytes:
+                raise ImageRefused(TOO_LARGE, f"deflated DICOM inflates to more than {_mib(limits.max_bytes)}")
+            chunk = inflater.unconsumed_tail
+    except zlib.error:
+        raise ImageRefused(CORRUPT, "deflated DICOM cannot be inflated") from None
+
+
+def _dicom_identifiers(ds) -> dict[str, str]:
+    out = {}
+    for keyword in DICOM_IDENTIFIERS:
+        value = _text(ds, keyword)
+        if value:
+            out[keyword] = value
+    return out
+
+
+def _text(ds, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed element is treated as absent
+        return ""
+    return "" if value is None else _one_line(str(value))[:64]
+
+
+def _uid_name(uid) -> str:
+    """pydicom's name for a registered UID (a fixed vocabulary, never file content), else ''."""
+    from pydicom.uid import UID
+
+    try:
+        name = UID(str(uid)).name
+    except Exception:  # noqa: BLE001
+        return ""
+    return "" if name == str(uid) else name
+
+
+def _transfer_syntax_name(uid) -> str:
+    uid = str(uid).strip()
+    shown = uid if re.fullmatch(r"[0-9.]{1,64}", uid) else "(invalid UID)"
+    name = _uid_name(uid)
+    return f"{name} ({shown})" if name else shown
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _check_dimensions(name: str, width: int, height: int, limits: ImageLimits) -> None:
+    if min(width, height) < limits.min_side:
+        raise ImageRefused(TOO_SMALL, f"{name} image is {_dims(width, height)}; its shorter side must be at least "
+                                      f"{limits.min_side} pixels")
+    if width * height > limits.max_pixels:
+        raise ImageRefused(TOO_LARGE, f"{name} image is {_dims(width, height)} ({width * height / 1e6:.1f} MP); at "
+                                      f"most {limits.max_pixels / 1e6:.1f} MP is accepted")
+
+
+def _percentile_window(arr: np.ndarray) -> np.ndarray:
+    """16-bit, float and window-less DICOM images: the 0.5-99.5 percentile range stretched to 0-255."""
+    lo, hi = np.percentile(arr, (0.5, 99.5))
+    arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    return arr.astype(np.uint8)
+
+
+def _crop_resize(img: Image.Image, size: int) -> np.ndarray:
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _what_is_it(data: bytes) -> str:
+    """A few words on what a refused file looks like (never its content)."""
+    if not data:
+        return "the file is empty"
+    head = data[:512].lstrip().lower()
+    for magic, kind in ((b"gif8", "GIF"), (b"%pdf", "PDF"), (b"pk\x03\x04", "ZIP archive"), (b"\x1f\x8b", "gzip"),
+                        (b"<!doctype html", "HTML"), (b"<html", "HTML"), (b"<?xml", "XML"), (b"<svg", "SVG"),
+                        (b"{", "JSON or text")):
+        if head.startswith(magic):
+            return f"it looks like {kind}"
+    if data[:4] in (b"\x02\x00\x00\x00", b"\x08\x00\x05\x00", b"\x08\x00\x08\x00", b"\x08\x00\x16\x00"):
+        return "it looks like DICOM without the 128-byte preamble and DICM prefix"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data[:512], final=False)
+    except UnicodeDecodeError:
+        return "unknown binary content"
+    return "it looks like text"
+
+
+def _one_line(text: str) -> str:
+    """One line, no object reprs (``<_io.BytesIO object at 0x…>``), at most 300 characters."""
+    text = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "", str(text))
+    return " ".join(text.split())[:300]
+
+
+def _dims(width: int, height: int) -> str:
+    return f"{width}×{height} pixels"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes:,} bytes" if nbytes < 2**20 else f"{nbytes / 2**20:.1f} MiB"
