@@ -497,11 +497,17 @@ class ScoreJobConfig:
     model: str = ""  # exported model folder (ONNX Runtime) or a checkpoint / run folder (torch)
     input: str = ""  # folder or s3:// prefix; every image below it is scored
     output: str = ""  # folder or s3:// prefix for predictions/, errors/ and summary.json
-    backend: Backend = "auto"  # auto = the fastest validated artifact: onnx-int8, then onnx-fp32, then torch
+    backend: Backend = "auto"  # auto = the export's served artifact; torch = its source checkpoint
     batch_size: int = 32
-    overwrite: bool = False
+    overwrite: bool = False  # true: delete a previous run's results in --output and start again
+    shard_size: int = 256  # inputs per output file; a re-run after a crash redoes only unfinished shards
+    min_side: int = 32  # images with a shorter side are refused as too_small
+    max_pixels: int = 64_000_000  # larger images are refused as too_large, from the header, before decoding
+    max_bytes: int = 512 * 2**20  # larger files are refused as file_too_large before they are read
+    modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
 
-    CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1)}
+    CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(1), "min_side": ge(1),
+                                                 "max_pixels": ge(1), "max_bytes": ge(1)}
     REQUIRED: typing.ClassVar[dict[str, str]] = {
         "model": "an exported model folder, a checkpoint or a run folder",
         "input": "a folder or s3:// prefix of images", "output": "a folder or s3:// prefix for the results"}

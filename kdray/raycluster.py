@@ -12,7 +12,7 @@ progress_log = logging.getLogger("kdray.progress")
 PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "KDRAY_FAULT_WRITE_DELAY_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
 # to the original print: every progress line reached the driver twice. kdray's workers print plain progress
 # lines, so the patch is off unless the caller's environment sets it.
@@ -51,6 +51,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     _quiet_ray_data()
     if not _verbose():
         quiet_worker_output()
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "Started Serve ..." lines
         log_file = os.environ.get("KDRAY_LOG_FILE")
         progress_log.info("Ray %s; worker output and Ray's progress go to %s (--verbose prints them here)",
                           "joined" if address else "started on 127.0.0.1", log_file or "the 'kdray.workers' logger")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -18,6 +19,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from kdray import KdrayError
+
+#: Seconds to wait between writing a local file's temporary copy and renaming it (tests only: it lets a test
+#: kill a job in the middle of a write). Read once, at import, from KDRAY_FAULT_WRITE_DELAY_S.
+_WRITE_DELAY_S = float(os.environ.get("KDRAY_FAULT_WRITE_DELAY_S", "0") or 0)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
         with loc.fs.open_output_stream(tmp) as fh:
             fh.write(data)
+        if _WRITE_DELAY_S:  # fault injection for the kill-during-a-write tests
+            time.sleep(_WRITE_DELAY_S)
         loc.fs.move(tmp, loc.path)
     except OSError as exc:
         raise _explain(loc, exc) from None

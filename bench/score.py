@@ -1,0 +1,409 @@
+"""Offline scoring, four ways in one run on the same files and the same exported model, plus the box's ceiling.
+
+    python bench/score.py                                  # sets png (real CXR, ≥ 20k files), jpeg, dicom, png-s3
+    python bench/score.py --sets png --png-files 5000      # a quicker look
+    python bench/score.py --memory 10000,100000            # memory at 10k and 100k inputs, via `ray job submit`
+
+For each set:
+
+- **raw model**: ``Predictor.probabilities`` on already decoded arrays, batch 32, default threads;
+- **plain loop**: what a user writes in 20 lines: read, ``kdray.images.load_image``, the same ``Predictor``
+  with its default threads, batches of 32, one process;
+- **jobs.score, whole command**: ``python -m jobs.score`` as a subprocess, start to exit (starts its own Ray);
+- **jobs.score, steady state**: from its summary, images between the 10th and 90th percentile of shard
+  completion times, divided by that time span;
+- **ceiling** = cores ÷ (decode core-seconds + single-thread inference core-seconds per image), both measured
+  here, single-threaded, in the same run.
+
+``--memory N,M`` starts a local head (``cluster/local_head.sh``), generates N small PNGs, submits
+``python -m jobs.score`` with ``ray job submit`` and samples, every second, the job driver's RSS, the largest
+scoring worker's RSS and the object store's use; the plain loop runs over the same files for the ratio.
+The model's weights are random: speed does not depend on them. Results go to ``bench/results/score.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.machine import machine  # noqa: E402
+from kdray import storage  # noqa: E402
+from kdray.evaluate import format_table  # noqa: E402
+from kdray.images import load_image  # noqa: E402
+from kdray.predictor import Predictor, available_cpus  # noqa: E402
+
+CXR = REPO.parent / "shared" / "datasets" / "cxr"
+BATCH = 32
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    flags = set(re.findall(r"\b(avx512[a-z_]*|avx_vnni|avx2)\b", text))
+    return " ".join(sorted(flags)) or "none of avx2/avx512/vnni"
+
+
+# ----------------------------------------------------------------------------- data sets
+
+
+def make_png_set(root: Path, n: int) -> list[str]:
+    """The real CXR PNGs, hard-linked over and over until there are ≥ n files."""
+    sources = sorted(CXR.glob("*/*/*.png"))
+    if not sources:
+        raise SystemExit(f"no PNGs under {CXR}")
+    files, copy = [], 0
+    while len(files) < n:
+        folder = root / f"copy{copy:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in sources:
+            dst = folder / f"{src.parent.name}-{src.name}"
+            if not dst.exists():
+                os.link(src, dst)
+            files.append(str(dst))
+        copy += 1
+    return files
+
+
+def make_jpeg_set(root: Path, n: int, side: int = 1024) -> list[str]:
+    from PIL import Image
+
+    from kdray.synthetic import CLASSES, make_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    bases = [make_image(CLASSES[i % 3], side, rng) for i in range(12)]
+    files = []
+    for i in range(n):
+        path = root / f"{i:05d}.jpg"
+        if not path.exists():
+            noisy = np.clip(bases[i % len(bases)].astype(np.int16) + rng.integers(-6, 7, (side, side)), 0, 255)
+            Image.fromarray(noisy.astype(np.uint8)).save(path, quality=90)
+        files.append(str(path))
+    return files
+
+
+def make_dicom_set(root: Path, n: int, side: int = 1024) -> list[str]:
+    """16-bit CR DICOMs (12 bits stored), every third one MONOCHROME1."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: F401
+
+    from kdray.synthetic import CLASSES, make_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    bases = [make_image(CLASSES[i % 3], side, rng).astype(np.uint16) * 16 for i in range(6)]
+    files = []
+    for i in range(n):
+        path = root / f"{i:05d}.dcm"
+        if not path.exists():
+            mono1 = i % 3 == 0
+            pixels = bases[i % len(bases)]
+            pixels = (4095 - pixels) if mono1 else pixels
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = pydicom.Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+            ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+            ds.Rows = ds.Columns = side
+            ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
+            ds.PixelRepresentation = 0
+            ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+            ds.PixelData = pixels.tobytes()
+            ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    return files
+
+
+def make_small_png_set(root: Path, n: int, side: int = 48) -> list[str]:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(n):
+        folder = root / f"{i // 10000:02d}"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{i:06d}.png"
+        if not path.exists():
+            Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(path, compress_level=1)
+        files.append(str(path))
+    return files
+
+
+# ----------------------------------------------------------------------------- the four ways
+
+
+def read(path: str) -> bytes:
+    return storage.read_bytes(path)
+
+
+def decode_core_seconds(files: list[str], size: int, n: int = 200) -> float:
+    sample = files[:: max(1, len(files) // n)][:n]
+    started = time.process_time()
+    for f in sample:
+        load_image(read(f), size)
+    return (time.process_time() - started) / len(sample)
+
+
+def infer_core_seconds(model: str, images: np.ndarray) -> float:
+    predictor = Predictor.load(model, threads=1)
+    predictor.probabilities(images[:BATCH])
+    started, done = time.process_time(), 0
+    while done < 4 * len(images):
+        for i in range(0, len(images), BATCH):
+            done += len(predictor.probabilities(images[i:i + BATCH]))
+    return (time.process_time() - started) / done
+
+
+def raw_model(model: str, images: np.ndarray, seconds: float = 5.0) -> float:
+    predictor = Predictor.load(model)
+    predictor.probabilities(images[:BATCH])
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        for i in range(0, len(images), BATCH):
+            done += len(predictor.probabilities(images[i:i + BATCH]))
+    return done / (time.perf_counter() - started)
+
+
+def plain_loop(model: str, files: list[str]) -> float:
+    """The hand-written baseline: one process, read + decode + predict in batches of 32."""
+    predictor = Predictor.load(model)
+    started = time.perf_counter()
+    batch = []
+    for f in files:
+        try:
+            batch.append(load_image(read(f), predictor.image_size).pixels)
+        except Exception:  # noqa: BLE001 - a loop would skip bad files
+            continue
+        if len(batch) == BATCH:
+            predictor.probabilities(np.stack(batch))
+            batch = []
+    if batch:
+        predictor.probabilities(np.stack(batch))
+    return len(files) / (time.perf_counter() - started)
+
+
+def jobs_score(model: str, input_uri: str, output: str, env: dict | None = None,
+               submit_address: str | None = None) -> tuple[float, dict]:
+    """Run jobs.score as a whole command (or through `ray job submit`); (wall seconds, its summary)."""
+    args = ["-m", "jobs.score", "--model", model, "--input", input_uri, "--output", output]
+    if submit_address:
+        cmd = [str(REPO / ".venv" / "bin" / "ray"), "job", "submit", "--address", submit_address,
+               "--working-dir", str(REPO), "--", "python", *args]
+    else:
+        cmd = [sys.executable, *args]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"jobs.score failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return wall, storage.read_json(storage.join(output, "summary.json"))
+
+
+def bench_set(name: str, files: list[str], model: str, input_uri: str, workdir: Path, env: dict | None = None) -> dict:
+    size = Predictor.load(model).image_size
+    print(f"[{name}] {len(files)} files", flush=True)
+    decoded = np.stack([load_image(read(f), size).pixels for f in files[:256]])
+    decode_cs = decode_core_seconds(files, size)
+    infer_cs = infer_core_seconds(model, decoded)
+    ceiling = available_cpus() / (decode_cs + infer_cs)
+    raw = raw_model(model, decoded)
+    loop = plain_loop(model, files)
+    output = str(workdir / f"out-{name}") if not input_uri.startswith("s3://") else f"{input_uri}-scored"
+    if not output.startswith("s3://"):
+        shutil.rmtree(output, ignore_errors=True)
+    wall, summary = jobs_score(model, input_uri, output, env)
+    whole = len(files) / wall
+    steady = summary.get("steady_img_per_s") or float("nan")
+    row = {"set": name, "files": len(files), "decode ms/img (1 core)": 1000 * decode_cs,
+           "infer ms/img (1 thread)": 1000 * infer_cs, "ceiling img/s": ceiling, "raw model img/s": raw,
+           "plain loop img/s": loop, "jobs.score whole img/s": whole, "jobs.score steady img/s": steady,
+           "steady / ceiling": steady / ceiling, "steady / loop": steady / loop, "whole / loop": whole / loop,
+           "errors": summary["errors"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------- memory, via ray job submit
+
+
+class Sampler(threading.Thread):
+    """Every second: the job driver's RSS, the largest scoring worker's RSS, the object store's use."""
+
+    def __init__(self, address: str):
+        super().__init__(daemon=True)
+        self.address, self.stop = address, threading.Event()
+        self.driver = self.worker = self.store = 0.0
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                rss = (proc.info["memory_info"].rss if proc.info["memory_info"] else 0) / 2**20
+                if "jobs.score" in cmd and "ray job submit" not in cmd and "ray::" not in cmd:
+                    self.driver = max(self.driver, rss)
+                elif cmd.startswith(("ray::ShardScorer", "ray::MapWorker", "ray::_MapWorker")):
+                    self.worker = max(self.worker, rss)
+            self.store = max(self.store, self._store_mib())
+            self.stop.wait(1.0)
+
+    def _store_mib(self) -> float:
+        try:
+            out = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "memory", "--stats-only", "--address",
+                                  self.address], capture_output=True, text=True, timeout=20).stdout
+            match = re.search(r"Plasma memory usage ([\d.]+) MiB", out)
+            return float(match.group(1)) if match else 0.0
+        except (subprocess.SubprocessError, OSError):
+            return 0.0
+
+
+def bench_memory(counts: list[int], model: str, workdir: Path) -> list[dict]:
+    env = {**os.environ, "KDRAY_RAY_PORT": "26380", "KDRAY_DASHBOARD_PORT": "28265", "RAY_AUTH_MODE": "token"}
+    head = str(REPO / "cluster" / "local_head.sh")
+    subprocess.run([head, "start"], env=env, check=True, cwd=REPO)
+    address = "http://127.0.0.1:28265"
+    rows = []
+    try:
+        for n in counts:
+            files = make_small_png_set(workdir / "small", n)[:n]
+            folder = workdir / f"small-{n}"
+            if not folder.exists():
+                folder.mkdir()
+                for f in files:
+                    os.link(f, folder / Path(f).name)
+            output = workdir / f"out-mem-{n}"
+            shutil.rmtree(output, ignore_errors=True)
+            sampler = Sampler("127.0.0.1:26380")
+            sampler.start()
+            wall, summary = jobs_score(model, str(folder), str(output), env, submit_address=address)
+            sampler.stop.set()
+            sampler.join()
+            loop = plain_loop(model, files)
+            rows.append({"inputs": n, "peak driver RSS MiB": sampler.driver, "peak worker RSS MiB": sampler.worker,
+                         "peak object store MiB": sampler.store, "ray job submit whole img/s": n / wall,
+                         "steady img/s": summary.get("steady_img_per_s"), "plain loop img/s": loop,
+                         "whole / loop": (n / wall) / loop})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        subprocess.run([head, "stop"], env=env, cwd=REPO)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def export_random_student(workdir: Path, size: int) -> str:
+    import torch
+
+    from kdray.checkpoints import save_checkpoint
+    from kdray.export import export_student
+    from kdray.models import build_model
+    from kdray.synthetic import CLASSES, make_image
+
+    out = workdir / f"student-{size}"
+    if (out / "metadata.json").exists():
+        return str(out)
+    torch.manual_seed(0)
+    model = build_model("student", len(CLASSES), 0.2)
+    save_checkpoint(str(workdir / "ckpt"), model.state_dict(),
+                    {"model_name": "student", "classes": list(CLASSES), "image_size": size, "dropout": 0.2})
+    rng = np.random.default_rng(0)
+    images = np.stack([make_image(CLASSES[i % 3], size, rng) for i in range(96)])
+    export_student(str(workdir / "ckpt"), str(out), images[:64], images[64:], np.arange(32) % 3, strict=False)
+    return str(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sets", default="png,jpeg,dicom,png-s3")
+    p.add_argument("--png-files", type=int, default=20322)
+    p.add_argument("--jpegs", type=int, default=2000)
+    p.add_argument("--dicoms", type=int, default=1000)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--memory", default="", help="comma-separated input counts, e.g. 10000,100000")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
+    p.add_argument("--output", default=str(REPO / "bench" / "results" / "score.md"))
+    a = p.parse_args()
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = export_random_student(workdir, a.size)
+    backend = Predictor.load(model).backend
+    started = dt.datetime.now(dt.timezone.utc)
+    rows, memory = [], []
+    sets = [s for s in a.sets.split(",") if s]
+    if "png" in sets or "png-s3" in sets:
+        png = make_png_set(workdir / "png", a.png_files)
+    if "png" in sets:
+        rows.append(bench_set("png (real CXR)", png, model, str(workdir / "png"), workdir))
+    if "jpeg" in sets:
+        jpeg = make_jpeg_set(workdir / "jpeg", a.jpegs)
+        rows.append(bench_set("jpeg 1024 px", jpeg, model, str(workdir / "jpeg"), workdir))
+    if "dicom" in sets:
+        dicom = make_dicom_set(workdir / "dicom", a.dicoms)
+        rows.append(bench_set("dicom 1024 px, 12-bit", dicom, model, str(workdir / "dicom"), workdir))
+    if "png-s3" in sets:
+        from kdray.local_s3 import LocalS3
+
+        with LocalS3(workdir / "s3") as s3:
+            s3.create_bucket("bench")
+            env = s3.env()
+            os.environ.update(env)
+            uri = "s3://bench/png"
+            if not storage.exists(f"{uri}/copy000"):
+                print("uploading the PNG set to the local S3 ...", flush=True)
+                storage.copy_dir(str(workdir / "png"), uri)
+            s3_files = [f"s3://{f.path}" for f in storage.list_files(storage.resolve(uri))]
+            rows.append(bench_set("png (real CXR), local S3", s3_files, model, uri, workdir, env))
+    if a.memory:
+        memory = bench_memory([int(n) for n in a.memory.split(",")], model, workdir)
+    report(a.output, rows, memory, model, backend, started)
+
+
+def report(path: str, rows: list[dict], memory: list[dict], model: str, backend: str, started) -> None:
+    lines = [f"# Offline scoring benchmark ({started:%Y-%m-%d %H:%M} UTC)", "",
+             f"Machine: {machine()}", f"CPU flags: {cpu_flags()}", "",
+             f"Model: a random-weights MobileNetV2 student exported by kdray, served as {backend} "
+             f"({Path(model).name}); speed does not depend on the weights.", "",
+             "Ways: raw model on decoded arrays; the plain single-process loop (read, `load_image`, the same "
+             "`Predictor`, batch 32); `python -m jobs.score` whole command (its own local Ray start included); "
+             "jobs.score steady state (10th–90th percentile of shard completions). Ceiling = cores ÷ (decode "
+             "core-s + single-thread inference core-s) per image, measured here.", ""]
+    if rows:
+        lines.append(format_table(rows, list(rows[0])))
+    if memory:
+        lines += ["", "## Memory and `ray job submit` (small generated PNGs, sampled every second)", "",
+                  format_table(memory, list(memory[0]))]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not rows:  # a memory-only run keeps the sets' table and writes its own file
+        path = path.replace(".md", "-memory.md")
+    Path(path).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
