@@ -43,7 +43,7 @@ from kdray import KdrayError, storage
 from kdray.checkpoints import load_model, resolve_checkpoint
 from kdray.config import Check, between, ge
 from kdray.data import IMAGENET_MEAN, IMAGENET_STD, preprocess_config, to_model_input
-from kdray.metrics import calibration_report, covid_suspect, softmax
+from kdray.metrics import calibration_report, covid_index, covid_suspect, softmax
 from kdray.predictor import INPUT_NAME, MODEL_CARD_FILE, OUTPUT_NAME, batches, ort_session, sha256_file
 from kdray.schemas import (
     MODEL_CARD_SCHEMA_VERSION,
@@ -65,6 +65,10 @@ OPSET = 17
 PARITY_BARS = {"fp32": 0.995, "int8": 0.99, "torchscript": 0.995}
 # minimum agreement of covid_suspect with the torch model at the artifact's own operating point
 COVID_SUSPECT_BAR = 0.99
+# The fitted threshold is, by construction, one image's P(covid). Where torch's own P(covid) is this close to
+# the threshold, float noise (fp32 ONNX and torch differ by ~1e-7 to 1e-6) decides the side, not the artifact,
+# so that image counts as agreeing; otherwise one such image would fail an fp32 export on a val set of < 100.
+ON_THRESHOLD = 1e-5
 INTENDED_USE = "research; not for diagnosis"
 KNOWN_BIASES = (
     "Trained on public chest X-ray collections in which source, patient age and image processing are "
@@ -155,10 +159,15 @@ def fit_operating_point(kind: str, logits: np.ndarray, labels: np.ndarray, class
 
 def covid_suspect_agreement(ref_logits: np.ndarray, logits: np.ndarray, classes: list[str],
                             op: OperatingPoint) -> float | None:
-    """Share of images on which the artifact and torch agree on covid_suspect at the artifact's operating point."""
-    ref = covid_suspect(softmax(ref_logits, op.temperature), classes, op.covid_threshold)
+    """Share of images on which the artifact and torch agree on covid_suspect at the artifact's operating point
+    (an image whose torch P(covid) is within :data:`ON_THRESHOLD` of the threshold agrees either way)."""
+    ref_probs = softmax(ref_logits, op.temperature)
+    ref = covid_suspect(ref_probs, classes, op.covid_threshold)
     got = covid_suspect(softmax(logits, op.temperature), classes, op.covid_threshold)
-    return None if ref is None or got is None else float(np.mean(ref == got))
+    if ref is None or got is None:
+        return None
+    on_threshold = np.abs(ref_probs[:, covid_index(classes)] - op.covid_threshold) <= ON_THRESHOLD
+    return float(np.mean((ref == got) | on_threshold))
 
 
 # ----------------------------------------------------------------------------- writing artifacts
@@ -333,7 +342,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
 def _model_card(meta, checkpoint_uri: str, artifacts: dict, served: str, parity: dict, operating_points: dict,
                 reference: dict, extra: dict | None) -> ModelCard:
     size, classes = meta.image_size, meta.classes
-    return ModelCard(
+    fields = dict(
         schema_version=MODEL_CARD_SCHEMA_VERSION, name=f"kdray-{meta.model_name}", version=kdray.__version__,
         description="COVID-19 / pneumonia / normal chest X-ray classifier distilled from a ResNet50V2+VGG19 "
                     "teacher into MobileNetV2 (kdray)",
@@ -355,5 +364,5 @@ def _model_card(meta, checkpoint_uri: str, artifacts: dict, served: str, parity:
         intended_use=INTENDED_USE, known_biases=KNOWN_BIASES,
         versions=Versions(kdray=kdray.__version__, torch=torch.__version__, onnx_opset=OPSET,
                           **{m: getattr(importlib.import_module(m), "__version__", "?")
-                             for m in ("onnx", "onnxruntime", "numpy")}),
-        **(extra or {}))
+                             for m in ("onnx", "onnxruntime", "numpy")}))
+    return ModelCard(**{**fields, **(extra or {})})  # extra (name, version, ...) overrides the defaults

@@ -258,7 +258,17 @@ class ShardScorer:
 
     # -- one shard
     def _score_shard(self, shard: int, entries: list[str]) -> dict:
+        """Score and write one shard. A fatal condition comes back as the row's ``fatal`` message rather than an
+        exception: the driver then stops the job cleanly, and Ray Data releases this actor (an exception raised
+        here left the actor holding its CPU in the driver's Ray)."""
         started = time.time()
+        try:
+            return self._score_and_write(shard, entries, started)
+        except ScoringAborted as exc:
+            return {"shard": shard, "inputs": 0, "scored": 0, "errors": "{}", "io_errors": 0,
+                    "seconds": time.time() - started, "finished": time.time(), "done": False, "fatal": str(exc)}
+
+    def _score_and_write(self, shard: int, entries: list[str], started: float) -> dict:
         good_names, good_images, good_meta, errors = [], [], [], []
         for name, read in self._inputs(entries):
             try:
@@ -286,7 +296,7 @@ class ShardScorer:
         reasons = Counter(e["reason"] for e in errors)
         row = {"shard": shard, "inputs": len(good_names) + len(errors), "scored": len(good_names),
                "errors": json.dumps(dict(reasons)), "io_errors": io_errors, "seconds": time.time() - started,
-               "finished": time.time(), "done": io_errors == 0}
+               "finished": time.time(), "done": io_errors == 0, "fatal": ""}
         if row["done"]:  # a shard with io_error rows stays undone: a re-run retries it
             self._write_done(self.out.join(DONE_DIR, f"{name}.json"), row)
         return row
@@ -460,12 +470,18 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                                                        "base": plan.base, "kind": plan.kind},
                                 **resources)
         progress = _Progress(total, len(todo))
+        fatal = ""
         try:
             for row in scored.iter_rows():
+                if row["fatal"]:
+                    fatal = str(row["fatal"])
+                    break  # stops the dataset; the actors are released
                 rows.append(row)
                 progress.update(int(row["inputs"]))
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; show its root cause in one line
             raise KdrayError(_root_cause(exc)) from None
+        if fatal:
+            raise ScoringAborted(fatal)
     elapsed = time.time() - started
     undone = [r for r in rows if not r["done"]]
     if undone:

@@ -1,8 +1,19 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the three test tiers.
 
-Session-scoped services (a local S3 endpoint; more can follow the same pattern) are started
-once, on first use, and stopped at the end of the run. Tests that need them are marked
-``integration``; deselect them with ``-m "not integration"``.
+Tiers (markers, registered below):
+
+* ``unit``: everything not marked otherwise (added at collection). No Ray, no S3: ``ray.init`` and
+  ``LocalS3.start`` raise inside a unit test, and a unit test that requests a service fixture
+  (``local_s3``, ``s3_bucket``, ``synthetic_s3``, ``ray_local``) is a collection error. Fast.
+* ``integration``: uses the local services, which are shared by the whole pytest run: one SeaweedFS
+  S3 (``local_s3``) and one local Ray (``ray_local``), each started on first use and stopped at the end.
+* ``e2e``: starts its own Ray (a ``ray start`` head, a job or pipeline subprocess), so it must not find
+  another Ray alive: run it in its own pytest process, after the others (``scripts/test.sh`` does).
+
+Any pytest run orders the tiers unit, integration, e2e (file order within a tier), so the shared
+services are not alive, nor their ``AWS_*`` variables set, while a unit test runs; and a plain
+``pytest`` shuts the shared Ray down before its first e2e test. After each module the shared Ray must
+have all its CPUs free again, else that module gets an error and the next one a new Ray.
 """
 
 from __future__ import annotations
@@ -14,12 +25,68 @@ import pytest
 from kdray.local_s3 import LocalS3, LocalS3Error, find_weed
 
 TEST_BUCKET = "kdray-test"
+TIERS = ("unit", "integration", "e2e")
+#: Fixtures that start (or need) a shared local service; unit tests may not request them.
+SERVICE_FIXTURES = ("local_s3", "s3_bucket", "synthetic_s3", "ray_local")
+UNIT_SERVICE_ERROR = "unit tests must not start Ray/S3; mark the test integration"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: no Ray, no S3, fast (the default for unmarked tests)")
     config.addinivalue_line(
-        "markers", "integration: starts local services (SeaweedFS S3, Ray); slower than unit tests"
-    )
+        "markers", "integration: uses the shared local SeaweedFS S3 and/or local Ray of this pytest run; slower")
+    config.addinivalue_line(
+        "markers", "e2e: starts its own Ray (head, job or pipeline subprocess); run in a separate pytest process")
+
+
+def tier_of(item: pytest.Item) -> str:
+    return next(t for t in TIERS if item.get_closest_marker(t) is not None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the implicit unit marker must be there
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t) is not None]
+        if not tiers:
+            item.add_marker(pytest.mark.unit)
+            tiers = ["unit"]
+        if len(tiers) > 1:
+            problems.append(f"{item.nodeid}: marked {' and '.join(tiers)}; a test belongs to one tier")
+            continue
+        services = [f for f in SERVICE_FIXTURES if f in item.fixturenames]
+        if tiers == ["unit"] and services:
+            problems.append(f"{item.nodeid}: requests {', '.join(services)}: {UNIT_SERVICE_ERROR}")
+        if tiers == ["e2e"] and "ray_local" in item.fixturenames:
+            problems.append(f"{item.nodeid}: an e2e test starts its own Ray and must not request ray_local")
+    if problems:
+        raise pytest.UsageError("wrong test tier:\n  " + "\n  ".join(problems))
+    order = {t: i for i, t in enumerate(TIERS)}
+    items.sort(key=lambda item: order[tier_of(item)])  # stable: file order within a tier
+
+
+@pytest.fixture(autouse=True)
+def _tier_guards(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a unit test, starting Ray or the local S3 server raises instead. Before an e2e test, the shared Ray
+    of this process (if a plain ``pytest`` ran the integration tests first) is shut down."""
+    if request.node.get_closest_marker("e2e") is not None:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        return
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import ray
+
+    def tripwire(what: str):
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"{what} called in {request.node.nodeid}: {UNIT_SERVICE_ERROR}")
+        return refuse
+
+    monkeypatch.setattr(ray, "init", tripwire("ray.init"))
+    monkeypatch.setattr(LocalS3, "start", tripwire("LocalS3.start"))
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +110,10 @@ def s3_bucket(local_s3: LocalS3) -> str:
     return TEST_BUCKET
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local(local_s3: LocalS3) -> Iterator[None]:
-    """A local Ray on 127.0.0.1 for one test module, started after the S3 variables are set.
-
-    Module scope, not session scope: tests that run their own Ray (the pipeline subprocess, the
-    ``ray job submit`` head) must not find a second Ray instance alive on the machine.
-    """
+    """One local Ray on 127.0.0.1 for the whole pytest run, started after the S3 variables are set (its
+    workers inherit them). Tests that run their own Ray are ``e2e`` and run in another pytest process."""
     import ray
 
     from kdray.raycluster import init_ray
@@ -57,6 +121,47 @@ def ray_local(local_s3: LocalS3) -> Iterator[None]:
     init_ray()
     yield
     ray.shutdown()
+
+
+def _reserved_cpus(ray, wait_s: float) -> float:
+    """CPUs of the shared Ray still held by actors or tasks after up to ``wait_s`` seconds (0 when all are free).
+
+    A failed test's traceback (``sys.last_traceback``) can keep a Ray Data iterator, and with it an actor
+    pool, alive: it is dropped first."""
+    import gc
+    import sys
+    import time
+
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    deadline = time.monotonic() + wait_s
+    while True:
+        gc.collect()
+        reserved = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+        if reserved <= 1e-6 or time.monotonic() > deadline:
+            return max(reserved, 0.0)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_ray_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each module: the shared Ray must have every CPU free again (Ray Train asks for all of them and
+    would wait forever). If a module leaked actors, that is its error, and the next module gets a new Ray."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    reserved = _reserved_cpus(ray, wait_s=30)
+    if reserved:
+        from kdray.raycluster import init_ray
+
+        ray.shutdown()
+        init_ray()
+        pytest.fail(f"{request.module.__name__} left {reserved:g} CPU(s) reserved in the shared Ray (an actor or "
+                    "task still alive after its tests); Ray was restarted for the next module", pytrace=False)
 
 
 def make_checkpoint(folder, model_name: str = "tiny_student", image_size: int = 32, seed: int = 0, **meta) -> str:

@@ -61,11 +61,13 @@ def test_bad_target_sensitivity_is_refused(tmp_path):
         calibrate_checkpoint(str(tmp_path), str(tmp_path), target_sensitivity=1.5)
 
 
-@pytest.mark.integration
-def test_calibrate_job_stores_temperature_and_threshold_for_export(synthetic_dir, checkpoint_factory, tmp_path):
+@pytest.mark.e2e  # the job subprocess starts its own local Ray
+def test_calibrate_job_stores_the_torch_operating_point_and_export_fits_its_own(synthetic_dir, checkpoint_factory,
+                                                                               tmp_path):
     import json
     import re
 
+    from kdray.checkpoints import read_checkpoint_meta
     from kdray.data import sample_images
     from kdray.export import export_student
     from test_jobs import run_job
@@ -78,11 +80,20 @@ def test_calibrate_job_stores_temperature_and_threshold_for_export(synthetic_dir
     assert meta["temperature"] == calibration["temperature"] > 0
     assert meta["covid_threshold"] == calibration["covid_threshold"] is not None
     assert calibration["split"] == "val" and calibration["n"] == 60 and calibration["target_sensitivity"] == 0.9
+    # the largest threshold that reaches the target on the fitting data reaches it there, by construction
     assert calibration["covid_at_threshold"]["sensitivity"] >= 0.9
     assert meta["validation"]["covid"]["threshold"] == meta["covid_threshold"]
     assert re.search(r"covid threshold [\d.e-]+ for sensitivity >= 90%", proc.stdout)
-    # the model card carries what calibration stored
+
+    # export fits the served artifact's own operating point on its ONNX logits over the val images it is given;
+    # the checkpoint keeps its own (torch) calibration, which the torch backend uses
     images, labels = sample_images(synthetic_dir, "val", 32, 24)
     card = export_student(ckpt, str(tmp_path / "export"), images, images, labels, int8=False)
-    assert card["temperature"] == meta["temperature"] and card["covid_threshold"] == meta["covid_threshold"]
-    assert card["calibration"] == calibration and card["validation"]["n"] == 60
+    op = card.operating_points[card.served_artifact]
+    assert card.served_artifact == "fp32" and op.artifact == "fp32"
+    assert op.covid_threshold is not None and op.n == len(images) == 24 and op.split == "val"
+    assert op.target_sensitivity == 0.95
+    kept = read_checkpoint_meta(ckpt)
+    assert (kept.temperature, kept.covid_threshold, kept.calibration) == (meta["temperature"],
+                                                                          meta["covid_threshold"], calibration)
+    assert card.validation["n"] == 60 and card.validation["covid"]["threshold"] == meta["covid_threshold"]

@@ -1,4 +1,8 @@
-"""The job entry points as users run them: one-line errors, and submission to a Ray head with `ray job submit`."""
+"""The job entry points as users run them: one-line errors, and submission to a Ray head with `ray job submit`.
+
+Each job subprocess imports torch (several seconds on a 2-core machine), so those tests are ``integration``
+even without services; the ``ray job submit`` test starts its own Ray head, so it is ``e2e``.
+"""
 
 import json
 import os
@@ -24,6 +28,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> No
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/xrays"], "/nonexistent/xrays/train: no such file or folder"),
     (["--data", "{empty}"], "folder is empty"),
@@ -53,14 +58,15 @@ def test_s3_bad_input(local_s3, tmp_path):
 
 
 def test_kdray_command_lists_stages():
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0
     for stage in ("train-teacher", "build-cache", "train-student", "evaluate", "export", "score", "predict",
                   "pipeline", "make-data"):
         assert stage in proc.stdout
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, checkpoint_factory):
     """Start a loopback head with cluster/local_head.sh and submit jobs.evaluate to it."""
     from kdray.local_s3 import port_is_free
@@ -88,6 +94,7 @@ def test_ray_job_submit_runs_a_stage_on_a_local_head(tmp_path, synthetic_dir, ch
         subprocess.run([str(head), "stop"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", [["-m", "jobs.train_student"], ["-m", "jobs.cli", "evaluate"]])
 def test_job_help_prints_usage_and_every_option_with_its_default(command):
     proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=120)

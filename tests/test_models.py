@@ -31,16 +31,31 @@ def test_unknown_model_and_too_few_classes():
         build_model("student", 1)
 
 
-def test_backbone_weights_load_from_file_and_s3(tmp_path, local_s3, s3_bucket):
+def _backbone_file(tmp_path):
+    """(source model, path of its backbone weights without the head)."""
     source = build_model("tiny_teacher", 3)
     path = tmp_path / "backbone.pt"
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("head.")}, path)
-    for uri in (str(path), f"s3://{s3_bucket}/weights/backbone.pt"):
-        if uri.startswith("s3://"):
-            storage.write_bytes(uri, path.read_bytes())
-        model = build_model("tiny_teacher", 5, weights=uri)
-        assert torch.equal(model.vgg[0].weight, source.vgg[0].weight)
-        assert model.head.out_features == 5  # the head stays new
+    return source, path
+
+
+def _assert_backbone_loaded(uri: str, source) -> None:
+    model = build_model("tiny_teacher", 5, weights=uri)
+    assert torch.equal(model.vgg[0].weight, source.vgg[0].weight)
+    assert model.head.out_features == 5  # the head stays new
+
+
+def test_backbone_weights_load_from_a_file(tmp_path):
+    source, path = _backbone_file(tmp_path)
+    _assert_backbone_loaded(str(path), source)
+
+
+@pytest.mark.integration
+def test_backbone_weights_load_from_s3(tmp_path, s3_bucket):
+    source, path = _backbone_file(tmp_path)
+    uri = f"s3://{s3_bucket}/weights/backbone.pt"
+    storage.write_bytes(uri, path.read_bytes())
+    _assert_backbone_loaded(uri, source)
 
 
 def test_bad_weights_files(tmp_path):

@@ -1,5 +1,7 @@
 """What kdray passes to Ray workers."""
 
+import pytest
+
 from kdray.raycluster import worker_env_vars
 
 
@@ -50,6 +52,7 @@ def test_drop_state_api_warnings_drops_that_message_only_and_installs_once():
         logger.filters[:] = before
 
 
+@pytest.mark.integration
 def test_local_ray_workers_run_the_hook(ray_local):
     import sys
 

@@ -1,8 +1,9 @@
 """Ray Serve app (serve/app.py, serve/config.yaml).
 
-The config checks are offline. The HTTP tests deploy a ``tiny_student`` checkpoint (32 px)
-once for the module on a local Ray bound to 127.0.0.1, on a free loopback port, with one
-replica; they take about half a minute, most of it Ray and Serve starting.
+The config checks are offline (unit). The HTTP tests (integration) export a ``tiny_student``
+checkpoint (32 px) to ONNX with :func:`kdray.export.export_student` and deploy the export folder,
+as production does, once for the module on the run's shared local Ray (127.0.0.1), on a free
+loopback port, with one replica.
 """
 
 from __future__ import annotations
@@ -83,39 +84,38 @@ def test_app_builder(tmp_path: Path) -> None:
 # -- live: one deployment for the module
 
 @pytest.fixture(scope="module")
-def student_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    import torch
+def exported_student(tmp_path_factory: pytest.TempPathFactory):
+    """(export folder, model card) of an untrained tiny student; whether int8 passes depends on the CPU."""
+    from conftest import make_checkpoint
+    from kdray.export import export_student
+    from kdray.synthetic import make_image
 
-    from kdray.checkpoints import save_checkpoint
-    from kdray.models import build_model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("serve") / "student"
-    model = build_model("tiny_student", len(CLASSES))
-    meta = {"model_name": "tiny_student", "classes": CLASSES, "image_size": IMAGE_SIZE, "dropout": 0.2,
-            "metrics": {}, "covid_threshold": 0.3}
-    save_checkpoint(str(folder), model.state_dict(), meta)
-    return str(folder)
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = make_checkpoint(root / "checkpoint", "tiny_student", image_size=IMAGE_SIZE, covid_threshold=0.3)
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % len(CLASSES)
+    images = np.stack([make_image(CLASSES[y], IMAGE_SIZE, rng) for y in labels])
+    card = export_student(checkpoint, str(root / "export"), images, images, labels, strict=False)
+    return str(root / "export"), card
 
 
 @pytest.fixture(scope="module")
-def base_url(student_dir: str) -> Iterator[str]:
-    import ray
+def base_url(exported_student, ray_local) -> Iterator[str]:
     from ray import serve
 
     from serve.app import deploy
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        from kdray.raycluster import init_ray
-
-        init_ray()
     try:
-        yield deploy(student_dir, port=_free_port(), num_replicas=1, name="kdray-test")
+        yield deploy(exported_student[0], port=_free_port(), num_replicas=1, name="kdray-test")
     finally:
         serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(exported_student) -> tuple[str, float]:
+    """(backend, covid threshold) the deployment must report: the served artifact's own operating point."""
+    card = exported_student[1]
+    return f"onnx-{card.served_artifact}", card.operating_points[card.served_artifact].covid_threshold
 
 
 def _predict(url: str, data: bytes, content_type: str = "image/png", name: str = "xray.png"):
@@ -125,7 +125,7 @@ def _predict(url: str, data: bytes, content_type: str = "image/png", name: str =
 
 
 @pytest.mark.integration
-def test_predict_png(base_url: str) -> None:
+def test_predict_png(base_url: str, served) -> None:
     resp = _predict(base_url, _png(1))
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -134,8 +134,9 @@ def test_predict_png(base_url: str) -> None:
     assert list(probs) == CLASSES
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
     assert body["label"] == max(probs, key=probs.get)
-    assert body["covid_suspect"] is (probs["covid"] >= 0.3)
-    assert body["backend"] == "torch" and body["model_id"]
+    backend, threshold = served
+    assert body["covid_suspect"] is (probs["covid"] >= threshold)  # not the checkpoint's own 0.3
+    assert body["backend"] == backend and body["model_id"]
     # RGB and octet-stream uploads go through the same decoder
     assert _predict(base_url, _png(2, mode="RGB"), "application/octet-stream", "x.bin").status_code == 200
 
@@ -158,11 +159,12 @@ def test_bad_uploads_then_still_serving(base_url: str) -> None:
 
 
 @pytest.mark.integration
-def test_health_docs_index(base_url: str) -> None:
+def test_health_docs_index(base_url: str, served) -> None:
     import requests
 
     health = requests.get(f"{base_url}/healthz", timeout=30).json()
-    assert health["status"] == "ok" and health["classes"] == CLASSES and health["backend"] == "torch"
+    assert health["status"] == "ok" and health["classes"] == CLASSES
+    assert health["backend"].startswith("onnx-") and health["backend"] == served[0]  # the export, never torch
     assert health["model_id"] and health["threads"] == 1  # num_cpus 0.5 rounds up to 1
     assert requests.get(f"{base_url}/docs", timeout=30).status_code == 200
     assert "/predict" in requests.get(f"{base_url}/openapi.json", timeout=30).json()["paths"]

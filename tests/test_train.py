@@ -1,44 +1,63 @@
-"""Ray Train (v2) integration: 2 workers, data from S3, checkpoints to S3, resume by run name."""
+"""The training loop: Ray Train (v2) integration with 2 workers, data from S3, checkpoints to S3, resume by run
+name; and its pieces (validation sharding, learning-rate schedule, precise BatchNorm) without Ray."""
+
+import re
 
 import pytest
 
 from kdray import storage
-from kdray.checkpoints import load_model, read_checkpoint_meta
+from kdray.checkpoints import load_model, read_checkpoint_meta, read_run_summary
 from kdray.config import TrainJobConfig, load_config
+from kdray.schemas import RunSummary
 from kdray.train import _lr_lambda, _my_share, fit
-
-pytestmark = pytest.mark.integration
 
 
 def _cfg(data: str, output: str, name: str, epochs: int) -> TrainJobConfig:
     return load_config(TrainJobConfig, [
         "--data", data, "--output", output, "--name", name, "--model.name", "tiny_teacher",
         "--image_size", "48", "--epochs", str(epochs), "--batch_size", "8", "--lr", "3e-3",
-        "--warmup_epochs", "0.5", "--num_workers", "2", "--ema_decay", "0.9",
+        "--warmup_epochs", "0.5", "--num_workers", "2", "--ema_decay", "0.9", "--seed", "0",
     ])
 
 
-def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s3_bucket, ray_local, capfd):
+def _epoch_losses(text: str) -> dict[int, float]:
+    """Train loss per epoch from the workers' ``[kdray] epoch E/N: loss L ...`` lines."""
+    return {int(e): float(loss) for e, loss in re.findall(r"\[kdray\] epoch (\d+)/\d+: loss ([\d.]+)", text)}
+
+
+def _worker_output(caplog, capfd) -> str:
+    """The workers' lines so far: in the log (quiet, the default), or on the console with KDRAY_VERBOSE."""
+    captured = capfd.readouterr()
+    return caplog.text + captured.out + captured.err
+
+
+@pytest.mark.integration
+def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s3_bucket, ray_local, caplog, capfd):
+    caplog.set_level("INFO")
     output = f"s3://{s3_bucket}/runs"
     summary = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=8))
-    assert summary["workers"] == 2
-    assert summary["best_checkpoint"].startswith(f"s3://{s3_bucket}/runs/tiny-teacher-test/checkpoint_")
-    assert summary["best_metrics"]["val_n"] == 60  # every val image, each scored by one of the 2 workers
-    # chance is 1/3 on three balanced classes
-    assert summary["best_metrics"]["val_accuracy"] >= 0.6, summary["best_metrics"]
-    assert [s["path"].rsplit("/", 1)[-1] for s in summary["skipped_images"]] == ["zz-corrupt.png"]
+    assert isinstance(summary, RunSummary) and summary == read_run_summary(f"{output}/tiny-teacher-test")
+    assert summary.workers == 2 and summary.model_name == "tiny_teacher"
+    assert summary.best_checkpoint.startswith(f"s3://{s3_bucket}/runs/tiny-teacher-test/checkpoint_")
+    assert summary.best_metrics["val_n"] == 60  # every val image, each scored by one of the 2 workers
+    # it learns: on a fixed seed the training loss of the last epoch is below the first one's
+    losses = _epoch_losses(_worker_output(caplog, capfd))
+    assert summary.final_metrics["epoch"] == 8 and 1 in losses, caplog.text[-3000:]
+    assert summary.final_metrics["train_loss"] < losses[1], (losses, summary.final_metrics)
+    assert [s["path"].rsplit("/", 1)[-1] for s in summary.skipped_images] == ["zz-corrupt.png"]
     assert storage.exists(f"{output}/tiny-teacher-test/args.yaml")
     model, meta = load_model(f"{output}/tiny-teacher-test")  # a run folder resolves to its best checkpoint
-    assert meta["classes"] == ["covid", "normal", "pneumonia"] and meta["image_size"] == 48
-    assert meta["ema_decay"] == 0.9  # the validated and checkpointed weights are the EMA ones
-    data_card = meta["training_data"]  # for the model card: 40 per class listed, the corrupt PNG skipped
+    assert meta.classes == ["covid", "normal", "pneumonia"] and meta.image_size == 48
+    assert meta.ema_decay == 0.9  # the validated and checkpointed weights are the EMA ones
+    data_card = meta.training_data  # for the model card: 40 per class listed, the corrupt PNG skipped
     assert data_card["per_class"] == {"covid": 41, "normal": 40, "pneumonia": 40}
     assert data_card["images"] == 120 and data_card["skipped_images"] == 1
 
     # the same run name resumes from the latest checkpoint instead of starting over
+    caplog.clear()
     resumed = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=9))
-    assert "resuming tiny-teacher-test from epoch 8" in capfd.readouterr().out
-    assert resumed["final_metrics"]["epoch"] == 9
+    assert "resuming tiny-teacher-test from epoch 8" in _worker_output(caplog, capfd)
+    assert resumed.final_metrics["epoch"] == 9
     assert read_checkpoint_meta(resumed.best_checkpoint).epoch >= summary.best_metrics["epoch"]
 
 
@@ -72,6 +91,7 @@ def _recalibrate_as_worker(rank: int, init_file: str, batches_per_rank: list, ou
     dist.destroy_process_group()
 
 
+@pytest.mark.integration  # two spawned processes that each import torch: too slow for the unit tier
 def test_precise_bn_pools_statistics_over_workers_like_one_pass_over_all_batches(tmp_path):
     import numpy as np
     import torch
