@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,28 +29,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_flags, cpu_model  # noqa: E402
 from kdray.images import DEFAULT_LIMITS, _load_image  # noqa: E402
 from kdray.synthetic import CLASSES, make_image  # noqa: E402
-
-
-def cpu_flags() -> str:
-    try:
-        out = subprocess.run("lscpu | grep -o 'avx512[a-z_]*\\|avx_vnni\\|avx2' | sort -u", shell=True,
-                             capture_output=True, text=True, timeout=10).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (lscpu failed)"
-    return " ".join(out) or "none of avx2/avx512*/avx_vnni"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_jpegs(n: int, side: int, rgb: bool, quality: int = 90, seed: int = 0) -> list[bytes]:

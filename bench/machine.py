@@ -19,6 +19,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide int8 speed (AVX2, AVX-512, VNNI): print them with every benchmark."""
+    import re
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(re.findall(r"\b(avx512[a-z0-9_]*|avx_vnni|avx2)\b", fh.read()))
+    except OSError:
+        return "unknown"
+    return " ".join(sorted(flags)) or "none of avx2/avx512*/avx_vnni"
+
+
 def machine() -> str:
     import onnxruntime
     import torch

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import re
@@ -42,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import cpu_flags, machine  # noqa: E402
 from kdray import storage  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
 from kdray.images import load_image  # noqa: E402
@@ -50,15 +49,6 @@ from kdray.predictor import Predictor, available_cpus  # noqa: E402
 
 CXR = REPO.parent / "shared" / "datasets" / "cxr"
 BATCH = 32
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "?"
-    flags = set(re.findall(r"\b(avx512[a-z_]*|avx_vnni|avx2)\b", text))
-    return " ".join(sorted(flags)) or "none of avx2/avx512/vnni"
 
 
 # ----------------------------------------------------------------------------- data sets

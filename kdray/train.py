@@ -289,7 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                          cfg.optim.warmup_epochs))
     weights = (torch.tensor(class_weights(config["class_counts"]), dtype=torch.float32, device=device)
                if cfg.optim.class_balance else None)
-    start_epoch, best_f1, stale, history = 0, -1.0, 0, []
+    start_epoch, best_f1, stale = 0, -1.0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
