@@ -303,3 +303,15 @@ def test_kill_9_then_rerun_finishes_exactly_once(tmp_path, exported_student, mom
         assert summary["images_this_run"] < 96
     assert_exactly_once(str(out), {str(tmp_path / "in" / "d" / f"{i:03d}.png") for i in range(96)})
     assert not [p for p in out.rglob(".tmp-*")], "a half-written file survived the re-run"
+
+
+@pytest.mark.parametrize("gpus, cpus, expected", [(0, 2, ({"num_cpus": 0.5}, 2)), (0, 16, ({"num_cpus": 0.5}, 16)),
+                                                   (2, 16, ({"num_gpus": 1, "num_cpus": 1}, 2))])
+def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cpus, expected):
+    """Checked with fake cluster resources only: no GPU here. With GPUs, one actor per GPU runs torch."""
+    import kdray.score as score
+
+    monkeypatch.setattr(score, "cluster_gpus", lambda: float(gpus))
+    monkeypatch.setattr(score, "cluster_cpus", lambda: float(cpus))
+    compute, resources, threads = score.scoring_pool(use_gpu=True)
+    assert (resources, compute.max_size) == expected and threads == 1
