@@ -1,6 +1,6 @@
 """Score every image in an archive offline with Ray Data: resumable, exactly once, DICOM included.
 
-    python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 256]
+    python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 0 (auto)]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
 a ``path`` column, or WebDataset ``.tar`` shards. ``--output`` receives ``predictions/`` and ``errors/``

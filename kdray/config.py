@@ -500,13 +500,14 @@ class ScoreJobConfig:
     backend: Backend = "auto"  # auto = the export's served artifact; torch = its source checkpoint
     batch_size: int = 32
     overwrite: bool = False  # true: delete a previous run's results in --output and start again
-    shard_size: int = 256  # inputs per output file; a re-run after a crash redoes only unfinished shards
+    shard_size: int = 0  # inputs per output file (0 = about 16 shards, 32 to 256 inputs each); a re-run after
+    #                      a crash redoes only unfinished shards
     min_side: int = 32  # images with a shorter side are refused as too_small
     max_pixels: int = 64_000_000  # larger images are refused as too_large, from the header, before decoding
     max_bytes: int = 512 * 2**20  # larger files are refused as file_too_large before they are read
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
 
-    CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(1), "min_side": ge(1),
+    CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(0), "min_side": ge(1),
                                                  "max_pixels": ge(1), "max_bytes": ge(1)}
     REQUIRED: typing.ClassVar[dict[str, str]] = {
         "model": "an exported model folder, a checkpoint or a run folder",

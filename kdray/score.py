@@ -12,7 +12,7 @@ Inputs (``--input``):
   extension (``.json``, ``.txt``, ``.cls``, …) are skipped and counted.
 
 How it runs. The driver lists the inputs once and fixes them, in order, into shards of
-``shard_size`` inputs (``plan.json`` + ``inputs.parquet``; a tar file is one shard). Ray Data streams
+``shard_size`` inputs (by default :func:`auto_shard_size`; ``plan.json`` + ``inputs.parquet``; a tar file is one shard). Ray Data streams
 the shards through a pool of :class:`ShardScorer` actors; each actor reads, checks and decodes its
 shard's images, classifies them with the shared :class:`kdray.predictor.Predictor`, and writes
 ``predictions/part-NNNNN.parquet`` and ``errors/part-NNNNN.parquet`` under fixed names (each file
@@ -55,6 +55,7 @@ progress_log = logging.getLogger("kdray.progress")
 SUMMARY_FILE, PLAN_FILE, INPUTS_FILE = "summary.json", "plan.json", "inputs.parquet"
 PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR = "predictions", "errors", "_done"
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+MIN_AUTO_SHARD, MAX_AUTO_SHARD = 32, 256
 METADATA_SUFFIXES = (".json", ".txt", ".cls", ".cls2", ".xml", ".yaml", ".yml", ".csv", ".npy", ".pth")
 DICOM_FIELDS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid",
                 "Modality": "modality", "BodyPartExamined": "body_part", "ViewPosition": "view_position"}
@@ -103,10 +104,23 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 256) -> Plan:
-    """List the inputs once and cut them into shards (deterministic: sorted paths or manifest order)."""
-    if shard_size < 1:
-        raise KdrayError(f"shard_size must be >= 1, got {shard_size}")
+def auto_shard_size(inputs: int) -> int:
+    """About 16 shards for small archives (enough to keep every actor busy to the end; smaller shards cost more
+    in per-shard writes than they gain), 256 inputs each for large ones. A function of the input count only,
+    so that a re-run of the same command cuts the same shards."""
+    return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, inputs // 16))
+
+
+def _cut(entries: list[str], shard_size: int) -> tuple[int, list[list[str]]]:
+    size = shard_size or auto_shard_size(len(entries))
+    return size, [entries[i:i + size] for i in range(0, len(entries), size)]
+
+
+def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0) -> Plan:
+    """List the inputs once and cut them into shards (deterministic: sorted paths or manifest order).
+    ``shard_size`` 0 = :func:`auto_shard_size`."""
+    if shard_size < 0:
+        raise KdrayError(f"shard_size must be >= 0 (0 = automatic), got {shard_size}")
     loc = storage.resolve(input_uri)
     kind = storage.info(loc).type
     if kind == pafs.FileType.File and loc.path.lower().endswith(MANIFEST_SUFFIXES):
@@ -121,8 +135,8 @@ def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 256) -> Plan:
         raise KdrayError(f"{input_uri}: no files to score" + (f" ({hidden} hidden files skipped)" if hidden else ""))
     if all(r.lower().endswith(".tar") for r in visible):
         return Plan(input_uri, model_uri, "tar", loc.uri, 1, [[r] for r in visible], None, hidden)
-    shards = [visible[i:i + shard_size] for i in range(0, len(visible), shard_size)]
-    return Plan(input_uri, model_uri, "folder", loc.uri, shard_size, shards, len(visible), hidden)
+    size, shards = _cut(visible, shard_size)
+    return Plan(input_uri, model_uri, "folder", loc.uri, size, shards, len(visible), hidden)
 
 
 def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int) -> Plan:
@@ -144,8 +158,8 @@ def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int) -> Pl
         raise KdrayError(f"{loc.uri}: the manifest names no files")
     if duplicates:
         log.warning("%s names %d path(s) more than once; each is scored once", loc.uri, duplicates)
-    shards = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
-    return Plan(loc.uri, model_uri, "manifest", "", shard_size, shards, len(entries), 0, duplicates)
+    size, shards = _cut(entries, shard_size)
+    return Plan(loc.uri, model_uri, "manifest", "", size, shards, len(entries), 0, duplicates)
 
 
 def _read_manifest(loc: storage.Location) -> pa.Table:
@@ -401,16 +415,19 @@ def _remove_stale_temporaries(out: storage.Location) -> None:
                     out.fs.delete_file(f.path)
 
 
-def scoring_pool(use_gpu: bool):
+def scoring_pool(use_gpu: bool, shards: int | None = None):
     """(compute, per-actor resources, threads): one single-threaded scorer per CPU, each asking for half a
-    CPU so that Ray Data's own tasks are never starved (docs/architecture.md); a GPU each where there are GPUs."""
+    CPU so that Ray Data's own tasks are never starved (docs/architecture.md); a GPU each where there are GPUs.
+    The pool has its full size from the start (no ramp-up), but never more actors than shards."""
     from ray.data import ActorPoolStrategy
 
     gpus = int(cluster_gpus())
     if use_gpu and gpus:
-        return ActorPoolStrategy(min_size=1, max_size=gpus), {"num_gpus": 1, "num_cpus": 1}, 1
+        size = max(1, min(gpus, shards or gpus))
+        return ActorPoolStrategy(size=size), {"num_gpus": 1, "num_cpus": 1}, 1
     cpus = max(1, int(cluster_cpus()))
-    return ActorPoolStrategy(min_size=1, max_size=cpus), {"num_cpus": 0.5}, 1
+    size = max(1, min(cpus, shards or cpus))
+    return ActorPoolStrategy(size=size), {"num_cpus": 0.5}, 1
 
 
 class _Progress:
@@ -437,7 +454,7 @@ class _Progress:
 
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str = "auto", batch_size: int = 32,
-                  overwrite: bool = False, shard_size: int = 256, limits: ImageLimits | None = None,
+                  overwrite: bool = False, shard_size: int = 0, limits: ImageLimits | None = None,
                   policy: ReadPolicy | None = None, use_gpu: bool = True) -> dict:
     """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary."""
     import ray
@@ -458,7 +475,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
     started = time.time()
     rows: list[dict] = []
     if todo:
-        compute, resources, threads = scoring_pool(on_gpu)
+        compute, resources, threads = scoring_pool(on_gpu, len(todo))
         ds = ray.data.from_items([{"shard": i, "entries": plan.shards[i]} for i in todo],
                                  override_num_blocks=len(todo))
         scored = ds.map_batches(ShardScorer, batch_size=1, batch_format="numpy", compute=compute,

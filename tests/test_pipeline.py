@@ -24,6 +24,9 @@ def test_pipeline_end_to_end(tmp_path):
                    env={"KDRAY_LOG_DIR": str(logs)}, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
+    # quiet by default: stage headers, throttled progress (at most one line per 30 s), the table, the outputs
+    assert len(out.splitlines()) <= 60, out
+    assert re.search(r"^\S+ \[8/8\] score the val images offline", out, re.M), out
     table = re.findall(r"^\| (teacher|student_kd|student_nokd|student_kd_a[\d.]+-t[\d.]+-k\d) \|.*$", proc.stdout, re.M)
     assert table[:3] == ["teacher", "student_kd", "student_nokd"] and len(table) == 4, proc.stdout[-3000:]
     # two KD settings trained against one cache with K = 2 views; the better one on val is student_kd

@@ -315,3 +315,5 @@ def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cp
     monkeypatch.setattr(score, "cluster_cpus", lambda: float(cpus))
     compute, resources, threads = score.scoring_pool(use_gpu=True)
     assert (resources, compute.max_size) == expected and threads == 1
+    assert compute.min_size == compute.max_size  # the whole pool from the start
+    assert score.scoring_pool(use_gpu=True, shards=1)[0].max_size == 1  # never more actors than shards
