@@ -207,6 +207,7 @@ class ShardScorer:
         self.limits = ImageLimits(**(limits or {}))
         self.policy = ReadPolicy(**(policy or {}))
         self.consecutive_io_errors = 0
+        self._filesystems: dict[str, pafs.FileSystem] = {}  # one per scheme: an S3 client is costly to create
 
     def __call__(self, batch: dict) -> dict:
         rows = [self._score_shard(int(shard), list(entries)) for shard, entries in zip(batch["shard"], batch["entries"])]
@@ -223,8 +224,16 @@ class ShardScorer:
             uri = _entry_uri(self.base, entry)
             yield uri, lambda uri=uri: self._read(uri)
 
+    def _location(self, uri: str) -> storage.Location:
+        """``uri`` resolved; on S3 with one filesystem per actor (creating an S3 client per file is costly)."""
+        if not uri.startswith("s3://"):
+            return storage.resolve(uri)
+        if "s3" not in self._filesystems:
+            self._filesystems["s3"] = storage.resolve(uri).fs
+        return storage.Location(self._filesystems["s3"], uri[len("s3://"):].rstrip("/"), uri)
+
     def _read(self, uri: str) -> bytes:
-        loc = storage.resolve(uri)
+        loc = self._location(uri)
 
         def read() -> bytes:
             found = storage.info(loc)
@@ -237,7 +246,7 @@ class ShardScorer:
         return _retry(read, self.policy, f"reading {uri}")
 
     def _tar_members(self, tar_uri: str):
-        loc = storage.resolve(tar_uri)
+        loc = self._location(tar_uri)
 
         def members():
             with loc.fs.open_input_stream(loc.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
