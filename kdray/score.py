@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kdray import KdrayError, storage
-from kdray.images import IO_ERROR, ImageLimits, ImageRefused, check_file_size, load_image
+from kdray.images import FILE_TOO_LARGE, IO_ERROR, ImageLimits, ImageRefused, load_image
 from kdray.predictor import Predictor, model_info
 from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
 
@@ -165,10 +165,12 @@ def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int) -> Pl
 def _read_manifest(loc: storage.Location) -> pa.Table:
     import pyarrow.csv as pacsv
 
+    import pyarrow.parquet as pq
+
     data = storage.read_bytes(loc)
     try:
         if loc.path.lower().endswith(".parquet"):
-            return storage.read_parquet(loc)
+            return pq.read_table(pa.BufferReader(data))
         return pacsv.read_csv(pa.BufferReader(data))
     except pa.ArrowInvalid as exc:
         raise KdrayError(f"{loc.uri}: cannot read the manifest ({str(exc).splitlines()[0][:200]})") from None
@@ -235,13 +237,16 @@ class ShardScorer:
     def _read(self, uri: str) -> bytes:
         loc = self._location(uri)
 
-        def read() -> bytes:
-            found = storage.info(loc)
-            if found.type == pafs.FileType.NotFound:
-                raise MissingInput(f"{uri}: no such file")
-            if found.size is not None:
-                check_file_size(found.size, self.limits)  # refused before it is read whole
-            return storage.read_bytes(loc)
+        def read() -> bytes:  # one request per file: no separate stat (a HEAD on S3) before the GET
+            limit = self.limits.max_bytes
+            try:
+                with loc.fs.open_input_stream(loc.path) as fh:
+                    data = fh.read(limit + 1)  # never more than the byte limit, whatever the file's size
+            except FileNotFoundError:
+                raise MissingInput(f"{uri}: no such file") from None
+            if len(data) > limit:
+                raise ImageRefused(FILE_TOO_LARGE, f"file is larger than {limit} bytes, the most accepted")
+            return data
 
         return _retry(read, self.policy, f"reading {uri}")
 
