@@ -199,7 +199,7 @@ def plain_loop(model: str, files: list[str]) -> float:
 def jobs_score(model: str, input_uri: str, output: str, env: dict | None = None,
                submit_address: str | None = None) -> tuple[float, dict]:
     """Run jobs.score as a whole command (or through `ray job submit`); (wall seconds, its summary)."""
-    args = ["-m", "jobs.score", "--model", model, "--input", input_uri, "--output", output]
+    args = ["-m", "jobs.score", "--model", model, "--input", input_uri, "--output", output, "--overwrite", "true"]
     if submit_address:
         cmd = [str(REPO / ".venv" / "bin" / "ray"), "job", "submit", "--address", submit_address,
                "--working-dir", str(REPO), "--", "python", *args]
