@@ -76,7 +76,7 @@ NO_PIXELS = "no_pixels"  # a DICOM object without pixel data (DICOMDIR, SR, pres
 WRONG_MODALITY = "wrong_modality"  # a DICOM modality outside ImageLimits.modalities
 IO_ERROR = "io_error"  # reserved for callers: the bytes could not be read at all
 CORRUPT = "corrupt"  # an allowed format whose content cannot be decoded
-DECODER_VERSION = "kdray.images/1"  # 1: JPEG draft, DICOM (before it: a full Pillow decode of every file)
+DECODER_VERSION = "kdray.images/2"  # 2: percentiles in float64 through level tables; 1: JPEG draft, DICOM
 
 REASONS = (NOT_AN_IMAGE, TRUNCATED, TOO_SMALL, TOO_LARGE, FILE_TOO_LARGE, UNSUPPORTED_DICOM, NO_PIXELS,
            WRONG_MODALITY, IO_ERROR, CORRUPT)
@@ -203,7 +203,7 @@ def _load_pillow(data: bytes, fmt: str, size: int, limits: ImageLimits, draft: b
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                img = Image.fromarray(_percentile_window(np.asarray(img, dtype=np.float32)))
+                img = Image.fromarray(_wide_gray(np.asarray(img)))
             else:
                 img = img.convert("L")  # RGB → ITU-R 601 luma
         except MemoryError:
@@ -392,13 +392,27 @@ def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
 
 
 def _dicom_gray(ds, arr: np.ndarray, bits_stored: int, signed: bool, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     if arr.ndim != 2:
         raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM frame has shape {arr.shape}, not rows × columns")
     arr = _honour_bits_stored(arr, bits_stored, signed)
-    arr = apply_modality_lut(arr, ds)
-    out = None
+    levels = _stored_levels(arr)
+    if levels is None:  # float pixels, or a range too wide for a table: map every pixel
+        out = _gray_of_values(ds, arr, None)
+    else:  # map each stored level once, then look every pixel up: the same result, about 5x faster
+        index, first, counts = levels
+        out = np.take(_gray_of_values(ds, np.arange(first, first + len(counts), dtype=np.int64), counts), index)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _gray_of_values(ds, values: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+    """Stored values → uint8 gray: modality LUT (rescale), then the VOI LUT or window, else the percentile window.
+
+    ``counts`` (how many pixels hold each value) is given when ``values`` are the distinct stored levels."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(values, ds)
     voi = ds.get("VOILUTSequence")
     has_lut = bool(voi) and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
@@ -409,20 +423,16 @@ def _dicom_gray(ds, arr: np.ndarray, bits_stored: int, signed: bool, photometric
                 entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
                 table = apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
                 lo, hi = float(table.min()), float(table.max())
-                src = np.clip(np.rint(arr), first, first + entries - 1).astype(np.int64)
+                src = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)
             else:  # the window's output range: what it gives far below and far above it
                 lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0))
-                src = arr
+                src = values
             if hi != lo:
                 scaled = (apply_voi_lut(src, ds, index=0).astype(np.float64) - lo) / (hi - lo)
-                out = (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+                return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
         except (ValueError, NotImplementedError, IndexError, TypeError, AttributeError, KeyError):
-            out = None  # an unusable window (e.g. width < 1) falls back to the percentile window
-    if out is None:
-        out = _percentile_window(np.asarray(arr, dtype=np.float64))
-    if photometric == "MONOCHROME1":
-        out = 255 - out
-    return out
+            pass  # an unusable window (e.g. width < 1) falls back to the percentile window
+    return _percentile_window(np.asarray(values, dtype=np.float64), counts)
 
 
 def _dicom_colour(ds, arr: np.ndarray, bits_stored: int, photometric: str) -> np.ndarray:
@@ -450,6 +460,15 @@ def _honour_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np.n
         shift = width - bits_stored
         return np.right_shift(np.left_shift(as_signed, shift), shift)
     return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+
+
+def _wide_gray(arr: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit and float Pillow images: the percentile window, through a level table where it can."""
+    levels = _stored_levels(arr)
+    if levels is None:
+        return _percentile_window(np.asarray(arr, dtype=np.float64))
+    index, first, counts = levels
+    return np.take(_percentile_window(np.arange(first, first + len(counts), dtype=np.float64), counts), index)
 
 
 def _check_deflated(data: bytes, limits: ImageLimits) -> None:
@@ -521,11 +540,52 @@ def _check_dimensions(name: str, width: int, height: int, limits: ImageLimits) -
                                       f"most {limits.max_pixels / 1e6:.1f} MP is accepted")
 
 
-def _percentile_window(arr: np.ndarray) -> np.ndarray:
-    """16-bit, float and window-less DICOM images: the 0.5-99.5 percentile range stretched to 0-255."""
-    lo, hi = np.percentile(arr, (0.5, 99.5))
-    arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255
-    return arr.astype(np.uint8)
+MAX_LEVEL_TABLE = 1 << 20  # integer images spanning more stored levels than this are mapped pixel by pixel
+
+
+def _stored_levels(arr: np.ndarray) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """An integer image as (level index per pixel, first level, pixel count per level); None for float images
+    or ones spanning more than MAX_LEVEL_TABLE levels."""
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return None
+    first, last = int(arr.min()), int(arr.max())
+    if last - first >= MAX_LEVEL_TABLE:
+        return None
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 4:
+        index = arr - arr.dtype.type(first) if first else arr  # no wrap-around: every pixel >= first
+    else:
+        index = (arr.astype(np.int64) - first).astype(np.int32)
+    return index, first, np.bincount(index.ravel(), minlength=last - first + 1)
+
+
+def _percentile_window(values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """16-bit, float and window-less DICOM images: the 0.5-99.5 percentile range stretched to 0-255.
+
+    With ``counts``, ``values`` are distinct levels and ``counts[i]`` pixels hold ``values[i]``; the
+    percentiles are then those of the expanded image, as numpy's default (linear) method gives them."""
+    if counts is None:
+        lo, hi = np.percentile(values, (0.5, 99.5))
+    else:
+        lo, hi = _weighted_percentiles(values, counts, (0.5, 99.5))
+    return (np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _weighted_percentiles(values: np.ndarray, counts: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    held = counts > 0
+    order = np.argsort(values[held], kind="stable")
+    ordered, cumulative = values[held][order], np.cumsum(counts[held][order])
+    n = int(cumulative[-1])
+
+    def kth(k: int) -> float:  # the k-th smallest pixel value (0-based)
+        return float(ordered[np.searchsorted(cumulative, min(k, n - 1), side="right")])
+
+    out = []
+    for q in qs:
+        position = q / 100 * (n - 1)
+        k = int(np.floor(position))
+        below, above, t = kth(k), kth(k + 1), position - k
+        out.append(above - (above - below) * (1 - t) if t >= 0.5 else below + (above - below) * t)  # numpy's lerp
+    return out
 
 
 def _crop_resize(img: Image.Image, size: int) -> np.ndarray:

@@ -334,6 +334,25 @@ def test_dicom_without_window_matches_a_16_bit_png():
     assert np.abs(from_dicom - from_png).max() <= 1
 
 
+@pytest.mark.parametrize("case", ["unsigned", "signed-rescaled", "windowed", "png-16"])
+def test_level_table_gives_the_same_pixels_as_mapping_every_pixel(monkeypatch, case):
+    """Integer images are mapped once per stored level and looked up; that must equal mapping every pixel."""
+    rng = np.random.default_rng(11)
+    if case == "signed-rescaled":
+        pixels = rng.normal(200, 900, (96, 80)).clip(-2048, 2047).astype(np.int16)
+        data = _dicom(pixels, signed=True, bits_stored=12, RescaleSlope=2.5, RescaleIntercept=-1024)
+    elif case == "png-16":
+        data = _png(rng.normal(30000, 9000, (96, 80)).clip(0, 65535).astype(np.uint16))
+    else:
+        pixels = rng.normal(1800, 600, (96, 80)).clip(0, 4095).astype(np.uint16)
+        data = _dicom(pixels, bits_stored=12, **(dict(WindowCenter=1500, WindowWidth=1200) if case == "windowed"
+                                                 else {}))
+    by_table = load_image(data, 64).pixels
+    monkeypatch.setattr(images, "MAX_LEVEL_TABLE", 0)  # every image now too wide for a table
+    by_pixel = load_image(data, 64).pixels
+    assert by_table.std() > 10 and np.array_equal(by_table, by_pixel)
+
+
 def test_monochrome1_is_inverted():
     pixels = _ramp() + _noise((64, 64), 5, np.uint16, 50)
     m2 = load_image(_dicom(pixels, photometric="MONOCHROME2"), 64).pixels
