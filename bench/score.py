@@ -2,7 +2,7 @@
 
     python bench/score.py                                  # sets png (real CXR, ≥ 20k files), jpeg, dicom, png-s3
     python bench/score.py --sets png --png-files 5000      # a quicker look
-    python bench/score.py --memory 10000,100000            # memory at 10k and 100k inputs, via `ray job submit`
+    python bench/score.py --sets "" --memory 10000,100000   # memory at 10k and 100k inputs, via `ray job submit`
 
 For each set:
 
@@ -15,9 +15,11 @@ For each set:
 - **ceiling** = cores ÷ (decode core-seconds + single-thread inference core-seconds per image), both measured
   here, single-threaded, in the same run.
 
-``--memory N,M`` starts a local head (``cluster/local_head.sh``), generates N small PNGs, submits
-``python -m jobs.score`` with ``ray job submit`` and samples, every second, the job driver's RSS, the largest
-scoring worker's RSS and the object store's use; the plain loop runs over the same files for the ratio.
+``--memory N,M`` starts a local head (``cluster/local_head.sh``), hard-links N real CXR PNGs (or, with
+``--memory-set small``, generates N 48-px PNGs), submits ``python -m jobs.score`` with ``ray job submit`` and
+samples, every second, the job driver's RSS, the largest scoring worker's RSS and the object store's use (the
+sampler is first checked against a 64 MiB object held in the store); the plain loop's rate, over the first
+``--loop-files`` of the same files, gives the ratio.
 The model's weights are random: speed does not depend on them. Results go to ``bench/results/score.md``.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -92,11 +95,7 @@ def make_jpeg_set(root: Path, n: int, side: int = 1024) -> list[str]:
 
 def make_dicom_set(root: Path, n: int, side: int = 1024) -> list[str]:
     """16-bit CR DICOMs (12 bits stored), every third one MONOCHROME1."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: F401
-
-    from kdray.synthetic import CLASSES, make_image
+    from kdray.synthetic import CLASSES, dicom_bytes, make_image
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -107,22 +106,8 @@ def make_dicom_set(root: Path, n: int, side: int = 1024) -> list[str]:
         if not path.exists():
             mono1 = i % 3 == 0
             pixels = bases[i % len(bases)]
-            pixels = (4095 - pixels) if mono1 else pixels
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = pydicom.Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-            ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-            ds.Rows = ds.Columns = side
-            ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
-            ds.PixelRepresentation = 0
-            ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
-            ds.PixelData = pixels.tobytes()
-            ds.save_as(path, enforce_file_format=True)
+            path.write_bytes(dicom_bytes((4095 - pixels) if mono1 else pixels,
+                                         "MONOCHROME1" if mono1 else "MONOCHROME2"))
         files.append(str(path))
     return files
 
@@ -240,13 +225,41 @@ def bench_set(name: str, files: list[str], model: str, input_uri: str, workdir: 
 # ----------------------------------------------------------------------------- memory, via ray job submit
 
 
+#: A helper process that prints the object store's use (MiB) once a second: one RPC per sample, with Ray
+#: imported once (a `ray memory` command per sample costs about a core-second each and slows the job down).
+STORE_PROBE = """
+import re, sys, time
+import ray
+from ray._private.internal_api import memory_summary
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+while True:
+    try:
+        text = memory_summary(sys.argv[1], stats_only=True)
+        match = re.search(r"Plasma memory usage ([\\d.]+) MiB", text)
+        print(match.group(1) if match else "nan", flush=True)
+    except Exception:
+        print("nan", flush=True)
+    time.sleep(1.0)
+"""
+
+
 class Sampler(threading.Thread):
     """Every second: the job driver's RSS, the largest scoring worker's RSS, the object store's use."""
 
     def __init__(self, address: str):
         super().__init__(daemon=True)
         self.address, self.stop = address, threading.Event()
-        self.driver = self.worker = self.store = 0.0
+        self.driver = self.worker = 0.0
+        self.store = float("nan")  # stays NaN if no sample could be read
+        self.probe = subprocess.Popen([sys.executable, "-c", STORE_PROBE, address], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=probe_env())
+        threading.Thread(target=self._read_store, daemon=True).start()
+
+    def _read_store(self) -> None:
+        for line in self.probe.stdout:
+            sample = float(line.strip() or "nan")
+            if not math.isnan(sample):
+                self.store = sample if math.isnan(self.store) else max(self.store, sample)
 
     def run(self) -> None:
         import psutil
@@ -259,45 +272,70 @@ class Sampler(threading.Thread):
                     self.driver = max(self.driver, rss)
                 elif cmd.startswith(("ray::ShardScorer", "ray::MapWorker", "ray::_MapWorker")):
                     self.worker = max(self.worker, rss)
-            self.store = max(self.store, self._store_mib())
             self.stop.wait(1.0)
-
-    def _store_mib(self) -> float:
-        try:
-            out = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "memory", "--stats-only", "--address",
-                                  self.address], capture_output=True, text=True, timeout=20).stdout
-            match = re.search(r"Plasma memory usage ([\d.]+) MiB", out)
-            return float(match.group(1)) if match else 0.0
-        except (subprocess.SubprocessError, OSError):
-            return 0.0
+        self.probe.kill()
+        self.probe.wait()
 
 
-def bench_memory(counts: list[int], model: str, workdir: Path) -> list[dict]:
+def probe_env() -> dict:
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}  # as local_head.sh
+
+
+def calibrate_store_sampler(address: str) -> float:
+    """What the object-store column reads while a 64 MiB object is held in the store (a check of the sampler)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, numpy as np, ray; from kdray.raycluster import init_ray; init_ray(address=%r); "
+        "ref = ray.put(np.ones(64 * 2**20, np.uint8)); print('held', flush=True); time.sleep(60)") % address],
+        cwd=REPO, env=probe_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sampler = Sampler(address)
+    try:
+        if holder.stdout.readline().strip() != "held":
+            return float("nan")
+        deadline = time.time() + 30  # the probe connects in a few seconds; then it should see the object
+        while not sampler.store > 0 and time.time() < deadline:
+            time.sleep(0.5)
+        return sampler.store
+    finally:
+        sampler.stop.set()
+        sampler.probe.kill()
+        holder.kill()
+        holder.wait()
+
+
+def bench_memory(counts: list[int], model: str, workdir: Path, kind: str, loop_files: int) -> list[dict]:
+    """Scoring through `ray job submit` at each input count, sampled every second.
+
+    ``kind``: ``cxr`` (the real CXR PNGs, hard-linked) or ``small`` (generated 48-px PNGs). The plain loop's
+    rate is taken over the first ``loop_files`` inputs (a rate, which does not depend on the count)."""
     env = {**os.environ, "KDRAY_RAY_PORT": "26380", "KDRAY_DASHBOARD_PORT": "28265", "RAY_AUTH_MODE": "token"}
     head = str(REPO / "cluster" / "local_head.sh")
     subprocess.run([head, "start"], env=env, check=True, cwd=REPO)
     address = "http://127.0.0.1:28265"
     rows = []
     try:
+        calibration = calibrate_store_sampler("127.0.0.1:26380")
+        print(f"object-store sampler reads {calibration:.1f} MiB while 64 MiB is held", flush=True)
         for n in counts:
-            files = make_small_png_set(workdir / "small", n)[:n]
-            folder = workdir / f"small-{n}"
+            make = make_png_set if kind == "cxr" else make_small_png_set
+            files = make(workdir / ("png" if kind == "cxr" else "small"), n)[:n]
+            folder = workdir / f"{kind}-{n}"
             if not folder.exists():
                 folder.mkdir()
-                for f in files:
-                    os.link(f, folder / Path(f).name)
-            output = workdir / f"out-mem-{n}"
+                for i, f in enumerate(files):
+                    os.link(f, folder / f"{i:07d}-{Path(f).name}")
+            output = workdir / f"out-mem-{kind}-{n}"
             shutil.rmtree(output, ignore_errors=True)
             sampler = Sampler("127.0.0.1:26380")
             sampler.start()
             wall, summary = jobs_score(model, str(folder), str(output), env, submit_address=address)
             sampler.stop.set()
             sampler.join()
-            loop = plain_loop(model, files)
-            rows.append({"inputs": n, "peak driver RSS MiB": sampler.driver, "peak worker RSS MiB": sampler.worker,
-                         "peak object store MiB": sampler.store, "ray job submit whole img/s": n / wall,
-                         "steady img/s": summary.get("steady_img_per_s"), "plain loop img/s": loop,
-                         "whole / loop": (n / wall) / loop})
+            loop = plain_loop(model, files[:loop_files])
+            rows.append({"set": kind, "inputs": n, "peak driver RSS MiB": sampler.driver,
+                         "peak worker RSS MiB": sampler.worker, "peak object store MiB": sampler.store,
+                         "store sampler check (64 MiB held)": calibration, "ray job submit whole img/s": n / wall,
+                         "steady img/s": summary.get("steady_img_per_s"),
+                         f"plain loop img/s (first {min(n, loop_files)})": loop, "whole / loop": (n / wall) / loop})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         subprocess.run([head, "stop"], env=env, cwd=REPO)
@@ -336,6 +374,9 @@ def main() -> None:
     p.add_argument("--dicoms", type=int, default=1000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--memory", default="", help="comma-separated input counts, e.g. 10000,100000")
+    p.add_argument("--memory-set", choices=("cxr", "small"), default="cxr",
+                   help="memory runs on the real CXR PNGs (hard-linked) or on generated 48-px PNGs")
+    p.add_argument("--loop-files", type=int, default=10000, help="memory runs: inputs timed in the plain loop")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "score.md"))
     a = p.parse_args()
@@ -370,7 +411,7 @@ def main() -> None:
             s3_files = [f"s3://{f.path}" for f in storage.list_files(storage.resolve(uri))]
             rows.append(bench_set("png (real CXR), local S3", s3_files, model, uri, workdir, env))
     if a.memory:
-        memory = bench_memory([int(n) for n in a.memory.split(",")], model, workdir)
+        memory = bench_memory([int(n) for n in a.memory.split(",")], model, workdir, a.memory_set, a.loop_files)
     report(a.output, rows, memory, model, backend, started)
 
 
@@ -386,7 +427,7 @@ def report(path: str, rows: list[dict], memory: list[dict], model: str, backend:
     if rows:
         lines.append(format_table(rows, list(rows[0])))
     if memory:
-        lines += ["", "## Memory and `ray job submit` (small generated PNGs, sampled every second)", "",
+        lines += ["", "## Memory and `ray job submit` (sampled every second; set: cxr = real CXR PNGs hard-linked, small = generated 48-px PNGs)", "",
                   format_table(memory, list(memory[0]))]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -70,3 +70,36 @@ def make_dataset(output: str, per_class: dict[str, int] | None = None, size: int
             counts[f"{split}/{label}"] = n
     log.info("wrote synthetic chest X-rays to %s: %s", output, counts)
     return counts
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", modality: str = "CR", bits_stored: int = 12,
+                **attributes) -> bytes:
+    """A CR DICOM file (Explicit VR Little Endian) holding uint16 ``pixels``, [rows, cols] or [frames, rows, cols].
+
+    Study/Series/SOP UIDs are fresh; ``attributes`` (e.g. ``PatientName``, ``WindowCenter``) are set as given."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels, dtype=np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = modality, "CHEST", "PA"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -22,6 +22,7 @@ from kdray import KdrayError, storage
 from kdray.data import sample_images
 from kdray.images import ImageLimits
 from kdray.score import ReadPolicy, score_archive
+from kdray.synthetic import dicom_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,29 +56,8 @@ def gif() -> bytes:
 
 
 def dicom(side: int = 64, photometric: str = "MONOCHROME2", frames: int = 1, modality: str = "CR") -> bytes:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.ViewPosition, ds.PatientName = modality, "PA", "Doe^Jane"
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = photometric
     pixels = np.random.default_rng(5).integers(0, 4095, (frames, side, side), dtype=np.uint16)
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.PixelData = pixels.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(pixels if frames > 1 else pixels[0], photometric, modality, PatientName="Doe^Jane")
 
 
 #: name → (bytes, expected reason or None for a prediction)
