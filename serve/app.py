@@ -2,18 +2,22 @@
 
 Endpoints (route prefix ``/``):
 
-* ``POST /predict`` — multipart upload, field ``file`` (PNG/JPEG/… or octet-stream) →
+* ``POST /predict`` — the image as the raw body (``image/png``, ``image/jpeg``, ``application/dicom``,
+  ``application/octet-stream``, ...) or as multipart field ``file`` →
   ``{"label", "probabilities": {class: p}, "covid_suspect": bool|null, "model_id", "backend"}``.
-  400 = undecodable image, 413 = upload too large, 415 = unsupported content type (DICOM too),
-  422 = no ``file`` field.
+  400 ``{"detail", "reason"}`` = refused image, with the shared loader's reason code (``too_small``,
+  ``too_large``, ``not_an_image``, ``unsupported_dicom``, ...); 413 = body over the limit; 415 = a content
+  type that is not an image; 503 + ``Retry-After`` = overloaded (Serve's backpressure).
+* Open Inference Protocol v2 (KServe / Triton REST; :mod:`serve.oip`): ``GET /v2``, ``/v2/health/live``,
+  ``/v2/health/ready``, ``/v2/models/{model}``, ``/v2/models/{model}/ready``; ``POST
+  /v2/models/{model}/infer`` with a BYTES tensor ``image`` of encoded files, JSON (base64) or binary.
 * ``GET /healthz`` — model identity plus this replica's batching counters.
 * ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
 
-Each request is decoded with :func:`kdray.data.decode_image` (the one preprocessing path)
-in its own handler, *before* batching, so a corrupt upload fails alone and never a batch.
-Decoding runs in a worker thread; decoded images are then grouped by ``@serve.batch`` and
-classified with one ``Predictor.probabilities`` call per batch, run *on* the event loop (see
-``StudentClassifier.classify`` for why that gives larger batches than offloading it).
+Each image goes through the shared loader (:func:`kdray.images.load_image`: PNG, JPEG, TIFF, BMP, WebP and
+DICOM, judged by content) in a small thread pool, *before* batching, so a bad upload fails alone and never
+a batch. Decoded images are grouped by ``@serve.batch`` and classified with one ``Predictor.probabilities``
+call per batch, run *on* the event loop (see ``StudentClassifier.classify``). Knobs: :mod:`serve.options`.
 
 Run it:
 
@@ -26,33 +30,29 @@ import asyncio
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
 from kdray import KdrayError
-from kdray.data import decode_image
-from kdray.predictor import BACKENDS, Predictor
+from kdray.images import ImageRefused, load_image
+from kdray.predictor import BACKENDS, Predictor, is_export, read_model_card
+from serve import oip
+from serve.body_limit import BodyLimit
+from serve.options import BATCHING, DECODE_THREADS, DEPLOYMENT, MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "kdray"
-MAX_BATCH_SIZE = 16
-BATCH_WAIT_TIMEOUT_S = 0.01
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-DICOM_TYPES = ("application/dicom", "application/dicom+json", "application/dicom+xml", "image/dicom")
+DEFAULT_MODEL_NAME = "kdray-student"  # a training checkpoint served directly has no model card
 ACCESS_LOG_OFF = {"enable_access_log": False}
-
-#: Defaults of the deployment; serve/config.yaml states the same values (a config file overrides them).
-DEPLOYMENT_DEFAULTS = {
-    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                           "upscale_delay_s": 5, "downscale_delay_s": 30},
-    "max_ongoing_requests": MAX_BATCH_SIZE,
-    "ray_actor_options": {"num_cpus": 0.5},
-}
+DICOM_TYPES = ("application/dicom", "image/dicom")
+RAW_TYPES = ("application/octet-stream",) + DICOM_TYPES
 
 
 class Prediction(BaseModel):
@@ -76,16 +76,20 @@ class Health(BaseModel):
     max_batch_size_seen: int = Field(description="largest batch this replica has run")
 
 
-class ErrorDetail(BaseModel):
+class Refusal(BaseModel):
     detail: str
+    reason: str = Field(description="stable reason code (too_small, too_large, not_an_image, unsupported_dicom, "
+                                    "body_too_large, unsupported_media_type, ...)")
 
 
 fastapi_app = FastAPI(
     title="kdray student classifier",
     description="Chest X-ray classification by the distilled MobileNetV2 student (kdray). "
-                "POST an image to /predict as multipart field `file`.",
-    version="1",
+                "POST an image (PNG, JPEG, DICOM, ...) to /predict, or use the Open Inference Protocol v2 "
+                "routes under /v2.",
+    version="2",
 )
+fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
 def replica_threads() -> int:
@@ -103,20 +107,29 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "application/octet-stream").split(";", 1)[0].strip().lower()
 
 
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+def _refusal(status: int, reason: str, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail, "reason": reason}, status_code=status)
 
 
-@serve.deployment(**DEPLOYMENT_DEFAULTS)
+def _oip_error(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment(**DEPLOYMENT)
 @serve.ingress(fastapi_app)
 class StudentClassifier:
-    """One replica: a loaded :class:`kdray.predictor.Predictor` plus batching counters."""
+    """One replica: a loaded :class:`kdray.predictor.Predictor`, a decode pool and batching counters."""
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None):
         self.threads = max(1, int(threads)) if threads else replica_threads()
         self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
+        if is_export(model_dir):
+            card = read_model_card(model_dir)
+            self.model_name, self.model_version = card.name, card.version
+        else:
+            self.model_name, self.model_version = DEFAULT_MODEL_NAME, self.predictor.model_id
+        self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kdray-decode")
         size = self.predictor.image_size
         # Warm-up: the first request should not pay for lazy initialisation, and a model that
         # cannot run should fail the replica's start, not its first user.
@@ -126,14 +139,14 @@ class StudentClassifier:
                  self.threads)
 
     # -- batching
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    @serve.batch(**BATCHING)
     async def classify(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Probabilities for decoded uint8 [S, S] images: one ``probabilities`` call per batch."""
         # Deliberately blocking (no asyncio.to_thread). serve.batch does not await a batch before
         # forming the next one: it closes the next batch batch_wait_timeout_s after its first
         # arrival, then parks it until the running one is done. With inference in a thread, that
         # next batch is closed while this one runs and holds only the 1-2 requests that arrived in
-        # those 10 ms; blocking the replica's user event loop instead lets every request that
+        # those milliseconds; blocking the replica's user event loop instead lets every request that
         # arrives meanwhile join the next batch (larger batches: docs/architecture.md, "Measured
         # choices"). Health checks run on Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD).
         probs = self.predictor.probabilities(np.stack(images))
@@ -142,6 +155,12 @@ class StudentClassifier:
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(images))
         return list(probs)
 
+    async def _probabilities(self, data: bytes) -> np.ndarray:
+        """Decode one encoded image in the pool (raises ImageRefused), then classify it in a batch."""
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(self.decode_pool, load_image, data, self.predictor.image_size)
+        return await self.classify(loaded.pixels)
+
     def _response(self, probs: np.ndarray) -> dict:
         flags = self.predictor.covid_suspect(probs[None])
         suspect = None if flags is None else bool(flags[0])
@@ -149,31 +168,87 @@ class StudentClassifier:
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
                 "covid_suspect": suspect, "model_id": self.predictor.model_id, "backend": self.predictor.backend}
 
-    # -- HTTP
+    # -- HTTP: /predict
     @fastapi_app.post("/predict", response_model=Prediction,
-                      responses={400: {"model": ErrorDetail, "description": "the upload is not a decodable image"},
-                                 413: {"model": ErrorDetail, "description": "upload too large"},
-                                 415: {"model": ErrorDetail, "description": "unsupported content type"}})
-    async def predict(self, file: UploadFile = File(description="chest X-ray image (PNG, JPEG, …)")) -> dict:
-        media = _media_type(file.content_type)
-        if media in DICOM_TYPES:
-            raise HTTPException(415, f"unsupported content type {media}: DICOM is not supported, "
-                                     "convert the image to PNG or JPEG first")
-        if not (media.startswith("image/") or media == "application/octet-stream"):
-            raise HTTPException(415, f"unsupported content type {media}: upload an image (image/png, image/jpeg, "
-                                     "...) or application/octet-stream")
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
-        if not data:
-            raise HTTPException(400, "cannot decode image: empty upload")
+                      responses={400: {"model": Refusal, "description": "the image was refused (reason code)"},
+                                 413: {"model": Refusal, "description": "body over the size limit"},
+                                 415: {"model": Refusal, "description": "not an image content type"},
+                                 503: {"description": "overloaded; retry after the Retry-After header's seconds"}},
+                      openapi_extra={"requestBody": {"content": {
+                          "image/png": {"schema": {"type": "string", "format": "binary"}},
+                          "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+                          "multipart/form-data": {"schema": {"type": "object", "properties": {
+                              "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
+    async def predict(self, request: Request):
+        media = _media_type(request.headers.get("content-type"))
+        if media == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return _refusal(422, "no_file", "multipart upload has no file field 'file'")
+            data = await upload.read()
+        elif media.startswith("image/") or media in RAW_TYPES:
+            data = await request.body()
+        else:
+            return _refusal(415, "unsupported_media_type",
+                            f"unsupported content type {media[:80]}: send the image itself (image/png, image/jpeg, "
+                            "application/dicom, application/octet-stream) or multipart field 'file'")
         try:
-            image = await asyncio.to_thread(decode_image, data, self.predictor.image_size)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad input
-            raise HTTPException(400, f"cannot decode image: {_one_line(exc)}") from None
-        probs = await self.classify(image)
+            probs = await self._probabilities(data)
+        except ImageRefused as exc:
+            return _refusal(400, exc.reason, str(exc))
         return self._response(probs)
 
+    # -- HTTP: Open Inference Protocol v2
+    @fastapi_app.get("/v2")
+    async def oip_server(self) -> dict:
+        return oip.server_metadata(self.model_version)
+
+    @fastapi_app.get("/v2/health/live")
+    async def oip_live(self) -> dict:
+        return {"live": True}
+
+    @fastapi_app.get("/v2/health/ready")
+    async def oip_ready(self) -> dict:
+        return {"ready": True}
+
+    @fastapi_app.get("/v2/models/{model}")
+    async def oip_model(self, model: str):
+        if model != self.model_name:
+            return self._unknown_model(model)
+        return oip.model_metadata(self.model_name, self.model_version, self.classes,
+                                  oip.platform_of(self.predictor.backend))
+
+    @fastapi_app.get("/v2/models/{model}/ready")
+    async def oip_model_ready(self, model: str):
+        return self._unknown_model(model) if model != self.model_name else {"name": model, "ready": True}
+
+    @fastapi_app.post("/v2/models/{model}/infer")
+    async def oip_infer(self, model: str, request: Request):
+        if model != self.model_name:
+            return self._unknown_model(model)
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            return _oip_error("compressed request bodies are not supported: send it uncompressed", 415)
+        try:
+            infer = oip.parse_infer_request(await request.body(), request.headers.get(oip.HEADER_LENGTH))
+        except oip.OipError as exc:
+            return _oip_error(str(exc))
+        results = await asyncio.gather(*(self._probabilities(d) for d in infer.images), return_exceptions=True)
+        for index, result in enumerate(results):
+            if isinstance(result, ImageRefused):
+                return _oip_error(f"{oip.INPUT_NAME}[{index}] refused ({result.reason}): {result}")
+            if isinstance(result, BaseException):
+                raise result
+        probs = np.stack(results)
+        labels = [self.classes[i] for i in probs.argmax(1)]
+        body, headers = oip.encode_infer_response(self.model_name, self.model_version, infer, probs, labels)
+        return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},
+                        media_type=headers["content-type"])
+
+    def _unknown_model(self, model: str) -> JSONResponse:
+        return _oip_error(f"unknown model {model[:80]!r}; this server serves {self.model_name!r}", 404)
+
+    # -- HTTP: health and index
     @fastapi_app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok", "model_id": self.predictor.model_id, "backend": self.predictor.backend,
@@ -184,7 +259,8 @@ class StudentClassifier:
     @fastapi_app.get("/")
     async def index(self) -> dict:
         return {"service": "kdray student classifier", "docs": "/docs", "openapi": "/openapi.json",
-                "predict": "POST /predict (multipart field 'file')", "health": "/healthz"}
+                "predict": "POST /predict (the image as the body, or multipart field 'file')",
+                "open_inference_protocol": f"/v2/models/{self.model_name}", "health": "/healthz"}
 
 
 # -- building and deploying
@@ -203,16 +279,36 @@ def _resolve_model_dir(model_dir: str) -> str:
     return path
 
 
-def build_app(model_dir: str, backend: str = "auto", threads: int | None = None, **deployment_options) -> Application:
-    """The bound application; ``deployment_options`` override :data:`DEPLOYMENT_DEFAULTS`."""
+def deployment_options(max_replicas: int | None = None, num_cpus: float | None = None, **overrides) -> dict:
+    """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied."""
+    options = {key: (dict(value) if isinstance(value, dict) else value) for key, value in DEPLOYMENT.items()}
+    if max_replicas is not None:
+        scaling = options["autoscaling_config"]
+        scaling["max_replicas"] = int(max_replicas)
+        scaling["min_replicas"] = min(scaling["min_replicas"], int(max_replicas))
+    if num_cpus is not None:
+        options["ray_actor_options"] = {**options["ray_actor_options"], "num_cpus": float(num_cpus)}
+    options.update(overrides)
+    return options
+
+
+def build_app(model_dir: str, backend: str = "auto", threads: int | None = None, **deployment_overrides) -> Application:
+    """The bound application; ``deployment_overrides`` go to :func:`deployment_options`."""
     if backend not in BACKENDS:
         raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    deployment = StudentClassifier.options(**deployment_options) if deployment_options else StudentClassifier
+    options = deployment_options(**deployment_overrides)
+    deployment = StudentClassifier.options(**options) if options != DEPLOYMENT else StudentClassifier
     return deployment.bind(_resolve_model_dir(model_dir), backend, threads)
 
 
+APP_ARGS = ("model_dir", "backend", "threads", "max_replicas", "num_cpus")
+
+
 def app_builder(args: dict) -> Application:
-    """Builder for ``serve run serve.app:app_builder model_dir=... [backend=...]`` and config files."""
+    """Builder for ``serve run serve.app:app_builder model_dir=... [backend=...]`` and config files.
+
+    ``max_replicas`` and ``num_cpus`` (per replica) are the environment's knobs (a KubeRay RayService sets
+    them); everything else about the deployment comes from :mod:`serve.options`."""
     args = dict(args or {})
     model_dir = args.pop("model_dir", None)
     if not model_dir:
@@ -221,27 +317,34 @@ def app_builder(args: dict) -> Application:
                          "applications[].args.model_dir in a config file")
     backend = str(args.pop("backend", None) or "auto")
     threads = args.pop("threads", None)
+    environment = {}
+    try:
+        for key, kind in (("max_replicas", int), ("num_cpus", float)):
+            if args.get(key) is not None:
+                environment[key] = kind(args.pop(key))
+    except (TypeError, ValueError):
+        raise KdrayError("serve.app:app_builder: max_replicas must be an integer and num_cpus a number") from None
     if args:
         raise KdrayError(f"serve.app:app_builder: unknown argument(s) {', '.join(sorted(args))}; "
-                         "expected model_dir, backend, threads")
-    return build_app(str(model_dir), backend, int(threads) if threads else None)
+                         f"expected {', '.join(APP_ARGS)}")
+    return build_app(str(model_dir), backend, int(threads) if threads else None, **environment)
 
 
 def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_replicas: int | None = None,
-           num_cpus: float | None = None, threads: int | None = None, name: str = APP_NAME) -> str:
+           num_cpus: float | None = None, threads: int | None = None, name: str = APP_NAME,
+           route_prefix: str = "/", **deployment_overrides) -> str:
     """Start Serve on 127.0.0.1:``port`` (joining or starting Ray), deploy the student, return its base URL.
 
-    ``num_replicas`` fixes the replica count (autoscaling off); ``num_cpus`` sets each replica's CPUs.
+    ``num_replicas`` fixes the replica count (autoscaling off); ``num_cpus`` sets each replica's CPUs;
+    other deployment options (e.g. ``max_queued_requests``) override :mod:`serve.options`.
     If Serve is already running, its existing HTTP address is kept and returned.
     """
     from kdray.raycluster import init_ray
 
-    options: dict = {}
+    options = dict(deployment_overrides)
     if num_replicas is not None:
         options.update(num_replicas=int(num_replicas), autoscaling_config=None)
-    if num_cpus is not None:
-        options["ray_actor_options"] = {"num_cpus": float(num_cpus)}
-    app = build_app(model_dir, backend, threads, **options)
+    app = build_app(model_dir, backend, threads, num_cpus=num_cpus, **options)
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)}, proxy_location="HeadOnly",
                 logging_config=ACCESS_LOG_OFF)
@@ -256,5 +359,5 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
         pass
     if actual_port != int(port):
         log.warning("Serve was already running on port %d; port %d was not applied", actual_port, port)
-    serve.run(app, name=name, route_prefix="/", logging_config=ACCESS_LOG_OFF)
-    return f"http://{host}:{actual_port}"
+    serve.run(app, name=name, route_prefix=route_prefix, logging_config=ACCESS_LOG_OFF)
+    return f"http://{host}:{actual_port}{route_prefix.rstrip('/')}"

@@ -8,7 +8,9 @@ loopback port, with one replica.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,12 +58,24 @@ def test_config_validates_and_import_path_resolves() -> None:
     assert app.args["model_dir"]
     module, _, attr = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    (dep,) = app.deployments
-    assert dep.name == "StudentClassifier"
-    assert dep.max_ongoing_requests == 16
-    assert dep.ray_actor_options.num_cpus == 0.5
-    assert dep.autoscaling_config["max_replicas"] == 2
+    assert not app.deployments  # the deployment's knobs come from serve/options.py alone
     assert app.logging_config.enable_access_log is False
+
+
+def test_deployment_options_have_one_source() -> None:
+    from serve import options
+    from serve.app import StudentClassifier, app_builder, deployment_options
+
+    config = StudentClassifier._deployment_config  # what @serve.deployment made of serve.options.DEPLOYMENT
+    assert config.max_ongoing_requests == options.DEPLOYMENT["max_ongoing_requests"]
+    assert config.max_queued_requests == options.DEPLOYMENT["max_queued_requests"]
+    assert config.backpressure_config.status_code == 503 and config.backpressure_config.retry_after_s >= 1
+    scaled = deployment_options(max_replicas=4, num_cpus=1)
+    assert scaled["autoscaling_config"] == {**options.DEPLOYMENT["autoscaling_config"], "max_replicas": 4}
+    assert scaled["ray_actor_options"]["num_cpus"] == 1.0
+    assert options.DEPLOYMENT["autoscaling_config"]["max_replicas"] != 4  # the defaults were not mutated
+    app = app_builder({"model_dir": str(REPO_ROOT), "max_replicas": "4", "num_cpus": "1"})
+    assert app._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
 
 
 def test_app_builder(tmp_path: Path) -> None:
@@ -141,21 +155,141 @@ def test_predict_png(base_url: str, served) -> None:
     assert _predict(base_url, _png(2, mode="RGB"), "application/octet-stream", "x.bin").status_code == 200
 
 
-@pytest.mark.integration
-def test_bad_uploads_then_still_serving(base_url: str) -> None:
+def _raw(url: str, data, content_type: str = "image/png", path: str = "/predict"):
     import requests
 
-    corrupt = _predict(base_url, b"\x89PNG\r\n\x1a\n definitely not a png")
-    assert corrupt.status_code == 400 and corrupt.json()["detail"].startswith("cannot decode image")
-    truncated = _predict(base_url, _png(3)[:60])
-    assert truncated.status_code == 400 and "cannot decode" in truncated.json()["detail"]
-    text = _predict(base_url, b"hello", "text/plain", "notes.txt")
-    assert text.status_code == 415 and "text/plain" in text.json()["detail"]
-    dicom = _predict(base_url, b"DICM", "application/dicom", "x.dcm")
-    assert dicom.status_code == 415 and "DICOM" in dicom.json()["detail"]
+    return requests.post(f"{url}{path}", data=data, headers={"content-type": content_type}, timeout=120)
+
+
+def _dicom(side: int = 64, **attributes) -> bytes:
+    from kdray.synthetic import dicom_bytes
+
+    pixels = np.random.default_rng(side).integers(0, 4095, (side, side), dtype=np.uint16)
+    return dicom_bytes(pixels, **attributes)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR saying width × height, and nothing else: refused from the header."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+@pytest.mark.integration
+def test_raw_bodies_and_dicom(base_url: str) -> None:
+    as_raw = _raw(base_url, _png(1))
+    assert as_raw.status_code == 200 and as_raw.json() == _predict(base_url, _png(1)).json()
+    for data, kind in ((_dicom(), "application/dicom"), (_dicom(), "application/octet-stream"),
+                       (_dicom(photometric="MONOCHROME1"), "image/png")):  # DICOM is judged by content
+        resp = _raw(base_url, data, kind)
+        assert resp.status_code == 200, resp.text
+        assert list(resp.json()["probabilities"]) == CLASSES
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("data, reason", [
+    (b"\x89PNG\r\n\x1a\n definitely not a png", "truncated"),
+    (b"hello, not an image", "not_an_image"),
+    (b"", "not_an_image"),
+    ("one-pixel", "too_small"),
+    ("144-megapixels", "too_large"),
+    ("dicom-ct", "wrong_modality"),
+])
+def test_refused_images_get_400_with_the_reason(base_url: str, data, reason: str) -> None:
+    from PIL import Image
+
+    if data == "one-pixel":
+        buf = io.BytesIO()
+        Image.new("L", (1, 1)).save(buf, format="PNG")
+        data = buf.getvalue()
+    elif data == "144-megapixels":
+        data = _png_header_only(12000, 12000)
+    elif data == "dicom-ct":
+        data = _dicom(modality="CT")
+    resp = _raw(base_url, data, "application/octet-stream")
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["reason"] == reason
+    assert "object at 0x" not in body["detail"] and "BytesIO" not in body["detail"]
+
+
+@pytest.mark.integration
+def test_bad_requests_then_still_serving(base_url: str) -> None:
+    import requests
+
+    text = _predict(base_url, b"hello", "text/plain", "notes.txt")  # multipart parts are judged by content
+    assert text.status_code == 400 and text.json()["reason"] == "not_an_image"
+    plain = _raw(base_url, b"hello", "text/plain")
+    assert plain.status_code == 415 and plain.json()["reason"] == "unsupported_media_type"
     missing = requests.post(f"{base_url}/predict", data={"other": "x"}, timeout=30)
     assert missing.status_code == 422
-    assert _predict(base_url, _png(4)).status_code == 200
+    assert _raw(base_url, _png(4)).status_code == 200
+
+
+@pytest.mark.integration
+def test_bodies_over_the_limit_get_413(base_url: str, monkeypatch) -> None:
+    from serve.options import MAX_BODY_BYTES
+
+    big = b"\0" * (MAX_BODY_BYTES + 1)
+    declared = _raw(base_url, big, "application/octet-stream")
+    assert declared.status_code == 413 and declared.json()["reason"] == "body_too_large"
+
+    def chunks():  # no Content-Length: Transfer-Encoding chunked
+        for start in range(0, len(big), 1 << 20):
+            yield big[start:start + (1 << 20)]
+
+    streamed = _raw(base_url, chunks(), "application/octet-stream")
+    assert streamed.status_code == 413 and streamed.json()["reason"] == "body_too_large"
+    assert _raw(base_url, _png(5)).status_code == 200
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("binary", [True, False])
+def test_open_inference_protocol_with_tritonclient(base_url: str, exported_student, binary: bool) -> None:
+    """An unmodified tritonclient classifies a PNG and a DICOM in one request, in binary and in JSON mode."""
+    from urllib.parse import urlsplit
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    name = exported_student[1].name
+    client = httpclient.InferenceServerClient(urlsplit(base_url).netloc)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    meta = client.get_model_metadata(name)
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "probabilities": ("FP32", [-1, len(CLASSES)]), "label": ("BYTES", [-1])}
+    assert meta["platform"] == "onnxruntime_onnx"
+
+    files = [_png(7), _dicom()]
+    values = files if binary else [base64.b64encode(f) for f in files]
+    tensor = httpclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+    result = client.infer(name, [tensor], outputs=outputs)
+    probs = result.as_numpy("probabilities")
+    labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+    assert probs.shape == (2, len(CLASSES)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert labels == [CLASSES[i] for i in probs.argmax(1)]
+    expected = [_raw(base_url, f, "application/octet-stream").json()["probabilities"] for f in files]
+    assert np.allclose(probs, [[e[c] for c in CLASSES] for e in expected], atol=1e-6)
+
+
+@pytest.mark.integration
+def test_open_inference_protocol_errors(base_url: str, exported_student) -> None:
+    import requests
+
+    name = exported_student[1].name
+    unknown = requests.get(f"{base_url}/v2/models/resnet", timeout=30)
+    assert unknown.status_code == 404 and name in unknown.json()["error"]
+    bad = requests.post(f"{base_url}/v2/models/{name}/infer", data=b"{oops", timeout=30)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+    tiny = _raw(base_url, json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [
+        base64.b64encode(b"not an image").decode()]}]}), "application/json",
+        f"/v2/models/{name}/infer")
+    assert tiny.status_code == 400 and "image[0] refused (not_an_image)" in tiny.json()["error"]
+    assert requests.get(f"{base_url}/v2/health/live", timeout=30).status_code == 200
+    assert requests.get(f"{base_url}/v2", timeout=30).json()["extensions"] == ["binary_tensor_data"]
 
 
 @pytest.mark.integration
@@ -186,3 +320,28 @@ def test_concurrent_requests_are_batched(base_url: str) -> None:
             break
     assert health["max_batch_size_seen"] > 1, health
     assert health["batched_images"] > health["batches"]
+
+
+@pytest.mark.integration
+def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url) -> None:
+    """One request at a time, one queued: the rest of a burst gets 503 + Retry-After at once, never another 5xx."""
+    from ray import serve
+
+    from serve.app import deploy
+
+    port = int(base_url.rsplit(":", 1)[1])
+    url = deploy(exported_student[0], port=port, num_replicas=1, name="kdray-overload", route_prefix="/overload",
+                 max_ongoing_requests=1, max_queued_requests=1)
+    try:
+        burst = [_dicom(256) for _ in range(24)]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(burst)) as pool:
+                responses = list(pool.map(lambda data: _raw(url, data, "application/dicom"), burst))
+            codes = [r.status_code for r in responses]
+            if 503 in codes:
+                break
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    finally:
+        serve.delete("kdray-overload")

@@ -1,0 +1,204 @@
+"""Serving under load: kdray Serve against the plain uvicorn anchor, in one run, same loader and model.
+
+    python bench/serve.py                                   # anchor, then kdray Serve with its defaults
+    python bench/serve.py --sides kdray --serve-env RAY_SERVE_ENABLE_DIRECT_INGRESS=1   # one lever
+
+Both sides serve a random-weights 224-px student exported by kdray (speed does not depend on the weights)
+and get the same chest X-ray PNG (the real CXR file closest to 30 kB), POSTed as the raw body to
+``/predict``, by the closed-loop client in ``bench/load.py`` (every status, latency and connection error is
+recorded; its own CPU use is printed beside the numbers). Each side runs:
+
+1. a ladder of client counts (``--levels``); its peak is the best 200-only req/s;
+2. an offered rate of half that peak (paced clients): p99 and 503s there;
+3. four times the peak's client count: goodput and how fast the excess is shed (503 + Retry-After);
+
+and for kdray, the replica count every second, through the load and ``--cooldown`` seconds after it.
+
+The anchor is ``bench/serve_anchor.py``: FastAPI + uvicorn, 2 workers, 1 inference thread each.
+Results: ``bench/results/serve.md`` (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.load import run_level  # noqa: E402
+from bench.machine import cpu_flags, machine  # noqa: E402
+from bench.score import CXR, export_random_student  # noqa: E402
+from kdray.evaluate import format_table  # noqa: E402
+
+HOLDER = """
+import json, sys, time
+from ray import serve
+from serve.app import APP_NAME, deploy
+print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2]))}), flush=True)
+while True:
+    try:
+        app = serve.status().applications[APP_NAME]
+        states = app.deployments["StudentClassifier"].replica_states
+        print(json.dumps({"t": time.time(), "replicas": int(states.get("RUNNING", 0))}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"t": time.time(), "error": type(exc).__name__}), flush=True)
+    time.sleep(1.0)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pick_image() -> Path:
+    files = sorted(CXR.glob("*/*/*.png"))
+    if not files:
+        raise SystemExit(f"no PNGs under {CXR}")
+    return min(files[:5000], key=lambda f: abs(f.stat().st_size - 30_000))
+
+
+def wait_ready(url: str, body: bytes, timeout: float = 180.0) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.post(url, data=body, headers={"content-type": "image/png"}, timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+class Replicas(threading.Thread):
+    """Reads the holder's replica counts; keeps (seconds since start, count) at every change."""
+
+    def __init__(self, stream, started: float):
+        super().__init__(daemon=True)
+        self.stream, self.started, self.changes = stream, started, []
+
+    def run(self) -> None:
+        for line in self.stream:
+            row = json.loads(line)
+            if "replicas" in row and (not self.changes or self.changes[-1][1] != row["replicas"]):
+                self.changes.append((round(row["t"] - self.started), row["replicas"]))
+
+
+def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list) -> list[dict]:
+    rows = []
+
+    def level(clients: int, rate: float | None, what: str) -> dict:
+        marks.append((time.time(), f"{what} ({clients} clients)"))
+        row = {"side": label, "load": what, **run_level(url, body, "image/png", clients, duration, rate).summary()}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        return row
+
+    for clients in levels:
+        level(clients, None, "ladder")
+    peak = max(rows, key=lambda r: r["ok req/s"])
+    level(peak["clients"], peak["ok req/s"] / 2, "half the peak rate")
+    level(4 * peak["clients"], None, "4x the peak's clients")
+    return rows
+
+
+def bench_anchor(model: str, body: bytes, a) -> list[dict]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.serve_anchor:app", "--workers", "2",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                             "--no-access-log"], cwd=REPO, env={**os.environ, "KDRAY_ANCHOR_MODEL": model,
+                                                                "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        wait_ready(url, body)
+        return ladder(url, body, a.levels, a.duration, "plain uvicorn", [])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in a.serve_env)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_port())], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    started, marks = time.time(), []
+    try:
+        url = json.loads(proc.stdout.readline())["url"] + "/predict"
+        replicas = Replicas(proc.stdout, started)
+        replicas.start()
+        wait_ready(url, body)
+        rows = ladder(url, body, a.levels, a.duration, "kdray Serve", marks)
+        marks.append((time.time(), "load stopped"))
+        time.sleep(a.cooldown)
+        return rows, replicas.changes, [(round(t - started), what) for t, what in marks]
+    finally:
+        proc.send_signal(signal.SIGINT)  # the holder's exit shuts its local Ray down
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sides", default="anchor,kdray")
+    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32, 64, 128])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    p.add_argument("--cooldown", type=float, default=75.0, help="seconds to watch replicas after the load")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the Ray/Serve processes (e.g. RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
+    p.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.md"))
+    a = p.parse_args()
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = export_random_student(workdir, 224)
+    image = pick_image()
+    body = image.read_bytes()
+    started = dt.datetime.now(dt.timezone.utc)
+    rows, replicas, marks = [], [], []
+    if "anchor" in a.sides:
+        rows += bench_anchor(model, body, a)
+    if "kdray" in a.sides:
+        kd_rows, replicas, marks = bench_kdray(model, body, a)
+        rows += kd_rows
+    report(a, rows, replicas, marks, image, started)
+
+
+def report(a, rows: list[dict], replicas: list, marks: list, image: Path, started) -> None:
+    peaks = {side: max(r["ok req/s"] for r in rows if r["side"] == side) for side in {r["side"] for r in rows}}
+    lines = [f"# Serving benchmark ({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {machine()}",
+             f"CPU flags: {cpu_flags()}", "",
+             f"Image: `{image.name}` ({image.stat().st_size} bytes, a real CXR PNG), POSTed raw to /predict. "
+             f"{a.duration:.0f} s per level. Serve env: {' '.join(a.serve_env) or '(defaults)'}.", "",
+             "Peaks (200s only): " + ", ".join(f"{side} {v:.0f} req/s" for side, v in sorted(peaks.items())), ""]
+    if len(peaks) == 2:
+        lines += [f"kdray / anchor peak: {peaks['kdray Serve'] / peaks['plain uvicorn']:.2f}", ""]
+    table = [{k: v for k, v in r.items() if k != "statuses"} | {"statuses": json.dumps(r["statuses"])}
+             for r in rows]
+    lines += [format_table(table, list(table[0])), ""]
+    if replicas:
+        lines += ["kdray replicas (seconds since start, count at each change): "
+                  + ", ".join(f"{t} s: {n}" for t, n in replicas),
+                  "Load marks: " + ", ".join(f"{t} s: {what}" for t, what in marks), ""]
+    lines.append(f"`python bench/serve.py {' '.join(sys.argv[1:])}`")
+    Path(a.output).write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.output}")
+
+
+if __name__ == "__main__":
+    main()
