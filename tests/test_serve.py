@@ -168,15 +168,6 @@ def _dicom(side: int = 64, **attributes) -> bytes:
     return dicom_bytes(pixels, **attributes)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR saying width × height, and nothing else: refused from the header."""
-    import struct
-    import zlib
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-
-
 @pytest.mark.integration
 def test_raw_bodies_and_dicom(base_url: str) -> None:
     as_raw = _raw(base_url, _png(1))
@@ -205,7 +196,9 @@ def test_refused_images_get_400_with_the_reason(base_url: str, data, reason: str
         Image.new("L", (1, 1)).save(buf, format="PNG")
         data = buf.getvalue()
     elif data == "144-megapixels":
-        data = _png_header_only(12000, 12000)
+        from test_images import _png_header_says
+
+        data = _png_header_says(12000, 12000)
     elif data == "dicom-ct":
         data = _dicom(modality="CT")
     resp = _raw(base_url, data, "application/octet-stream")
@@ -223,8 +216,10 @@ def test_bad_requests_then_still_serving(base_url: str) -> None:
     assert text.status_code == 400 and text.json()["reason"] == "not_an_image"
     plain = _raw(base_url, b"hello", "text/plain")
     assert plain.status_code == 415 and plain.json()["reason"] == "unsupported_media_type"
-    missing = requests.post(f"{base_url}/predict", data={"other": "x"}, timeout=30)
-    assert missing.status_code == 422
+    missing = requests.post(f"{base_url}/predict", files={"other": (None, "x")}, timeout=30)  # multipart, no file
+    assert missing.status_code == 422 and missing.json()["reason"] == "no_file"
+    form = requests.post(f"{base_url}/predict", data={"file": "x"}, timeout=30)  # a url-encoded form
+    assert form.status_code == 415
     assert _raw(base_url, _png(4)).status_code == 200
 
 
