@@ -45,7 +45,8 @@ HOLDER = """
 import json, sys, time
 from ray import serve
 from serve.app import APP_NAME, deploy
-print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2]))}), flush=True)
+print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2])),
+                  "proxy": "http://127.0.0.1:" + sys.argv[2]}), flush=True)
 while True:
     try:
         app = serve.status().applications[APP_NAME]
@@ -137,11 +138,15 @@ def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
                             stdout=subprocess.PIPE, text=True)
     started, marks = time.time(), []
     try:
-        url = json.loads(proc.stdout.readline())["url"] + "/predict"
+        urls = json.loads(proc.stdout.readline())
+        url = urls["url"] + "/predict"
         replicas = Replicas(proc.stdout, started)
         replicas.start()
         wait_ready(url, body)
-        rows = ladder(url, body, a.levels, a.duration, "kdray Serve", marks)
+        direct = urls["url"] != urls["proxy"]
+        rows = ladder(url, body, a.levels, a.duration, "kdray Serve" + (" (direct ingress)" if direct else ""), marks)
+        if direct and a.proxy_too:
+            rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration, "kdray Serve via its proxy", marks)
         marks.append((time.time(), "load stopped"))
         time.sleep(a.cooldown)
         return rows, replicas.changes, [(round(t - started), what) for t, what in marks]
@@ -159,6 +164,7 @@ def main() -> None:
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     p.add_argument("--cooldown", type=float, default=75.0, help="seconds to watch replicas after the load")
+    p.add_argument("--proxy-too", type=int, default=1, help="with direct ingress, also load Serve's proxy (1/0)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray/Serve processes (e.g. RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
@@ -186,8 +192,10 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
              f"Image: `{image.name}` ({image.stat().st_size} bytes, a real CXR PNG), POSTed raw to /predict. "
              f"{a.duration:.0f} s per level. Serve env: {' '.join(a.serve_env) or '(defaults)'}.", "",
              "Peaks (200s only): " + ", ".join(f"{side} {v:.0f} req/s" for side, v in sorted(peaks.items())), ""]
-    if len(peaks) == 2:
-        lines += [f"kdray / anchor peak: {peaks['kdray Serve'] / peaks['plain uvicorn']:.2f}", ""]
+    anchor = peaks.get("plain uvicorn")
+    if anchor:
+        lines += [f"{side} / anchor peak: {v / anchor:.2f}" for side, v in sorted(peaks.items()) if side != "plain uvicorn"]
+        lines.append("")
     table = [{k: v for k, v in r.items() if k != "statuses"} | {"statuses": json.dumps(r["statuses"])}
              for r in rows]
     lines += [format_table(table, list(table[0])), ""]

@@ -35,6 +35,10 @@ EXTRA_ARGS="${KDRAY_RAY_EXTRA_ARGS:-}"
 # the machine's routable address).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# Serve replicas also answer HTTP on their own port (30000 and up), one Python hop fewer than through
+# Serve's proxy (bench/results/serve.md); read by Serve as the node starts. kdray.raycluster.NODE_ENV
+# sets the same for the local Ray it starts.
+export RAY_SERVE_ENABLE_DIRECT_INGRESS="${RAY_SERVE_ENABLE_DIRECT_INGRESS:-1}"
 
 find_ray() {
     if [[ -n "${RAY_BIN:-}" ]]; then

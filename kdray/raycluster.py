@@ -29,6 +29,13 @@ def worker_env_vars() -> dict[str, str]:
     return {**WORKER_ENV_DEFAULTS, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
 
 
+#: Environment of a Ray node kdray starts (the same as cluster/local_head.sh and the KubeRay pods set).
+#: Direct ingress: Serve replicas answer HTTP on their own port (127.0.0.1:30000 and up here), one Python
+#: hop fewer than through Serve's proxy, which keeps running and balancing all replicas
+#: (bench/results/serve.md).
+NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else.
 
@@ -45,6 +52,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting a local Ray on 127.0.0.1")
+        for key, value in NODE_ENV.items():  # read by Ray's processes as they start: set where the node starts
+            os.environ.setdefault(key, value)
         runtime_env["worker_process_setup_hook"] = "kdray.raycluster.drop_state_api_warnings"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  runtime_env=runtime_env, configure_logging=False)

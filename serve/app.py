@@ -1,4 +1,4 @@
-"""Ray Serve app: the distilled student behind a FastAPI ingress, with dynamic batching.
+"""Ray Serve app: the distilled student behind a FastAPI ingress.
 
 Endpoints (route prefix ``/``):
 
@@ -11,13 +11,18 @@ Endpoints (route prefix ``/``):
 * Open Inference Protocol v2 (KServe / Triton REST; :mod:`serve.oip`): ``GET /v2``, ``/v2/health/live``,
   ``/v2/health/ready``, ``/v2/models/{model}``, ``/v2/models/{model}/ready``; ``POST
   /v2/models/{model}/infer`` with a BYTES tensor ``image`` of encoded files, JSON (base64) or binary.
-* ``GET /healthz`` — model identity plus this replica's batching counters.
+* ``GET /healthz`` — model identity plus this replica's counters (model calls, images).
 * ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
 
 Each image goes through the shared loader (:func:`kdray.images.load_image`: PNG, JPEG, TIFF, BMP, WebP and
-DICOM, judged by content) in a small thread pool, *before* batching, so a bad upload fails alone and never
-a batch. Decoded images are grouped by ``@serve.batch`` and classified with one ``Predictor.probabilities``
-call per batch, run *on* the event loop (see ``StudentClassifier.classify``). Knobs: :mod:`serve.options`.
+DICOM, judged by content) in a small thread pool, never on the event loop, so a bad upload fails alone. On a
+CPU the same pool thread classifies it (single-threaded inference, no batching: it does not pay there); on a
+GPU decoded images are grouped by ``@serve.batch``. Knobs: :mod:`serve.options`.
+
+With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` where the Ray nodes start (kdray's local Ray,
+``cluster/local_head.sh`` and the KubeRay pods set it), each replica also answers HTTP on its own port
+(30000 and up): :func:`deploy` returns that address when there is one replica. Serve's proxy keeps
+serving the same routes and balances all replicas.
 
 Run it:
 
@@ -30,6 +35,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,8 +49,9 @@ from kdray import KdrayError
 from kdray.images import ImageRefused, load_image
 from kdray.predictor import BACKENDS, Predictor, is_export, read_model_card
 from serve import oip
+from serve.admission import Admission
 from serve.body_limit import BodyLimit
-from serve.options import BATCHING, DECODE_THREADS, DEPLOYMENT, MAX_BODY_BYTES
+from serve.options import ADMISSION, BATCHING, DEPLOYMENT, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,7 @@ class Health(BaseModel):
     classes: list[str]
     image_size: int
     threads: int
+    batching: bool = Field(description="images grouped into batches (on a GPU), else one image per call")
     batches: int = Field(description="batches this replica has run")
     batched_images: int = Field(description="images this replica has classified")
     max_batch_size_seen: int = Field(description="largest batch this replica has run")
@@ -90,10 +98,11 @@ fastapi_app = FastAPI(
     version="2",
 )
 fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+fastapi_app.add_middleware(Admission, retry_after_s=DEPLOYMENT["backpressure_config"]["retry_after_s"], **ADMISSION)
 
 
-def replica_threads() -> int:
-    """Inference threads for this process: the CPUs Ray assigned to it, rounded up, at least 1."""
+def replica_cpus() -> int:
+    """The CPUs Ray assigned to this process, rounded up, at least 1."""
     try:
         import ray
 
@@ -101,6 +110,11 @@ def replica_threads() -> int:
     except Exception:  # noqa: BLE001 - outside a Ray worker
         cpus = 0.0
     return max(1, math.ceil(cpus))
+
+
+def _on_gpu(predictor: Predictor) -> bool:
+    device = getattr(predictor, "device", None)
+    return device is not None and getattr(device, "type", "") == "cuda"
 
 
 def _media_type(content_type: str | None) -> str:
@@ -120,28 +134,36 @@ def _oip_error(message: str, status: int = 400) -> JSONResponse:
 class StudentClassifier:
     """One replica: a loaded :class:`kdray.predictor.Predictor`, a decode pool and batching counters."""
 
-    def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None):
-        self.threads = max(1, int(threads)) if threads else replica_threads()
-        self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
+    def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None,
+                 batching: str | bool = BATCHING["enabled"]):
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # On a CPU each request is decoded and classified in one pass by one of WORKER_THREADS pool threads,
+        # single-threaded: batching does not pay there (docs/architecture.md, "Measured choices"). On a GPU
+        # images are decoded in the pool and batched (@serve.batch), with the replica's CPUs for the batch.
+        self.predictor = Predictor.load(model_dir, backend=backend, threads=threads or 1)
+        self.batching = _on_gpu(self.predictor) if batching == "auto" else bool(batching)
+        self.threads = max(1, int(threads)) if threads else (replica_cpus() if self.batching else 1)
+        if self.batching and self.threads != (threads or 1):
+            self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
         if is_export(model_dir):
             card = read_model_card(model_dir)
             self.model_name, self.model_version = card.name, card.version
         else:
             self.model_name, self.model_version = DEFAULT_MODEL_NAME, self.predictor.model_id
-        self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kdray-decode")
+        self.pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="kdray-image")
         size = self.predictor.image_size
         # Warm-up: the first request should not pay for lazy initialisation, and a model that
         # cannot run should fail the replica's start, not its first user.
         self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
         self.batches = self.batched_images = self.max_batch_size_seen = 0
-        log.info("kdray student %s (%s, %d threads) ready", self.predictor.model_id, self.predictor.backend,
-                 self.threads)
+        log.info("kdray student %s (%s, %d threads, batching %s) ready", self.predictor.model_id,
+                 self.predictor.backend, self.threads, "on" if self.batching else "off")
 
-    # -- batching
-    @serve.batch(**BATCHING)
+    # -- classifying
+    @serve.batch(max_batch_size=BATCHING["max_batch_size"], batch_wait_timeout_s=BATCHING["batch_wait_timeout_s"])
     async def classify(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Probabilities for decoded uint8 [S, S] images: one ``probabilities`` call per batch."""
+        """Probabilities for decoded uint8 [S, S] images: one ``probabilities`` call per batch (GPU path)."""
         # Deliberately blocking (no asyncio.to_thread). serve.batch does not await a batch before
         # forming the next one: it closes the next batch batch_wait_timeout_s after its first
         # arrival, then parks it until the running one is done. With inference in a thread, that
@@ -150,15 +172,26 @@ class StudentClassifier:
         # arrives meanwhile join the next batch (larger batches: docs/architecture.md, "Measured
         # choices"). Health checks run on Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD).
         probs = self.predictor.probabilities(np.stack(images))
-        self.batches += 1
-        self.batched_images += len(images)
-        self.max_batch_size_seen = max(self.max_batch_size_seen, len(images))
+        self._count(len(images))
         return list(probs)
 
+    def _classify_now(self, data: bytes) -> np.ndarray:
+        """Decode and classify one image in the calling (pool) thread (CPU path)."""
+        probs = self.predictor.probabilities(load_image(data, self.predictor.image_size).pixels[None])[0]
+        self._count(1)
+        return probs
+
+    def _count(self, images: int) -> None:
+        self.batches += 1
+        self.batched_images += images
+        self.max_batch_size_seen = max(self.max_batch_size_seen, images)
+
     async def _probabilities(self, data: bytes) -> np.ndarray:
-        """Decode one encoded image in the pool (raises ImageRefused), then classify it in a batch."""
+        """Probabilities for one encoded image; raises ImageRefused. Decoding never runs on the event loop."""
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(self.decode_pool, load_image, data, self.predictor.image_size)
+        if not self.batching:
+            return await loop.run_in_executor(self.pool, self._classify_now, data)
+        loaded = await loop.run_in_executor(self.pool, load_image, data, self.predictor.image_size)
         return await self.classify(loaded.pixels)
 
     def _response(self, probs: np.ndarray) -> dict:
@@ -253,7 +286,7 @@ class StudentClassifier:
     async def healthz(self) -> dict:
         return {"status": "ok", "model_id": self.predictor.model_id, "backend": self.predictor.backend,
                 "classes": self.classes, "image_size": self.predictor.image_size, "threads": self.threads,
-                "batches": self.batches, "batched_images": self.batched_images,
+                "batching": self.batching, "batches": self.batches, "batched_images": self.batched_images,
                 "max_batch_size_seen": self.max_batch_size_seen}
 
     @fastapi_app.get("/")
@@ -292,16 +325,25 @@ def deployment_options(max_replicas: int | None = None, num_cpus: float | None =
     return options
 
 
-def build_app(model_dir: str, backend: str = "auto", threads: int | None = None, **deployment_overrides) -> Application:
-    """The bound application; ``deployment_overrides`` go to :func:`deployment_options`."""
+BATCHING_CHOICES = {"auto": "auto", "on": True, "off": False, "true": True, "false": False}
+
+
+def build_app(model_dir: str, backend: str = "auto", threads: int | None = None,
+              batching: str | bool = BATCHING["enabled"],
+              **deployment_overrides) -> Application:
+    """The bound application; ``deployment_overrides`` go to :func:`deployment_options`.
+
+    ``batching``: ``auto`` (on when the model runs on a GPU), ``on`` or ``off``."""
     if backend not in BACKENDS:
         raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if str(batching).lower() not in BATCHING_CHOICES:
+        raise KdrayError(f"unknown batching {batching!r}; choose auto, on or off")
     options = deployment_options(**deployment_overrides)
     deployment = StudentClassifier.options(**options) if options != DEPLOYMENT else StudentClassifier
-    return deployment.bind(_resolve_model_dir(model_dir), backend, threads)
+    return deployment.bind(_resolve_model_dir(model_dir), backend, threads, BATCHING_CHOICES[str(batching).lower()])
 
 
-APP_ARGS = ("model_dir", "backend", "threads", "max_replicas", "num_cpus")
+APP_ARGS = ("model_dir", "backend", "threads", "batching", "max_replicas", "num_cpus")
 
 
 def app_builder(args: dict) -> Application:
@@ -317,6 +359,7 @@ def app_builder(args: dict) -> Application:
                          "applications[].args.model_dir in a config file")
     backend = str(args.pop("backend", None) or "auto")
     threads = args.pop("threads", None)
+    batching = args.pop("batching", BATCHING["enabled"])
     environment = {}
     try:
         for key, kind in (("max_replicas", int), ("num_cpus", float)):
@@ -327,12 +370,12 @@ def app_builder(args: dict) -> Application:
     if args:
         raise KdrayError(f"serve.app:app_builder: unknown argument(s) {', '.join(sorted(args))}; "
                          f"expected {', '.join(APP_ARGS)}")
-    return build_app(str(model_dir), backend, int(threads) if threads else None, **environment)
+    return build_app(str(model_dir), backend, int(threads) if threads else None, batching, **environment)
 
 
 def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_replicas: int | None = None,
-           num_cpus: float | None = None, threads: int | None = None, name: str = APP_NAME,
-           route_prefix: str = "/", **deployment_overrides) -> str:
+           num_cpus: float | None = None, threads: int | None = None, batching: str | bool = BATCHING["enabled"],
+           name: str = APP_NAME, route_prefix: str = "/", **deployment_overrides) -> str:
     """Start Serve on 127.0.0.1:``port`` (joining or starting Ray), deploy the student, return its base URL.
 
     ``num_replicas`` fixes the replica count (autoscaling off); ``num_cpus`` sets each replica's CPUs;
@@ -344,7 +387,7 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     options = dict(deployment_overrides)
     if num_replicas is not None:
         options.update(num_replicas=int(num_replicas), autoscaling_config=None)
-    app = build_app(model_dir, backend, threads, num_cpus=num_cpus, **options)
+    app = build_app(model_dir, backend, threads, batching, num_cpus=num_cpus, **options)
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)}, proxy_location="HeadOnly",
                 logging_config=ACCESS_LOG_OFF)
@@ -360,4 +403,33 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     if actual_port != int(port):
         log.warning("Serve was already running on port %d; port %d was not applied", actual_port, port)
     serve.run(app, name=name, route_prefix=route_prefix, logging_config=ACCESS_LOG_OFF)
-    return f"http://{host}:{actual_port}{route_prefix.rstrip('/')}"
+    proxy_url = f"http://{host}:{actual_port}{route_prefix.rstrip('/')}"
+    direct = replica_urls(name, actual_port)
+    if len(direct) == 1:  # direct ingress: the replica answers HTTP itself, one Python hop fewer
+        log.info("serving at %s (the replica, direct ingress); through Serve's proxy at %s", direct[0], proxy_url)
+        return f"{direct[0]}{route_prefix.rstrip('/')}"
+    if direct:
+        log.info("replicas answer directly at %s; Serve's proxy balances them at %s", ", ".join(direct), proxy_url)
+    return proxy_url
+
+
+def replica_urls(name: str, proxy_port: int, wait_s: float = 10.0) -> list[str]:
+    """The HTTP addresses of the app's replicas when Serve runs with direct ingress
+    (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` where the nodes start); else an empty list."""
+    import time
+
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.time() + (wait_s if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1" else 0.0)
+    while True:
+        try:
+            groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - private API: the proxy URL still works
+            log.info("cannot list the replicas' addresses (%s); using Serve's proxy", type(exc).__name__)
+            return []
+        urls = sorted({f"http://{t.ip}:{t.port}" for g in groups if "HTTP" in str(g.protocol).upper()
+                       and g.app_name == name for t in g.targets if t.port != proxy_port})
+        if urls or time.time() >= deadline:
+            return urls
+        time.sleep(0.5)

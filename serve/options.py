@@ -13,19 +13,34 @@ most ``max_queued_requests`` more; past that, Serve answers at once ``503`` with
 
 from __future__ import annotations
 
-#: ``@serve.batch`` of the replica: at most this many images per model call; a batch is closed this long
-#: after its first image arrives (images that arrive while a batch runs join the next one anyway).
-BATCHING = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+#: Batching of the replica: ``enabled`` is ``"auto"`` (on when the model runs on a GPU), True or False.
+#: On a CPU it does not pay here: MobileNetV2 int8 costs about the same core time per image at batch 32
+#: as at batch 1, and the batcher's hops cost more than it saves (docs/architecture.md, "Measured choices").
+#: When on: at most ``max_batch_size`` images per model call; a batch closes ``batch_wait_timeout_s`` after
+#: its first image arrives (images that arrive while a batch runs join the next one anyway).
+BATCHING = {"enabled": "auto", "max_batch_size": 16, "batch_wait_timeout_s": 0.002}
 
 #: Bytes a request body may have (checked from Content-Length before reading; chunked bodies as they stream).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-#: Threads per replica that decode images off the event loop.
-DECODE_THREADS = 2
+#: Threads per replica that decode (and, on a CPU, classify) images off the event loop, each one image at a
+#: time with single-threaded inference.
+WORKER_THREADS = 2
 
-#: Deployment options owned here (``@serve.deployment(**DEPLOYMENT)``).
+#: Admission control in each replica (serve/admission.py): at most ``limit`` inference requests (POST
+#: /predict, /v2/models/.../infer) at once; the excess is held ``hold_s`` and answered 503 + Retry-After.
+ADMISSION = {"limit": 32, "hold_s": 0.025, "prefixes": ("/predict", "/v2/models")}
+
+#: The replica's GIL switch interval: pool threads decoding and classifying hand the GIL back to the event loop
+#: (which answers, admits and refuses requests) at least this often (Python's default is 5 ms).
+SWITCH_INTERVAL_S = 0.001
+
+#: Deployment options owned here (``@serve.deployment(**DEPLOYMENT)``). Serve's own limits sit above the
+#: admission limit: with direct ingress, requests over ``max_ongoing_requests`` queue in Serve before
+#: kdray's admission sees them, and Serve's 503 comes at once (a retry storm from clients that ignore
+#: Retry-After); the admission hold paces them instead.
 DEPLOYMENT = {
-    "max_ongoing_requests": 32,
+    "max_ongoing_requests": 256,
     "max_queued_requests": 64,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,

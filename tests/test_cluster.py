@@ -589,3 +589,22 @@ def test_rayservice_import_path_module_exists():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_every_node_start_sets_kdray_node_env():
+    """RAY_SERVE_ENABLE_DIRECT_INGRESS (kdray.raycluster.NODE_ENV) is read as a node starts: every place that
+    starts nodes sets it — the local head script, the KubeRay pods and the AWS launcher's start commands."""
+    from kdray.raycluster import NODE_ENV
+
+    _, svc = one_ray_doc("RayService")
+    spec = svc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    script = (CLUSTER_DIR / "local_head.sh").read_text()
+    starts = [c for c in _aws_config()["head_start_ray_commands"] + _aws_config()["worker_start_ray_commands"]
+              if "ray start" in c]
+    for key, value in NODE_ENV.items():
+        assert f'export {key}="${{{key}:-{value}}}"' in script
+        for pod in pods:
+            env = {e["name"]: e.get("value") for c in pod["spec"]["containers"] for e in c.get("env", [])}
+            assert env.get(key) == value, (key, pod["spec"]["containers"][0]["name"])
+        assert starts and all(f"export {key}={value};" in c for c in starts)

@@ -114,13 +114,19 @@ def exported_student(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def base_url(exported_student, ray_local) -> Iterator[str]:
+def proxy_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def base_url(exported_student, ray_local, proxy_port) -> Iterator[str]:
+    """The replica's own address (direct ingress, which kdray's local Ray turns on)."""
     from ray import serve
 
     from serve.app import deploy
 
     try:
-        yield deploy(exported_student[0], port=_free_port(), num_replicas=1, name="kdray-test")
+        yield deploy(exported_student[0], port=proxy_port, num_replicas=1, name="kdray-test")
     finally:
         serve.shutdown()
 
@@ -166,6 +172,15 @@ def _dicom(side: int = 64, **attributes) -> bytes:
 
     pixels = np.random.default_rng(side).integers(0, 4095, (side, side), dtype=np.uint16)
     return dicom_bytes(pixels, **attributes)
+
+
+@pytest.mark.integration
+def test_replica_answers_directly_and_the_proxy_too(base_url: str, proxy_port: int) -> None:
+    """deploy() returns the replica's own port (direct ingress); Serve's proxy serves the same routes."""
+    assert base_url.startswith("http://127.0.0.1:") and f":{proxy_port}" not in base_url
+    direct, proxied = _raw(base_url, _png(9)), _raw(f"http://127.0.0.1:{proxy_port}", _png(9))
+    assert direct.status_code == proxied.status_code == 200
+    assert direct.json() == proxied.json()
 
 
 @pytest.mark.integration
@@ -301,31 +316,55 @@ def test_health_docs_index(base_url: str, served) -> None:
 
 
 @pytest.mark.integration
-def test_concurrent_requests_are_batched(base_url: str) -> None:
-    """8 simultaneous clients: all answered, and @serve.batch grouped some (up to 3 rounds on a busy box)."""
+def test_cpu_replicas_classify_one_image_per_call(base_url: str) -> None:
+    """On a CPU batching is off (it does not pay there): 8 simultaneous clients, 8 single-image model calls."""
     import requests
 
-    images = [_png(100 + i) for i in range(8)]
-    for _ in range(3):
-        with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda data: _predict(base_url, data), images))
-        assert [r.status_code for r in responses] == [200] * 8
-        health = requests.get(f"{base_url}/healthz", timeout=30).json()
-        if health["max_batch_size_seen"] > 1:
-            break
-    assert health["max_batch_size_seen"] > 1, health
-    assert health["batched_images"] > health["batches"]
+    before = requests.get(f"{base_url}/healthz", timeout=30).json()
+    assert before["batching"] is False
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda seed: _raw(base_url, _png(100 + seed)), range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    after = requests.get(f"{base_url}/healthz", timeout=30).json()
+    assert after["batched_images"] - before["batched_images"] == 8
+    assert after["batches"] - before["batches"] == 8 and after["max_batch_size_seen"] == 1
 
 
 @pytest.mark.integration
-def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url) -> None:
+def test_batching_on_groups_concurrent_requests(exported_student, base_url, proxy_port) -> None:
+    """The GPU path (batching on), run here on the CPU: simultaneous requests share model calls."""
+    import requests
+    from ray import serve
+
+    from serve.app import deploy
+
+    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, batching="on", name="kdray-batched",
+                 route_prefix="/batched")
+    try:
+        images = [_png(100 + i) for i in range(8)]
+        for _ in range(3):
+            with ThreadPoolExecutor(8) as pool:
+                responses = list(pool.map(lambda data: _raw(url, data), images))
+            assert [r.status_code for r in responses] == [200] * 8
+            health = requests.get(f"{url}/healthz", timeout=30).json()
+            if health["max_batch_size_seen"] > 1:
+                break
+        assert health["batching"] is True and health["max_batch_size_seen"] > 1, health
+        assert health["batched_images"] > health["batches"]
+        single = _raw(url, _png(100)).json()["probabilities"]
+        assert single == pytest.approx(_raw(base_url, _png(100)).json()["probabilities"], abs=1e-5)
+    finally:
+        serve.delete("kdray-batched")
+
+
+@pytest.mark.integration
+def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url, proxy_port) -> None:
     """One request at a time, one queued: the rest of a burst gets 503 + Retry-After at once, never another 5xx."""
     from ray import serve
 
     from serve.app import deploy
 
-    port = int(base_url.rsplit(":", 1)[1])
-    url = deploy(exported_student[0], port=port, num_replicas=1, name="kdray-overload", route_prefix="/overload",
+    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, name="kdray-overload", route_prefix="/overload",
                  max_ongoing_requests=1, max_queued_requests=1)
     try:
         burst = [_dicom(256) for _ in range(24)]
