@@ -29,7 +29,7 @@ WORKER_THREADS = 2
 
 #: Admission control in each replica (serve/admission.py): at most ``limit`` inference requests (POST
 #: /predict, /v2/models/.../infer) at once; the excess is held ``hold_s`` and answered 503 + Retry-After.
-ADMISSION = {"limit": 32, "hold_s": 0.025, "prefixes": ("/predict", "/v2/models")}
+ADMISSION = {"limit": 64, "hold_s": 0.025, "prefixes": ("/predict", "/v2/models")}
 
 #: The replica's GIL switch interval: pool threads decoding and classifying hand the GIL back to the event loop
 #: (which answers, admits and refuses requests) at least this often (Python's default is 5 ms).

@@ -297,3 +297,25 @@ def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cp
     assert (resources, compute.max_size) == expected and threads == 1
     assert compute.min_size == compute.max_size  # the whole pool from the start
     assert score.scoring_pool(use_gpu=True, shards=1)[0].max_size == 1  # never more actors than shards
+
+
+@pytest.mark.unit
+def test_unreachable_output_store_stops_with_one_line_and_starts_nothing(tmp_path, monkeypatch):
+    """An output store nobody answers for: a one-line error before Ray starts (the unit tier's tripwire would
+    fail the test if it did), and no plan, marker or summary anywhere."""
+    import socket
+
+    from conftest import make_checkpoint
+
+    with socket.socket() as sock:  # a loopback port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kdray")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kdray")
+    model = make_checkpoint(tmp_path / "ckpt", image_size=32)
+    write_tree(tmp_path / "in", {"a.png": (png(), None), "b.png": (png(seed=1), None)})
+    with pytest.raises(KdrayError) as err:
+        score_archive(model, str(tmp_path / "in"), "s3://kdray-out/run", policy=ReadPolicy(retries=1, backoff_s=0.01))
+    message = str(err.value)
+    assert "\n" not in message and "s3://kdray-out/run" in message and f"127.0.0.1:{port}" in message
