@@ -45,7 +45,8 @@ HOLDER = """
 import json, sys, time
 from ray import serve
 from serve.app import APP_NAME, deploy
-print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2])),
+replicas = int(sys.argv[3]) or None  # 0: autoscaling (the default deployment)
+print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2]), num_replicas=replicas),
                   "proxy": "http://127.0.0.1:" + sys.argv[2]}), flush=True)
 while True:
     try:
@@ -134,8 +135,8 @@ def bench_anchor(model: str, body: bytes, a) -> list[dict]:
 
 def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
     env = {**os.environ, **dict(kv.split("=", 1) for kv in a.serve_env)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_port())], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_port()), str(a.replicas)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, text=True)
     started, marks = time.time(), []
     try:
         urls = json.loads(proc.stdout.readline())
@@ -164,6 +165,7 @@ def main() -> None:
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     p.add_argument("--cooldown", type=float, default=75.0, help="seconds to watch replicas after the load")
+    p.add_argument("--replicas", type=int, default=0, help="fixed replica count (0: the default autoscaling)")
     p.add_argument("--proxy-too", type=int, default=1, help="with direct ingress, also load Serve's proxy (1/0)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray/Serve processes (e.g. RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
@@ -190,11 +192,13 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
     lines = [f"# Serving benchmark ({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {machine()}",
              f"CPU flags: {cpu_flags()}", "",
              f"Image: `{image.name}` ({image.stat().st_size} bytes, a real CXR PNG), POSTed raw to /predict. "
-             f"{a.duration:.0f} s per level. Serve env: {' '.join(a.serve_env) or '(defaults)'}.", "",
+             f"{a.duration:.0f} s per level. Serve env: {' '.join(a.serve_env) or '(defaults)'}. Replicas: "
+             f"{a.replicas or 'autoscaling (the default)'}.", "",
              "Peaks (200s only): " + ", ".join(f"{side} {v:.0f} req/s" for side, v in sorted(peaks.items())), ""]
     anchor = peaks.get("plain uvicorn")
     if anchor:
-        lines += [f"{side} / anchor peak: {v / anchor:.2f}" for side, v in sorted(peaks.items()) if side != "plain uvicorn"]
+        lines += [f"{side} / anchor peak: {v / anchor:.2f}" for side, v in sorted(peaks.items())
+                  if side != "plain uvicorn"]
         lines.append("")
     table = [{k: v for k, v in r.items() if k != "statuses"} | {"statuses": json.dumps(r["statuses"])}
              for r in rows]
