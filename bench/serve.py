@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from bench.load import run_level  # noqa: E402
 from bench.machine import cpu_flags, machine  # noqa: E402
 from bench.score import CXR, export_random_student  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
+from kdray.raycluster import free_loopback_port  # noqa: E402
 
 HOLDER = """
 import json, sys, time
@@ -57,12 +57,6 @@ while True:
         print(json.dumps({"t": time.time(), "error": type(exc).__name__}), flush=True)
     time.sleep(1.0)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pick_image() -> Path:
@@ -119,7 +113,7 @@ def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str
 
 
 def bench_anchor(model: str, body: bytes, a) -> list[dict]:
-    port = free_port()
+    port = free_loopback_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.serve_anchor:app", "--workers", "2",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                              "--no-access-log"], cwd=REPO, env={**os.environ, "KDRAY_ANCHOR_MODEL": model,
@@ -135,7 +129,7 @@ def bench_anchor(model: str, body: bytes, a) -> list[dict]:
 
 def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
     env = {**os.environ, **dict(kv.split("=", 1) for kv in a.serve_env)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_port()), str(a.replicas)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_loopback_port()), str(a.replicas)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, text=True)
     started, marks = time.time(), []
     try:

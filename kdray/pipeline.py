@@ -22,7 +22,7 @@ from kdray.evaluate import evaluate_model, split_logits
 from kdray.export import export_student
 from kdray.models import build_model, model_cost
 from kdray.predictor import Predictor, measure_throughput, model_info
-from kdray.raycluster import init_ray
+from kdray.raycluster import free_loopback_port, init_ray
 from kdray.schemas import ModelCard, RunSummary
 from kdray.score import score_archive
 from kdray.train import METRIC, fit, load_training_data
@@ -208,7 +208,7 @@ def _serve_once(deploy: DeployFn, model: str, data: str, cfg: PipelineConfig) ->
     """Deploy the student with Ray Serve and answer one real HTTP request with a validation image."""
     import requests
 
-    url = deploy(model, port=cfg.demo.serve_port or _free_port())
+    url = deploy(model, port=cfg.demo.serve_port or free_loopback_port())
     listing = list_split(data, cfg.data.val_split, cfg.data.classes, 1)
     image = storage.read_bytes(storage.Location(listing.fs, listing.paths[0], listing.paths[0]))
     reply = requests.post(f"{url}/predict", files={"file": ("xray.png", image, "image/png")}, timeout=60)
@@ -226,14 +226,6 @@ def _stop_serve() -> None:
         from ray import serve
 
         serve.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: PipelineConfig) -> list[dict]:

@@ -36,6 +36,15 @@ def worker_env_vars() -> dict[str, str]:
 NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for Serve's proxy, benchmarks and tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else.
 

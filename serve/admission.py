@@ -9,8 +9,9 @@ milliseconds, the 503 is still fast. Health and metadata routes are never held b
 from __future__ import annotations
 
 import asyncio
-import json
 import math
+
+from serve.refusal import send_refusal
 
 OVERLOADED = 503
 
@@ -37,11 +38,7 @@ class Admission:
 
     async def _refuse(self, send) -> None:
         message = f"overloaded: {self.limit} requests are in progress; retry after {self.retry_after} s"
-        body = json.dumps({"detail": message, "error": message, "reason": "overloaded"}).encode()
-        await send({"type": "http.response.start", "status": OVERLOADED,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", self.retry_after.encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_refusal(send, OVERLOADED, "overloaded", message, ((b"retry-after", self.retry_after.encode()),))
 
 
 def _under(scope, prefixes: tuple[str, ...]) -> bool:

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,7 +48,7 @@ from ray.serve import Application
 
 from kdray import KdrayError
 from kdray.images import ImageRefused, load_image
-from kdray.predictor import BACKENDS, Predictor, is_export, read_model_card
+from kdray.predictor import BACKENDS, Predictor, is_export, model_info, read_model_card
 from serve import oip
 from serve.admission import Admission
 from serve.body_limit import BodyLimit
@@ -112,9 +113,11 @@ def replica_cpus() -> int:
     return max(1, math.ceil(cpus))
 
 
-def _on_gpu(predictor: Predictor) -> bool:
-    device = getattr(predictor, "device", None)
-    return device is not None and getattr(device, "type", "") == "cuda"
+def _runs_on_gpu(model_dir: str, backend: str) -> bool:
+    """Whether Predictor.load(model_dir, backend) will run on a GPU: the torch backend with CUDA present."""
+    import torch
+
+    return model_info(model_dir, backend).backend == "torch" and torch.cuda.is_available()
 
 
 def _media_type(content_type: str | None) -> str:
@@ -140,11 +143,9 @@ class StudentClassifier:
         # On a CPU each request is decoded and classified in one pass by one of WORKER_THREADS pool threads,
         # single-threaded: batching does not pay there (docs/architecture.md, "Measured choices"). On a GPU
         # images are decoded in the pool and batched (@serve.batch), with the replica's CPUs for the batch.
-        self.predictor = Predictor.load(model_dir, backend=backend, threads=threads or 1)
-        self.batching = _on_gpu(self.predictor) if batching == "auto" else bool(batching)
+        self.batching = _runs_on_gpu(model_dir, backend) if batching == "auto" else bool(batching)
         self.threads = max(1, int(threads)) if threads else (replica_cpus() if self.batching else 1)
-        if self.batching and self.threads != (threads or 1):
-            self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
+        self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
         if is_export(model_dir):
             card = read_model_card(model_dir)
@@ -157,6 +158,7 @@ class StudentClassifier:
         # cannot run should fail the replica's start, not its first user.
         self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
         self.batches = self.batched_images = self.max_batch_size_seen = 0
+        self.counting = threading.Lock()  # pool threads count concurrently
         log.info("kdray student %s (%s, %d threads, batching %s) ready", self.predictor.model_id,
                  self.predictor.backend, self.threads, "on" if self.batching else "off")
 
@@ -182,9 +184,10 @@ class StudentClassifier:
         return probs
 
     def _count(self, images: int) -> None:
-        self.batches += 1
-        self.batched_images += images
-        self.max_batch_size_seen = max(self.max_batch_size_seen, images)
+        with self.counting:
+            self.batches += 1
+            self.batched_images += images
+            self.max_batch_size_seen = max(self.max_batch_size_seen, images)
 
     async def _probabilities(self, data: bytes) -> np.ndarray:
         """Probabilities for one encoded image; raises ImageRefused. Decoding never runs on the event loop."""

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import json
+from serve.refusal import send_refusal
 
 TOO_LARGE = 413
 
@@ -52,13 +52,8 @@ class BodyLimit:
                 raise
             await self._refuse(send, f"the request body is over the {self.max_bytes}-byte limit")
 
-    @staticmethod
-    async def _refuse(send, message: str) -> None:
-        body = json.dumps({"detail": message, "error": message, "reason": "body_too_large"}).encode()
-        await send({"type": "http.response.start", "status": TOO_LARGE,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, send, message: str) -> None:
+        await send_refusal(send, TOO_LARGE, "body_too_large", message, ((b"connection", b"close"),))
 
 
 def _content_length(scope) -> int | None:

@@ -303,13 +303,10 @@ def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cp
 def test_unreachable_output_store_stops_with_one_line_and_starts_nothing(tmp_path, monkeypatch):
     """An output store nobody answers for: a one-line error before Ray starts (the unit tier's tripwire would
     fail the test if it did), and no plan, marker or summary anywhere."""
-    import socket
-
     from conftest import make_checkpoint
+    from kdray.raycluster import free_loopback_port
 
-    with socket.socket() as sock:  # a loopback port with nothing listening
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_loopback_port()  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kdray")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kdray")

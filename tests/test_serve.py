@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,12 +33,6 @@ def _png(seed: int, size: int = 48, mode: str = "L") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- offline: the config file
@@ -115,7 +108,9 @@ def exported_student(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def proxy_port() -> int:
-    return _free_port()
+    from kdray.raycluster import free_loopback_port
+
+    return free_loopback_port()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""The JSON refusal the ASGI middlewares send themselves (413 body too large, 503 overloaded).
+
+The body carries ``detail`` and ``reason`` as ``/predict``'s refusals do, and ``error`` as the Open Inference
+Protocol's do, so that either kind of client reads it."""
+
+from __future__ import annotations
+
+import json
+
+
+async def send_refusal(send, status: int, reason: str, message: str, headers: tuple = ()) -> None:
+    body = json.dumps({"detail": message, "error": message, "reason": reason}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
