@@ -132,5 +132,6 @@ def run_level(url: str, body: bytes, content_type: str, concurrency: int, durati
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(_run(parts.hostname, parts.port, parts.path or "/", body, content_type, concurrency,
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return runner(_run(parts.hostname, parts.port, path, body, content_type, concurrency,
                        duration, rate, timeout))

@@ -72,6 +72,9 @@ def make_png_set(root: Path, n: int) -> list[str]:
                 os.link(src, dst)
             files.append(str(dst))
         copy += 1
+    for stale in root.glob("copy*"):  # copies left by an earlier, larger run would be scored too
+        if stale.is_dir() and int(stale.name[4:]) >= copy:
+            shutil.rmtree(stale)
     return files
 
 
@@ -354,8 +357,8 @@ def export_random_student(workdir: Path, size: int) -> str:
     from kdray.synthetic import CLASSES, make_image
 
     out = workdir / f"student-{size}"
-    if (out / "metadata.json").exists():
-        return str(out)
+    if (out / "metadata.json").exists() and "torch_weights" in json.loads((out / "metadata.json").read_text()):
+        return str(out)  # (an export from before explanations has no torch weights: export it again)
     torch.manual_seed(0)
     model = build_model("student", len(CLASSES), 0.2)
     save_checkpoint(str(workdir / "ckpt"), model.state_dict(),

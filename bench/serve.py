@@ -94,12 +94,18 @@ class Replicas(threading.Thread):
                 self.changes.append((round(row["t"] - self.started), row["replicas"]))
 
 
-def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list) -> list[dict]:
+def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list,
+           explain_clients: int = 0) -> list[dict]:
+    """The levels, then half the peak rate and 4x the peak's clients. ``explain_clients`` > 0: that many more
+    clients send ``?explain=true`` requests beside every level, and the row gets their numbers too."""
     rows = []
 
     def level(clients: int, rate: float | None, what: str) -> dict:
         marks.append((time.time(), f"{what} ({clients} clients)"))
+        explaining = ExplainLoad(url, body, explain_clients, duration) if explain_clients else None
         row = {"side": label, "load": what, **run_level(url, body, "image/png", clients, duration, rate).summary()}
+        if explaining is not None:
+            row.update(explaining.result())
         print(json.dumps(row), flush=True)
         rows.append(row)
         return row
@@ -110,6 +116,24 @@ def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str
     level(peak["clients"], peak["ok req/s"] / 2, "half the peak rate")
     level(4 * peak["clients"], None, "4x the peak's clients")
     return rows
+
+
+class ExplainLoad(threading.Thread):
+    """Closed-loop ``?explain=true`` clients beside a level (their own event loop, in this thread)."""
+
+    def __init__(self, url: str, body: bytes, clients: int, duration: float):
+        super().__init__(daemon=True)
+        self.args, self.summary = (f"{url}?explain=true", body, "image/png", clients, duration), {}
+        self.start()
+
+    def run(self) -> None:
+        self.summary = run_level(*self.args).summary()
+
+    def result(self) -> dict:
+        self.join()
+        s = self.summary
+        return {"explain clients": s["clients"], "explain ok/s": s["ok req/s"], "explain p99 ms": s["p99 ms"],
+                "explain 503s": s["503s"], "explain statuses": json.dumps(s["statuses"])}
 
 
 def bench_anchor(model: str, body: bytes, a) -> list[dict]:
@@ -139,7 +163,8 @@ def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
         replicas.start()
         wait_ready(url, body)
         direct = urls["url"] != urls["proxy"]
-        rows = ladder(url, body, a.levels, a.duration, "kdray Serve" + (" (direct ingress)" if direct else ""), marks)
+        rows = ladder(url, body, a.levels, a.duration, "kdray Serve" + (" (direct ingress)" if direct else ""), marks,
+                      a.explain_clients)
         if direct and a.proxy_too:
             rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration, "kdray Serve via its proxy", marks)
         marks.append((time.time(), "load stopped"))
@@ -163,6 +188,8 @@ def main() -> None:
     p.add_argument("--proxy-too", type=int, default=1, help="with direct ingress, also load Serve's proxy (1/0)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray/Serve processes (e.g. RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
+    p.add_argument("--explain-clients", type=int, default=0,
+                   help="kdray only: this many more clients send ?explain=true beside every level")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.md"))
     a = p.parse_args()
@@ -186,7 +213,7 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
     lines = [f"# Serving benchmark ({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {machine()}",
              f"CPU flags: {cpu_flags()}", "",
              f"Image: `{image.name}` ({image.stat().st_size} bytes, a real CXR PNG), POSTed raw to /predict. "
-             f"{a.duration:.0f} s per level. Serve env: {' '.join(a.serve_env) or '(defaults)'}. Replicas: "
+             f"{a.duration:.0f} s per level. Explanation clients beside each kdray level: {a.explain_clients}. Serve env: {' '.join(a.serve_env) or '(defaults)'}. Replicas: "
              f"{a.replicas or 'autoscaling (the default)'}.", "",
              "Peaks (200s only): " + ", ".join(f"{side} {v:.0f} req/s" for side, v in sorted(peaks.items())), ""]
     anchor = peaks.get("plain uvicorn")

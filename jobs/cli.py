@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("export", "export a student to ONNX fp32/int8 with parity checks and its operating point"),
     "score": ("score", "score an image archive offline (Ray Data)"),
     "predict": ("predict", "classify image files with an exported student, without Ray"),
+    "explain": ("explain", "Grad-CAM overlay PNGs of the student's predictions, without Ray"),
     "pipeline": ("pipeline", "run the whole pipeline end to end"),
 }
 

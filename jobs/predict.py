@@ -23,7 +23,8 @@ from kdray.predictor import BACKENDS, Predictor
 BATCH = 32
 
 
-def _load(path: str, size: int) -> np.ndarray:
+def load_for_prediction(path: str, size: int) -> np.ndarray:
+    """The decoded image at ``path``, or a KdrayError naming the path and the reason."""
     data = storage.read_bytes(path)  # KdrayError if missing or unreachable
     try:
         return decode_image(data, size)
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> list[dict]:
     good, images, errors = [], [], []
     for path in a.images:
         try:
-            images.append(_load(path, predictor.image_size))
+            images.append(load_for_prediction(path, predictor.image_size))
             good.append(path)
         except KdrayError as exc:
             errors.append(str(exc))

@@ -1,11 +1,15 @@
 """Score every image in an archive offline with Ray Data: resumable, exactly once, DICOM included.
 
     python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 0 (auto)]
+                         [--explain none|covid_suspect|all]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
 a ``path`` column, or WebDataset ``.tar`` shards. ``--output`` receives ``predictions/`` and ``errors/``
 (Parquet, one file per shard), ``args.yaml`` and, last, ``summary.json``. Killed or interrupted, the same
 command run again resumes: finished shards are skipped and nothing is scored twice.
+
+``--explain covid_suspect|all`` also writes a Grad-CAM overlay (PNG) for those rows under
+``explanations/part-NNNNN/``; the row's ``explanation`` column holds its path relative to ``--output``.
 """
 
 from kdray import storage
@@ -20,14 +24,16 @@ def main(argv: list[str]) -> dict:
     limits = ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
                          modalities=tuple(cfg.modalities) or None)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
-                            cfg.shard_size, limits)
+                            cfg.shard_size, limits, explain=cfg.explain)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     reasons = ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()) or "none"
     print(f"scored {summary['scored']} of {summary['images']} input(s) with {summary['backend']}; "
           f"refused {summary['errors']} ({reasons}); {summary['hidden_skipped']} hidden file(s) skipped\n"
           f"this run: {summary['images_this_run']} in {summary['wall_s']} s ({summary['img_per_s']} img/s, "
           f"steady {summary['steady_img_per_s']} img/s); {summary['shards_resumed']} shard(s) were already done\n"
-          f"predictions: {storage.join(cfg.output, 'predictions')}  errors: {storage.join(cfg.output, 'errors')}")
+          f"predictions: {storage.join(cfg.output, 'predictions')}  errors: {storage.join(cfg.output, 'errors')}"
+          + (f"\nexplained {summary['explained']} row(s) ({cfg.explain}): "
+             f"{storage.join(cfg.output, 'explanations')}" if cfg.explain != "none" else ""))
     return summary
 
 

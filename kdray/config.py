@@ -33,6 +33,7 @@ ModelName = Literal["teacher", "student", "tiny_teacher", "tiny_student"]  # kdr
 Optimizer = Literal["adamw", "sgd"]
 UseGpu = Literal["auto", "true", "false"]  # YAML true/false (bools) are read as "true"/"false"
 Backend = Literal["auto", "torch", "onnx-fp32", "onnx-int8"]  # kdray.predictor.BACKENDS
+ExplainMode = Literal["none", "covid_suspect", "all"]  # kdray.explain.EXPLAIN_MODES
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -506,6 +507,7 @@ class ScoreJobConfig:
     max_pixels: int = 64_000_000  # larger images are refused as too_large, from the header, before decoding
     max_bytes: int = 512 * 2**20  # larger files are refused as file_too_large before they are read
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
+    explain: ExplainMode = "none"  # Grad-CAM overlays under explanations/ for: none | covid_suspect | all rows
 
     CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(0), "min_side": ge(1),
                                                  "max_pixels": ge(1), "max_bytes": ge(1)}

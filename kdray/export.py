@@ -8,6 +8,8 @@ An export folder (local or ``s3://``) holds::
                            output ``logits`` [N, C]
     model.int8.onnx        the same graph statically quantised (QDQ, per-channel weights), if requested
     model.torchscript.pt   a traced TorchScript module, if requested
+    model.weights.pt       the student's torch state_dict (``torch.load(..., weights_only=True)``), which
+                           Grad-CAM explanations run on (:mod:`kdray.explain`); its sha256 is in the card
     metadata.json          the model card (:class:`kdray.schemas.ModelCard`); written LAST, it is the
                            folder's commit marker
 
@@ -53,6 +55,7 @@ from kdray.schemas import (
     OperatingPoint,
     Parity,
     TensorSpec,
+    TorchWeights,
     Versions,
     dump,
 )
@@ -60,6 +63,7 @@ from kdray.schemas import (
 log = logging.getLogger(__name__)
 
 FP32_FILE, INT8_FILE, TORCHSCRIPT_FILE = "model.fp32.onnx", "model.int8.onnx", "model.torchscript.pt"
+TORCH_WEIGHTS_FILE = "model.weights.pt"  # the student's state_dict, for explanations (kdray.explain)
 OPSET = 17
 # minimum top-1 agreement with the fp32 torch model, per artifact
 PARITY_BARS = {"fp32": 0.995, "int8": 0.99, "torchscript": 0.995}
@@ -320,7 +324,11 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
                                  quantization=quantization if k == "int8" else None)
                      for k, f in files.items()}
         served = "int8" if "int8" in operating_points else "fp32"
-        card = _model_card(meta, checkpoint_uri, artifacts, served, parity, operating_points,
+        files["weights"] = os.path.join(tmp, TORCH_WEIGHTS_FILE)
+        torch.save(model.state_dict(), files["weights"])
+        weights = TorchWeights(file=TORCH_WEIGHTS_FILE, sha256=sha256_file(files["weights"]),
+                               size_mb=round(os.path.getsize(files["weights"]) / 2**20, 3), model_name=meta.model_name)
+        card = _model_card(meta, checkpoint_uri, artifacts, weights, served, parity, operating_points,
                            {"backend": "torch-fp32", "n": int(len(labels)), "split": split,
                             "accuracy": float(np.mean(ref_logits.argmax(1) == labels))}, extra_metadata)
 
@@ -339,7 +347,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
     return card
 
 
-def _model_card(meta, checkpoint_uri: str, artifacts: dict, served: str, parity: dict, operating_points: dict,
+def _model_card(meta, checkpoint_uri: str, artifacts: dict, weights: TorchWeights, served: str, parity: dict, operating_points: dict,
                 reference: dict, extra: dict | None) -> ModelCard:
     size, classes = meta.image_size, meta.classes
     fields = dict(
@@ -361,6 +369,7 @@ def _model_card(meta, checkpoint_uri: str, artifacts: dict, served: str, parity:
         parity_reference=reference, operating_points=operating_points, eval_metrics=meta.metrics,
         validation=meta.validation, data_source=meta.training_data,
         source_checkpoint=storage.resolve(resolve_checkpoint(checkpoint_uri)).uri,  # absolute
+        torch_weights=weights,
         intended_use=INTENDED_USE, known_biases=KNOWN_BIASES,
         versions=Versions(kdray=kdray.__version__, torch=torch.__version__, onnx_opset=OPSET,
                           **{m: getattr(importlib.import_module(m), "__version__", "?")

@@ -245,10 +245,10 @@ def choose_backend(uri: str, card: ModelCard, backend: str) -> str:
     return "torch"
 
 
-def _verified_local_file(uri: str, file: str, sha256: str, cache_root: str) -> str:
-    """A local copy of an artifact (downloaded if on S3) whose sha256 matches the model card."""
+def verified_local_file(uri: str, file: str, sha256: str) -> str:
+    """A local copy of an export's file (downloaded if on S3) whose sha256 matches the model card."""
     file_uri = storage.join(uri, file)
-    path = storage.local_copy(file_uri, cache_root)
+    path = storage.local_copy(file_uri, os.path.join(tempfile.gettempdir(), "kdray-export-cache"))
     digest = sha256_file(path)
     if digest != sha256:
         raise KdrayError(f"{file_uri}: sha256 {digest[:12]}… does not match the model card's "
@@ -268,8 +268,7 @@ def load_exported(uri: str, backend: str = "auto", threads: int | None = None) -
         return _torch_fallback(uri, card, threads)
     kind = ONNX_BACKENDS[chosen]
     entry = card.artifacts[kind]
-    path = _verified_local_file(uri, entry.file, entry.sha256,
-                                os.path.join(tempfile.gettempdir(), "kdray-export-cache"))
+    path = verified_local_file(uri, entry.file, entry.sha256)
     session = ort_session(path, threads)
     out_shape, in_shape = session.get_outputs()[0].shape, session.get_inputs()[0].shape
     if len(out_shape) != 2 or out_shape[1] != len(card.classes):

@@ -119,6 +119,17 @@ class Artifact(Contract):
     quantization: dict[str, Any] | None = None
 
 
+class TorchWeights(Contract):
+    """The student's torch weights in an export (a ``state_dict``), for Grad-CAM explanations (kdray.explain).
+    Predictions come from the served artifact; these weights only explain them."""
+
+    file: str
+    sha256: str = Field(min_length=64, max_length=64)
+    size_mb: float
+    model_name: str
+    purpose: str = "explanations (Grad-CAM); predictions come from the served artifact"
+
+
 class Parity(Contract):
     """One artifact against the fp32 torch model on the parity images."""
 
@@ -176,6 +187,7 @@ class ModelCard(Contract):
     validation: dict[str, Any] | None = None
     data_source: dict[str, Any] | None = None
     source_checkpoint: str
+    torch_weights: TorchWeights | None = None  # absent in exports written before explanations existed
     intended_use: str
     known_biases: str
     versions: Versions

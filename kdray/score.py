@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kdray import KdrayError, storage
+from kdray.explain import Explainer, should_explain
 from kdray.images import FILE_TOO_LARGE, IO_ERROR, ImageLimits, ImageRefused, load_image
 from kdray.predictor import Predictor, model_info
 from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
@@ -54,6 +55,8 @@ progress_log = logging.getLogger("kdray.progress")
 
 SUMMARY_FILE, PLAN_FILE, INPUTS_FILE = "summary.json", "plan.json", "inputs.parquet"
 PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR = "predictions", "errors", "_done"
+EXPLANATIONS_DIR = "explanations"
+EXPLAIN_CHUNK = 8  # images per Grad-CAM call
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MIN_AUTO_SHARD, MAX_AUTO_SHARD = 32, 256
 METADATA_SUFFIXES = (".json", ".txt", ".cls", ".cls2", ".xml", ".yaml", ".yml", ".csv", ".npy", ".pth")
@@ -91,9 +94,13 @@ class Plan:
     images: int | None  # None for tar input (members are counted as they are read)
     hidden_skipped: int = 0
     duplicates: int = 0
+    explain: str = "none"  # which rows get a Grad-CAM overlay (kdray.explain.EXPLAIN_MODES)
 
     def fingerprint(self) -> str:
-        blob = json.dumps([self.input, self.model, self.kind, self.shard_size, self.shards], sort_keys=True)
+        parts = [self.input, self.model, self.kind, self.shard_size, self.shards]
+        if self.explain != "none":  # (runs without explanations keep the fingerprint they always had)
+            parts.append(self.explain)
+        blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -202,8 +209,10 @@ class ShardScorer:
 
     def __init__(self, model_uri: str, output_uri: str, backend: str = "auto", threads: int = 1,
                  batch_size: int = 32, limits: dict | None = None, policy: dict | None = None,
-                 base: str = "", kind: str = "folder"):
+                 base: str = "", kind: str = "folder", explain: str = "none"):
         self.predictor = Predictor.load(model_uri, backend=backend, threads=threads)
+        self.explain = explain
+        self.explainer = Explainer.load(model_uri, threads=threads) if explain != "none" else None
         self.out = storage.resolve(output_uri)
         self.batch_size, self.base, self.kind = batch_size, base, kind
         self.limits = ImageLimits(**(limits or {}))
@@ -293,7 +302,7 @@ class ShardScorer:
         try:
             return self._score_and_write(shard, entries, started)
         except ScoringAborted as exc:
-            return {"shard": shard, "inputs": 0, "scored": 0, "errors": "{}", "io_errors": 0,
+            return {"shard": shard, "inputs": 0, "scored": 0, "explained": 0, "errors": "{}", "io_errors": 0,
                     "seconds": time.time() - started, "finished": time.time(), "done": False, "fatal": str(exc)}
 
     def _score_and_write(self, shard: int, entries: list[str], started: float) -> dict:
@@ -316,20 +325,23 @@ class ShardScorer:
             good_names.append(name)
             good_images.append(loaded.pixels)
             good_meta.append(loaded)
-        predictions = self._predictions(good_names, good_images, good_meta)
         name = f"part-{shard:05d}"
+        predictions = self._predictions(good_names, good_images, good_meta, name)
         self._write(self.out.join(PREDICTIONS_DIR, f"{name}.parquet"), predictions)
         self._write(self.out.join(ERRORS_DIR, f"{name}.parquet"), _errors_table(errors))
         io_errors = sum(1 for e in errors if e["reason"] == IO_ERROR)
         reasons = Counter(e["reason"] for e in errors)
+        explained = predictions.num_rows - predictions.column("explanation").null_count \
+            if "explanation" in predictions.column_names else 0
         row = {"shard": shard, "inputs": len(good_names) + len(errors), "scored": len(good_names),
+               "explained": explained,
                "errors": json.dumps(dict(reasons)), "io_errors": io_errors, "seconds": time.time() - started,
                "finished": time.time(), "done": io_errors == 0, "fatal": ""}
         if row["done"]:  # a shard with io_error rows stays undone: a re-run retries it
             self._write_done(self.out.join(DONE_DIR, f"{name}.json"), row)
         return row
 
-    def _predictions(self, names: list[str], images: list[np.ndarray], loaded: list) -> pa.Table:
+    def _predictions(self, names: list[str], images: list[np.ndarray], loaded: list, part: str) -> pa.Table:
         p = self.predictor
         probs = np.zeros((0, len(p.classes)), np.float32)
         if images:
@@ -349,7 +361,31 @@ class ShardScorer:
         columns["height"] = pa.array([m.height for m in loaded], pa.int32())
         for tag, column in DICOM_FIELDS.items():
             columns[column] = pa.array([m.dicom.get(tag) for m in loaded], pa.string())
+        if self.explainer is not None:
+            columns.update(self._explain(names, images, probs, suspect, part))
         return pa.table(columns)
+
+    def _explain(self, names: list[str], images: list[np.ndarray], probs: np.ndarray, suspect, part: str) -> dict:
+        """Grad-CAM overlays of the chosen rows, written before the shard's predictions (a re-run rewrites the
+        same names). Columns: ``explanation`` (the overlay's path relative to the output; null = not
+        explained) and ``explanation_torch_class`` (the torch weights' own top class; the map explains
+        ``label``)."""
+        paths: list[str | None] = [None] * len(names)
+        torch_classes: list[str | None] = [None] * len(names)
+        chosen = np.flatnonzero(should_explain(self.explain, suspect, len(names)))
+        for start in range(0, len(chosen), EXPLAIN_CHUNK):
+            rows = chosen[start:start + EXPLAIN_CHUNK]
+            explanations = self.explainer.explain(np.stack([images[i] for i in rows]), probs[rows].argmax(1))
+            for i, explanation in zip(rows, explanations):
+                relative = explanation_path(part, names[i])
+                loc = self.out.join(*relative.split("/"))
+                try:
+                    _retry(lambda: storage.write_bytes(loc, explanation.overlay_png), self.policy, f"writing {loc.uri}")
+                except (OSError, KdrayError) as exc:
+                    raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+                paths[i], torch_classes[i] = relative, explanation.torch_class
+        return {"explanation": pa.array(paths, pa.string()),
+                "explanation_torch_class": pa.array(torch_classes, pa.string())}
 
     def _write(self, loc: storage.Location, table: pa.Table) -> None:
         try:
@@ -362,6 +398,12 @@ class ShardScorer:
             _retry(lambda: storage.write_json(loc, row), self.policy, f"writing {loc.uri}")
         except (OSError, KdrayError) as exc:
             raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def explanation_path(part: str, name: str) -> str:
+    """Where a row's overlay goes, relative to the output: the shard's folder and a hash of the input's name
+    (the prediction row's ``path``), so that the names are stable across re-runs and never collide."""
+    return f"{EXPLANATIONS_DIR}/{part}/{hashlib.sha256(name.encode()).hexdigest()[:20]}.png"
 
 
 def _raiser(reason: str, message: str):
@@ -391,7 +433,7 @@ def _prepare_output(plan: Plan, out: storage.Location, overwrite: bool) -> set[i
         for sub in (SUMMARY_FILE, PLAN_FILE, INPUTS_FILE):
             if storage.exists(out.join(sub)):
                 out.fs.delete_file(out.join(sub).path)
-        for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR):
+        for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR, EXPLANATIONS_DIR):
             storage.delete_dir(out.join(sub))
     storage.makedirs(out)
     plan_loc = out.join(PLAN_FILE)
@@ -469,12 +511,16 @@ class _Progress:
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str = "auto", batch_size: int = 32,
                   overwrite: bool = False, shard_size: int = 0, limits: ImageLimits | None = None,
-                  policy: ReadPolicy | None = None, use_gpu: bool = True) -> dict:
+                  policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none") -> dict:
     """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary."""
     import ray
 
     info = model_info(model_uri, backend)
     plan = plan_inputs(input_uri, model_uri, shard_size)
+    plan.explain = explain
+    if explain != "none":
+        should_explain(explain, None, 0)  # a valid mode
+        Explainer.load(model_uri)  # fail now, not in every actor, when the model cannot be explained
     out = storage.resolve(output_uri)
     done = _prepare_output(plan, out, overwrite)
     todo = [i for i in range(len(plan.shards)) if i not in done]
@@ -498,7 +544,8 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                                                        "batch_size": batch_size,
                                                        "limits": dataclasses.asdict(limits or ImageLimits()),
                                                        "policy": dataclasses.asdict(policy or ReadPolicy()),
-                                                       "base": plan.base, "kind": plan.kind},
+                                                       "base": plan.base, "kind": plan.kind,
+                                                       "explain": explain},
                                 **resources)
         progress = _Progress(total, len(todo))
         fatal = ""
@@ -537,6 +584,7 @@ def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, row
     finished = sorted(float(r["finished"]) for r in rows)
     summary = {"model": model_uri, "input": plan.input, "output": out.uri, "kind": plan.kind, "backend": backend,
                "images": images, "scored": sum(int(m["scored"]) for m in markers),
+               "explained": sum(int(m.get("explained", 0)) for m in markers), "explain": plan.explain,
                "errors": sum(reasons.values()), "errors_by_reason": dict(sorted(reasons.items())),
                "hidden_skipped": plan.hidden_skipped, "manifest_duplicates": plan.duplicates,
                "shards": len(plan.shards), "shards_resumed": resumed, "images_this_run": this_run,

@@ -52,7 +52,8 @@ from kdray.predictor import BACKENDS, Predictor, is_export, model_info, read_mod
 from serve import oip
 from serve.admission import Admission
 from serve.body_limit import BodyLimit
-from serve.options import ADMISSION, BATCHING, DEPLOYMENT, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
+from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
+from serve.options import ADMISSION, BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ DICOM_TYPES = ("application/dicom", "image/dicom")
 RAW_TYPES = ("application/octet-stream",) + DICOM_TYPES
 
 
+class ExplanationOut(BaseModel):
+    explained_class: str = Field(description="the class the heat map explains: this prediction's label")
+    torch_class: str = Field(description="the top class of the torch weights the heat map is computed on")
+    agrees: bool = Field(description="explained_class == torch_class (false: the served artifact and the torch "
+                                     "weights disagree on this image; the map still explains explained_class)")
+    method: str
+    layer: str
+    size: int = Field(description="side of the heat map and the overlay: the model's input size")
+    overlay_png: str = Field(description="base64 PNG: the Grad-CAM heat map over the image the model saw")
+
+
 class Prediction(BaseModel):
     label: str = Field(description="most probable class")
     probabilities: dict[str, float] = Field(description="class → probability (sums to 1)")
@@ -70,6 +82,7 @@ class Prediction(BaseModel):
                                                     "null when the model has no threshold")
     model_id: str
     backend: str
+    explanation: ExplanationOut | None = Field(None, description="with ?explain=true only")
 
 
 class Health(BaseModel):
@@ -83,6 +96,8 @@ class Health(BaseModel):
     batches: int = Field(description="batches this replica has run")
     batched_images: int = Field(description="images this replica has classified")
     max_batch_size_seen: int = Field(description="largest batch this replica has run")
+    explained: int = Field(description="images this replica has explained (Grad-CAM)")
+    explain_refused: int = Field(description="explanation requests refused 503 (too many in flight)")
 
 
 class Refusal(BaseModel):
@@ -132,6 +147,10 @@ def _oip_error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _retry_later() -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(DEPLOYMENT["backpressure_config"]["retry_after_s"])))}
+
+
 @serve.deployment(**DEPLOYMENT)
 @serve.ingress(fastapi_app)
 class StudentClassifier:
@@ -159,6 +178,7 @@ class StudentClassifier:
         self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
         self.batches = self.batched_images = self.max_batch_size_seen = 0
         self.counting = threading.Lock()  # pool threads count concurrently
+        self.explaining = ExplainGate(model_dir, **EXPLAIN)
         log.info("kdray student %s (%s, %d threads, batching %s) ready", self.predictor.model_id,
                  self.predictor.backend, self.threads, "on" if self.batching else "off")
 
@@ -183,6 +203,22 @@ class StudentClassifier:
         self._count(1)
         return probs
 
+    def _classify_keeping_pixels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        pixels = load_image(data, self.predictor.image_size).pixels
+        probs = self.predictor.probabilities(pixels[None])[0]
+        self._count(1)
+        return probs, pixels
+
+    async def _explained(self, images: list[bytes]) -> tuple[np.ndarray, list]:
+        """(probabilities, explanations) for encoded images; the caller has admitted the request
+        (:meth:`ExplainGate.admit`). Predictions are computed as without explain (same pool, same model)."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.pool, self._classify_keeping_pixels, d)
+                                         for d in images))
+        probs = np.stack([p for p, _ in results])
+        explanations = await self.explaining.explain(np.stack([x for _, x in results]), list(probs.argmax(1)))
+        return probs, explanations
+
     def _count(self, images: int) -> None:
         with self.counting:
             self.batches += 1
@@ -205,7 +241,7 @@ class StudentClassifier:
                 "covid_suspect": suspect, "model_id": self.predictor.model_id, "backend": self.predictor.backend}
 
     # -- HTTP: /predict
-    @fastapi_app.post("/predict", response_model=Prediction,
+    @fastapi_app.post("/predict", response_model=Prediction, response_model_exclude_unset=True,
                       responses={400: {"model": Refusal, "description": "the image was refused (reason code)"},
                                  413: {"model": Refusal, "description": "body over the size limit"},
                                  415: {"model": Refusal, "description": "not an image content type"},
@@ -216,6 +252,12 @@ class StudentClassifier:
                           "multipart/form-data": {"schema": {"type": "object", "properties": {
                               "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
     async def predict(self, request: Request):
+        """``?explain=true`` adds a Grad-CAM overlay of the predicted class (at most EXPLAIN["max_in_flight"]
+        such requests per replica at once; the excess gets 503 + Retry-After, reason ``explain_busy``)."""
+        try:
+            explain = explain_flag(request.query_params.get("explain"))
+        except ValueError as exc:
+            return _refusal(400, "bad_parameter", str(exc))
         media = _media_type(request.headers.get("content-type"))
         if media == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=8)
@@ -229,11 +271,30 @@ class StudentClassifier:
             return _refusal(415, "unsupported_media_type",
                             f"unsupported content type {media[:80]}: send the image itself (image/png, image/jpeg, "
                             "application/dicom, application/octet-stream) or multipart field 'file'")
+        if explain:
+            return await self._predict_explained(data)
         try:
             probs = await self._probabilities(data)
         except ImageRefused as exc:
             return _refusal(400, exc.reason, str(exc))
         return self._response(probs)
+
+    async def _predict_explained(self, data: bytes):
+        try:
+            self.explaining.admit()
+        except ExplainBusy as exc:
+            response = _refusal(503, "explain_busy", str(exc))
+            response.headers.update(_retry_later())
+            return response
+        try:
+            probs, explanations = await self._explained([data])
+        except ImageRefused as exc:
+            return _refusal(400, exc.reason, str(exc))
+        except ExplainUnavailable as exc:
+            return _refusal(501, "explain_unavailable", str(exc))
+        finally:
+            self.explaining.release()
+        return {**self._response(probs[0]), "explanation": explanations[0].to_json()}
 
     # -- HTTP: Open Inference Protocol v2
     @fastapi_app.get("/v2")
@@ -269,15 +330,35 @@ class StudentClassifier:
             infer = oip.parse_infer_request(await request.body(), request.headers.get(oip.HEADER_LENGTH))
         except oip.OipError as exc:
             return _oip_error(str(exc))
+        if infer.explain:
+            return await self._oip_explained(infer)
         results = await asyncio.gather(*(self._probabilities(d) for d in infer.images), return_exceptions=True)
         for index, result in enumerate(results):
             if isinstance(result, ImageRefused):
                 return _oip_error(f"{oip.INPUT_NAME}[{index}] refused ({result.reason}): {result}")
             if isinstance(result, BaseException):
                 raise result
-        probs = np.stack(results)
+        return self._oip_response(infer, np.stack(results))
+
+    async def _oip_explained(self, infer: oip.InferRequest):
+        try:
+            self.explaining.admit()
+        except ExplainBusy as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers=_retry_later())
+        try:
+            probs, explanations = await self._explained(infer.images)
+        except ImageRefused as exc:  # which image: the explain path decodes them together
+            return _oip_error(f"{oip.INPUT_NAME} refused ({exc.reason}): {exc}")
+        except ExplainUnavailable as exc:
+            return _oip_error(str(exc), 501)
+        finally:
+            self.explaining.release()
+        return self._oip_response(infer, probs, explanations)
+
+    def _oip_response(self, infer: oip.InferRequest, probs: np.ndarray, explanations: list | None = None):
         labels = [self.classes[i] for i in probs.argmax(1)]
-        body, headers = oip.encode_infer_response(self.model_name, self.model_version, infer, probs, labels)
+        body, headers = oip.encode_infer_response(self.model_name, self.model_version, infer, probs, labels,
+                                                  explanations)
         return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},
                         media_type=headers["content-type"])
 
@@ -290,7 +371,8 @@ class StudentClassifier:
         return {"status": "ok", "model_id": self.predictor.model_id, "backend": self.predictor.backend,
                 "classes": self.classes, "image_size": self.predictor.image_size, "threads": self.threads,
                 "batching": self.batching, "batches": self.batches, "batched_images": self.batched_images,
-                "max_batch_size_seen": self.max_batch_size_seen}
+                "max_batch_size_seen": self.max_batch_size_seen, "explained": self.explaining.explained,
+                "explain_refused": self.explaining.refused}
 
     @fastapi_app.get("/")
     async def index(self) -> dict:

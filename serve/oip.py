@@ -9,6 +9,10 @@ What the Serve app speaks (``{model}`` is the model card's ``name``):
     header's length in ``Inference-Header-Content-Length``;
 * outputs: FP32 ``probabilities`` ``[N, C]`` and BYTES ``label`` ``[N]``; each in binary when the request
   asks for it (``outputs[].parameters.binary_data``, else ``parameters.binary_data_output``), else in JSON;
+* explanations: the request parameter ``"explain": true`` (or asking for the output ``explanation``) adds the
+  BYTES output ``explanation`` ``[N]``: each element a PNG, the Grad-CAM overlay of the predicted class (as
+  the input's images: raw bytes in binary, base64 strings in JSON); the response's ``parameters`` say which
+  class each map explains (``explained_class``) and the torch weights' own top class (``torch_class``);
 * a malformed request raises :class:`OipError`, which the app answers 400 ``{"error": "..."}``.
 
 This is what an unmodified ``tritonclient.http.InferenceServerClient`` sends and reads in both modes.
@@ -25,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INPUT_NAME = "image"
-PROBABILITIES, LABEL = "probabilities", "label"
+PROBABILITIES, LABEL, EXPLANATION = "probabilities", "label", "explanation"
 OUTPUTS = (PROBABILITIES, LABEL)
+OPTIONAL_OUTPUTS = (EXPLANATION,)  # with the request parameter explain=true
 HEADER_LENGTH = "inference-header-content-length"
 PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
 
@@ -41,6 +46,7 @@ class InferRequest:
     id: str | None = None
     binary_outputs: dict[str, bool] = field(default_factory=dict)  # output name → binary? (the ones to return)
     parameters: dict = field(default_factory=dict)
+    explain: bool = False
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -86,27 +92,41 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if len(binary):
             raise OipError("binary data follows the header but no input declares binary_data_size")
         images = _base64_elements(tensor.get("data"), count)
-    return InferRequest(images, _request_id(header.get("id")), _wanted_outputs(header, parameters), parameters)
+    wanted = _wanted_outputs(header, parameters)
+    explain = _explain_parameter(parameters) or EXPLANATION in wanted
+    if explain and EXPLANATION not in wanted:
+        wanted[EXPLANATION] = bool(parameters.get("binary_data_output", False))
+    return InferRequest(images, _request_id(header.get("id")), wanted, parameters, explain)
 
 
 def encode_infer_response(model: str, version: str, request: InferRequest, probabilities: np.ndarray,
-                          labels: list[str]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of the response: JSON, or a JSON header plus binary tensors."""
+                          labels: list[str], explanations: list | None = None) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of the response: JSON, or a JSON header plus binary tensors.
+
+    ``explanations``: :class:`kdray.explain.Explanation` per image when the request asked to explain."""
     probabilities = np.ascontiguousarray(probabilities, dtype="<f4")
     tensors = {PROBABILITIES: ("FP32", list(probabilities.shape), probabilities),
-               LABEL: ("BYTES", [len(labels)], labels)}
+               LABEL: ("BYTES", [len(labels)], [v.encode() for v in labels])}
+    if explanations is not None:
+        tensors[EXPLANATION] = ("BYTES", [len(explanations)], [e.overlay_png for e in explanations])
     outputs, chunks = [], []
     for name, binary in request.binary_outputs.items():
         datatype, shape, value = tensors[name]
         out = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            raw = value.tobytes() if datatype == "FP32" else _join_bytes_tensor([v.encode() for v in value])
+            raw = value.tobytes() if datatype == "FP32" else _join_bytes_tensor(value)
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
-        else:
-            out["data"] = value.reshape(-1).tolist() if datatype == "FP32" else list(value)
+        elif datatype == "FP32":
+            out["data"] = value.reshape(-1).tolist()
+        else:  # JSON strings: labels as text, images (explanations) base64
+            out["data"] = [v.decode() for v in value] if name == LABEL else \
+                [base64.b64encode(v).decode("ascii") for v in value]
         outputs.append(out)
     header = {"model_name": model, "model_version": version, "outputs": outputs}
+    if explanations is not None:
+        header["parameters"] = {"explained_class": ",".join(e.explained_class for e in explanations),
+                                "torch_class": ",".join(e.torch_class for e in explanations)}
     if request.id is not None:
         header["id"] = request.id
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -160,11 +180,21 @@ def _wanted_outputs(header: dict, parameters: dict) -> dict[str, bool]:
     wanted = {}
     for out in requested:
         name = out.get("name") if isinstance(out, dict) else None
-        if name not in OUTPUTS:
-            raise OipError(f"unknown output {str(name)[:60]!r}; the model's outputs are {', '.join(OUTPUTS)}")
+        if name not in OUTPUTS + OPTIONAL_OUTPUTS:
+            raise OipError(f"unknown output {str(name)[:60]!r}; the model's outputs are "
+                           f"{', '.join(OUTPUTS + OPTIONAL_OUTPUTS)}")
         wanted[name] = bool(_mapping(out.get("parameters"), f"outputs[{name}].parameters")
                             .get("binary_data", default_binary))
     return wanted
+
+
+def _explain_parameter(parameters: dict) -> bool:
+    value = parameters.get("explain", False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise OipError(f"parameters.explain must be a boolean, got {str(value)[:40]!r}")
 
 
 def _split_bytes_tensor(raw: memoryview, count: int) -> list[bytes]:

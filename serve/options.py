@@ -50,3 +50,9 @@ DEPLOYMENT = {
 
 #: Keys of a deployment that only this module sets (config files may set the others).
 OWNED_KEYS = ("max_ongoing_requests", "max_queued_requests", "backpressure_config")
+
+#: Grad-CAM explanations (``?explain=true``, the OIP ``explain`` parameter; serve/explaining.py): each replica
+#: runs at most ``max_in_flight`` explanation requests at once, one at a time in one thread of ``threads``
+#: torch threads, beside the prediction pool; the excess is answered 503 + Retry-After (reason
+#: ``explain_busy``) at once, so explanations never queue in front of predictions.
+EXPLAIN = {"max_in_flight": 2, "threads": 1}

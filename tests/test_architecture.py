@@ -24,13 +24,14 @@ LAYERS: list[tuple[str, set[str]]] = [
               "kdray.raycluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
               "kdray.train"}),
     ("predictor", {"kdray.predictor"}),
-    ("artifacts and Ray Data glue", {"kdray.export", "kdray.batch"}),
+    ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch"}),
     ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score"}),
     ("pipeline", {"kdray.pipeline"}),
     ("entry points", {"jobs.*", "serve.*"}),
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
-NO_RAY = {"kdray.images", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor"}
+NO_RAY = {"kdray.images", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
+          "kdray.explain"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
 

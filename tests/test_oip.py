@@ -18,7 +18,8 @@ httpclient = pytest.importorskip("tritonclient.http")
 IMAGES = [b"\x89PNG fake one", b"DICM-ish two \x00\x01", b""]
 
 
-def _triton_request(binary: bool, outputs: list[tuple[str, bool]] | None = None) -> tuple[bytes, str | None]:
+def _triton_request(binary: bool, outputs: list[tuple[str, bool]] | None = None,
+                    parameters: dict | None = None) -> tuple[bytes, str | None]:
     """The exact body (and Inference-Header-Content-Length) an unmodified tritonclient sends."""
     from tritonclient.http._utils import _get_inference_request
 
@@ -28,7 +29,7 @@ def _triton_request(binary: bool, outputs: list[tuple[str, bool]] | None = None)
     wanted = None if outputs is None else [httpclient.InferRequestedOutput(n, binary_data=b) for n, b in outputs]
     body, json_size = _get_inference_request(inputs=[tensor], request_id="req-7", outputs=wanted, sequence_id=0,
                                              sequence_start=False, sequence_end=False, priority=0, timeout=None,
-                                             custom_parameters=None)
+                                             custom_parameters=parameters)
     return (body if isinstance(body, bytes) else body.encode()), (None if json_size is None else str(json_size))
 
 
@@ -56,6 +57,34 @@ def test_response_reads_back_in_tritonclient(binary: bool) -> None:
     meta = result.get_response()
     assert meta["model_name"] == "kdray-student" and meta["id"] == "req-7"
     assert (oip.HEADER_LENGTH in headers) is binary
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_explain_parameter_adds_the_overlays_in_the_clients_mode(binary: bool) -> None:
+    from types import SimpleNamespace
+
+    wanted = [(oip.PROBABILITIES, binary), (oip.LABEL, binary)]
+    body, header_length = _triton_request(binary, wanted, parameters={"explain": True})
+    request = oip.parse_infer_request(body, header_length)
+    assert request.explain and request.binary_outputs[oip.EXPLANATION] is False  # not named: the default mode
+    body, header_length = _triton_request(binary, wanted + [(oip.EXPLANATION, binary)])
+    request = oip.parse_infer_request(body, header_length)
+    assert request.explain and request.binary_outputs[oip.EXPLANATION] is binary  # asking for it is enough
+    overlays = [b"\x89PNG one", b"\x89PNG two", b"\x89PNG three"]
+    explanations = [SimpleNamespace(overlay_png=o, explained_class=c, torch_class=t)
+                    for o, c, t in zip(overlays, ["covid", "normal", "covid"], ["covid", "normal", "normal"])]
+    probs = np.full((3, 3), 1 / 3, np.float32)
+    payload, headers = oip.encode_infer_response("m", "1", request, probs, ["covid", "normal", "covid"], explanations)
+    result = httpclient.InferResult.from_response_body(payload, header_length=(
+        int(headers[oip.HEADER_LENGTH]) if oip.HEADER_LENGTH in headers else None))
+    got = list(result.as_numpy(oip.EXPLANATION))
+    assert (got if binary else [base64.b64decode(v) for v in got]) == overlays
+    assert result.get_response()["parameters"] == {"explained_class": "covid,normal,covid",
+                                                   "torch_class": "covid,normal,normal"}
+    plain = oip.parse_infer_request(*_triton_request(binary, wanted))
+    assert not plain.explain and oip.EXPLANATION not in plain.binary_outputs
+    with pytest.raises(oip.OipError, match="parameters.explain must be a boolean"):
+        oip.parse_infer_request(*_triton_request(binary, wanted, parameters={"explain": 3}))
 
 
 def test_only_the_requested_outputs_come_back() -> None:

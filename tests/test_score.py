@@ -199,6 +199,38 @@ def test_resume_skips_finished_shards_and_counts_exactly_once(tmp_path, exported
 
 
 @pytest.mark.integration
+def test_explain_writes_overlays_that_join_their_rows_and_resumes(tmp_path, exported_student, ray_local):
+    files = {f"e/{i:02d}.png": (png(seed=i), None) for i in range(6)}
+    files["e/bad.png"] = (b"not an image", "not_an_image")
+    write_tree(tmp_path / "in", files)
+    plain_out, out = tmp_path / "plain", tmp_path / "explained"
+    score_archive(exported_student, str(tmp_path / "in"), str(plain_out), shard_size=3, limits=LIMITS)
+    summary = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
+                            explain="all")
+    predictions, _ = assert_exactly_once(str(out), {str(tmp_path / "in" / n) for n in files})
+    plain = read_rows(str(plain_out), "predictions").sort_by("path")
+    predictions = predictions.sort_by("path")
+    for column in ("path", "label", "p_covid", "p_normal", "p_pneumonia"):  # explaining changes no prediction
+        assert predictions[column].to_pylist() == plain[column].to_pylist()
+    overlays = predictions["explanation"].to_pylist()
+    assert summary["explained"] == len(overlays) == 6 and len(set(overlays)) == 6
+    for path, overlay in zip(predictions["path"].to_pylist(), overlays):
+        assert overlay.startswith("explanations/part-") and Image.open(out / overlay).format == "PNG"
+    assert sorted(str(p.relative_to(out)) for p in (out / "explanations").rglob("*.png")) == sorted(overlays)
+    # a resumed shard writes the same overlay names again; another --explain is another run
+    (out / "summary.json").unlink()
+    (out / "_done" / "part-00001.json").unlink()
+    again = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
+                          explain="all")
+    assert again["images_this_run"] == 3 and again["explained"] == 6
+    assert sorted(read_rows(str(out), "predictions")["explanation"].to_pylist()) == sorted(overlays)
+    (out / "summary.json").unlink()
+    with pytest.raises(KdrayError, match="unfinished scoring run"):
+        score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
+                      explain="covid_suspect")
+
+
+@pytest.mark.integration
 def test_io_errors_are_retried_never_done_and_resumed(tmp_path, exported_student, ray_local):
     write_tree(tmp_path / "in", {"1.png": (png(), None)})
     manifest = tmp_path / "list.csv"

@@ -298,6 +298,53 @@ def test_open_inference_protocol_errors(base_url: str, exported_student) -> None
 
 
 @pytest.mark.integration
+def test_predict_with_explain_adds_an_overlay_and_changes_nothing_else(base_url: str) -> None:
+    from PIL import Image
+
+    plain = _raw(base_url, _png(21))
+    explained = _raw(base_url, _png(21), path="/predict?explain=true")
+    assert plain.status_code == explained.status_code == 200, explained.text
+    body = explained.json()
+    explanation = body.pop("explanation")
+    assert body == plain.json()  # the same prediction, to the last digit
+    assert "explanation" not in plain.json()
+    assert explanation["explained_class"] == body["label"] and explanation["method"] == "grad-cam"
+    assert explanation["agrees"] is (explanation["torch_class"] == body["label"])
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (IMAGE_SIZE, IMAGE_SIZE) == (explanation["size"],) * 2
+    bad = _raw(base_url, _png(21), path="/predict?explain=perhaps")
+    assert bad.status_code == 400 and bad.json()["reason"] == "bad_parameter"
+    refused = _raw(base_url, b"not an image", path="/predict?explain=1")
+    assert refused.status_code == 400 and refused.json()["reason"] == "not_an_image"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("binary", [True, False])
+def test_open_inference_protocol_explain_parameter(base_url: str, exported_student, binary: bool) -> None:
+    from urllib.parse import urlsplit
+
+    from PIL import Image
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    name = exported_student[1].name
+    client = httpclient.InferenceServerClient(urlsplit(base_url).netloc)
+    files = [_png(22), _dicom()]
+    tensor = httpclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array(files if binary else [base64.b64encode(f) for f in files],
+                                        dtype=np.object_), binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label",
+                                                                                 "explanation")]
+    result = client.infer(name, [tensor], outputs=outputs, parameters={"explain": True})
+    plain = client.infer(name, [tensor], outputs=outputs[:2])
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), plain.as_numpy("probabilities"))
+    overlays = [v if binary else base64.b64decode(v) for v in result.as_numpy("explanation")]
+    assert [Image.open(io.BytesIO(o)).size for o in overlays] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2
+    labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+    assert result.get_response()["parameters"]["explained_class"] == ",".join(labels)
+    assert plain.as_numpy("explanation") is None
+
+
+@pytest.mark.integration
 def test_health_docs_index(base_url: str, served) -> None:
     import requests
 

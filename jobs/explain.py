@@ -1,0 +1,96 @@
+"""Explain predictions: one Grad-CAM overlay PNG per image, for the class the served model predicts.
+
+    kdray explain IMAGE [IMAGE ...] --model EXPORT_DIR --output DIR [--backend auto|onnx-int8|onnx-fp32|torch]
+
+The label comes from the served artifact (as ``kdray predict``); the heat map from the export's torch
+weights (``model.weights.pt``). Prints one line per image: ``path<TAB>label<TAB>overlay path`` (plus
+``torch says <class>`` where the torch weights' top class differs). Each overlay is
+``DIR/<image name>.png`` (``<image name>-2.png`` and so on when two inputs share a name), and
+``DIR/explanations.csv`` lists them all. Unreadable images get one ``error:`` line each and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+from kdray import KdrayError, storage
+from kdray.explain import Explainer
+from kdray.predictor import BACKENDS, Predictor
+from kdray.runner import run_job
+from jobs.predict import load_for_prediction
+
+BATCH = 8
+
+
+def overlay_names(paths: list[str]) -> list[str]:
+    """``<name>.png`` per input (its file name without extension), numbered where names repeat."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
+    return names
+
+
+def main(argv: list[str]) -> list[dict]:
+    p = argparse.ArgumentParser(prog="kdray explain", description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
+    p.add_argument("--model", required=True, help="export folder (jobs.export) or a training checkpoint")
+    p.add_argument("--output", required=True, help="folder for the overlay PNGs (local or s3://)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="the model whose predictions are explained")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    a = p.parse_args(argv)
+
+    predictor = Predictor.load(a.model, backend=a.backend, threads=a.threads)
+    explainer = Explainer.load(a.model, threads=a.threads)
+    if explainer.classes != predictor.classes:
+        raise KdrayError(f"{a.model}: the torch weights' classes {explainer.classes} differ from the served "
+                         f"model's {predictor.classes}")
+    good, images, errors = [], [], []
+    for path in a.images:
+        try:
+            images.append(load_for_prediction(path, predictor.image_size))
+            good.append(path)
+        except KdrayError as exc:
+            errors.append(str(exc))
+    storage.makedirs(a.output)
+    results, names = [], overlay_names(good)
+    for start in range(0, len(images), BATCH):
+        batch = np.stack(images[start:start + BATCH])
+        probs = predictor.probabilities(batch)
+        explanations = explainer.explain(batch, probs.argmax(1))
+        chunk = slice(start, start + BATCH)
+        for path, row, explanation, file in zip(good[chunk], probs, explanations, names[chunk]):
+            overlay = storage.join(a.output, file)
+            storage.write_bytes(overlay, explanation.overlay_png)
+            note = "" if explanation.agrees else f"\ttorch says {explanation.torch_class}"
+            print(f"{path}\t{explanation.explained_class}\t{overlay}{note}", flush=True)
+            results.append({"path": path, "label": explanation.explained_class, "overlay": overlay,
+                            "torch_class": explanation.torch_class, "p_label": float(row.max())})
+    if results:
+        storage.write_text(storage.join(a.output, "explanations.csv"), _csv(results))
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if errors:
+        sys.exit(2)
+    return results
+
+
+def _csv(rows: list[dict]) -> str:
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,83 @@
+"""Explanations in a replica: the Grad-CAM explainer loaded on first use, one thread, a bounded number in flight.
+
+Predictions never wait for explanations: these run in their own single thread (with ``threads`` torch
+threads), and at most ``max_in_flight`` explanation requests are admitted at once per replica; the next one
+is refused at once (:class:`ExplainBusy`, answered 503 + Retry-After). A replica that never gets an
+explanation request never loads the torch weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from kdray import KdrayError
+from kdray.explain import Explainer, Explanation
+
+
+class ExplainBusy(Exception):
+    """Too many explanation requests in flight on this replica."""
+
+
+class ExplainUnavailable(KdrayError):
+    """This model cannot be explained (e.g. an export without torch weights)."""
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def explain_flag(value) -> bool:
+    """A query or OIP parameter: true/false (also 1/0, yes/no); anything else is a ValueError."""
+    if isinstance(value, bool):
+        return value
+    text = str(value if value is not None else "").strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ValueError(f"explain must be true or false, got {str(value)[:40]!r}")
+
+
+class ExplainGate:
+    def __init__(self, model_dir: str, max_in_flight: int, threads: int):
+        self.model_dir, self.max_in_flight, self.threads = model_dir, int(max_in_flight), int(threads)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdray-explain")
+        self.in_flight = self.refused = self.explained = 0
+        self._explainer: Explainer | None = None
+        self._failure: str | None = None
+        self._loading = threading.Lock()
+
+    def admit(self) -> None:
+        """Count one explanation request in, or raise ExplainBusy; pair with :meth:`release`."""
+        if self.in_flight >= self.max_in_flight:
+            self.refused += 1
+            raise ExplainBusy(f"{self.in_flight} explanation request(s) in progress on this replica; "
+                              "retry later, or ask without explain")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    async def explain(self, images: np.ndarray, classes: list[int]) -> list[Explanation]:
+        """Grad-CAM of the served classes, in the explanation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._explain, images, classes)
+
+    def _explain(self, images: np.ndarray, classes: list[int]) -> list[Explanation]:
+        explanations = self._load().explain(images, classes)
+        self.explained += len(explanations)
+        return explanations
+
+    def _load(self) -> Explainer:
+        with self._loading:
+            if self._failure is not None:
+                raise ExplainUnavailable(self._failure)
+            if self._explainer is None:
+                try:
+                    self._explainer = Explainer.load(self.model_dir, threads=self.threads)
+                except KdrayError as exc:
+                    self._failure = f"explanations are not available for this model: {exc}"
+                    raise ExplainUnavailable(self._failure) from None
+            return self._explainer
