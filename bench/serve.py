@@ -52,7 +52,9 @@ while True:
     try:
         app = serve.status().applications[APP_NAME]
         states = app.deployments["StudentClassifier"].replica_states
-        print(json.dumps({"t": time.time(), "replicas": int(states.get("RUNNING", 0))}), flush=True)
+        waiting = sum(int(n) for state, n in states.items() if state != "RUNNING")
+        print(json.dumps({"t": time.time(), "replicas": int(states.get("RUNNING", 0)), "waiting": waiting}),
+              flush=True)
     except Exception as exc:
         print(json.dumps({"t": time.time(), "error": type(exc).__name__}), flush=True)
     time.sleep(1.0)
@@ -90,8 +92,11 @@ class Replicas(threading.Thread):
     def run(self) -> None:
         for line in self.stream:
             row = json.loads(line)
-            if "replicas" in row and (not self.changes or self.changes[-1][1] != row["replicas"]):
-                self.changes.append((round(row["t"] - self.started), row["replicas"]))
+            if "replicas" not in row:
+                continue
+            count = row["replicas"] if not row.get("waiting") else f"{row['replicas']} (+{row['waiting']} waiting)"
+            if not self.changes or self.changes[-1][1] != count:
+                self.changes.append((round(row["t"] - self.started), count))
 
 
 def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list,

@@ -472,8 +472,10 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     options = dict(deployment_overrides)
     if num_replicas is not None:
         options.update(num_replicas=int(num_replicas), autoscaling_config=None)
-    app = build_app(model_dir, backend, threads, batching, num_cpus=num_cpus, **options)
     init_ray()
+    if num_cpus is None:
+        num_cpus = _cpus_that_fit()
+    app = build_app(model_dir, backend, threads, batching, num_cpus=num_cpus, **options)
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)}, proxy_location="HeadOnly",
                 logging_config=ACCESS_LOG_OFF)
     host, actual_port = "127.0.0.1", int(port)
@@ -496,6 +498,20 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     if direct:
         log.info("replicas answer directly at %s; Serve's proxy balances them at %s", ", ".join(direct), proxy_url)
     return proxy_url
+
+
+def _cpus_that_fit() -> float:
+    """The replica's CPUs (serve.options) or, when fewer are free on this Ray, what is free (at least 0.5), so that
+    the first replica starts on a small or busy machine. Further replicas ask for the same."""
+    import ray
+
+    wanted = float(DEPLOYMENT["ray_actor_options"]["num_cpus"])
+    free = float(ray.available_resources().get("CPU", 0.0))
+    if free >= wanted:
+        return wanted
+    fitted = max(0.5, math.floor(free * 2) / 2)
+    log.info("a replica asks for %.1f CPUs; %.1f are free here, so it asks for %.1f", wanted, free, fitted)
+    return fitted
 
 
 def replica_urls(name: str, proxy_port: int, wait_s: float = 10.0) -> list[str]:

@@ -45,7 +45,11 @@ DEPLOYMENT = {
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
                            "upscale_delay_s": 5, "downscale_delay_s": 30},
-    "ray_actor_options": {"num_cpus": 0.5},
+    # A replica keeps WORKER_THREADS threads busy, so it asks for that many CPUs: the autoscaler then adds a
+    # replica only where CPUs are free (or asks the cluster for a node), never onto a node its replicas already
+    # saturate. (At 0.5 CPU, a 2-core node took a second replica whose start-up cost the first one a third of
+    # its throughput, and which added none: bench/results/serve.md.) serve.app.deploy fits it to the CPUs free.
+    "ray_actor_options": {"num_cpus": float(WORKER_THREADS)},
 }
 
 #: Keys of a deployment that only this module sets (config files may set the others).

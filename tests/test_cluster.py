@@ -388,7 +388,7 @@ def test_serve_config_v2():
     # Deployment knobs come from serve/options.py (the one source); the RayService only sets the
     # environment's replica bound and CPUs per replica, as app args that serve.app:app_builder accepts.
     assert "deployments" not in app
-    assert app["args"]["max_replicas"] == 4 and app["args"]["num_cpus"] == 1
+    assert app["args"]["max_replicas"] == 4 and app["args"]["num_cpus"] == 2
     from serve.app import app_builder
 
     bound = app_builder({**app["args"], "model_dir": str(Path(__file__).resolve().parents[1])})

@@ -71,6 +71,17 @@ def test_deployment_options_have_one_source() -> None:
     assert app._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
 
 
+def test_a_replica_asks_for_the_cpus_its_threads_use_or_what_is_free(monkeypatch) -> None:
+    import ray
+
+    from serve import app, options
+
+    assert options.DEPLOYMENT["ray_actor_options"]["num_cpus"] == options.WORKER_THREADS
+    for free, expected in ((16.0, options.WORKER_THREADS), (1.7, 1.5), (0.2, 0.5)):
+        monkeypatch.setattr(ray, "available_resources", lambda free=free: {"CPU": free})
+        assert app._cpus_that_fit() == expected
+
+
 def test_app_builder(tmp_path: Path) -> None:
     from ray.serve import Application
 
@@ -121,7 +132,8 @@ def base_url(exported_student, ray_local, proxy_port) -> Iterator[str]:
     from serve.app import deploy
 
     try:
-        yield deploy(exported_student[0], port=proxy_port, num_replicas=1, name="kdray-test")
+        # 0.5 CPU: the run's shared Ray has 2, and the batching and overload tests deploy beside this app
+        yield deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-test")
     finally:
         serve.shutdown()
 
@@ -380,7 +392,7 @@ def test_batching_on_groups_concurrent_requests(exported_student, base_url, prox
 
     from serve.app import deploy
 
-    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, batching="on", name="kdray-batched",
+    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, batching="on", name="kdray-batched",
                  route_prefix="/batched")
     try:
         images = [_png(100 + i) for i in range(8)]
@@ -406,7 +418,7 @@ def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url, p
 
     from serve.app import deploy
 
-    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, name="kdray-overload", route_prefix="/overload",
+    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-overload", route_prefix="/overload",
                  max_ongoing_requests=1, max_queued_requests=1)
     try:
         burst = [_dicom(256) for _ in range(24)]
