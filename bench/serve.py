@@ -100,12 +100,13 @@ class Replicas(threading.Thread):
 
 
 def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list,
-           explain_clients: int = 0) -> list[dict]:
+           explain_clients: int = 0, settle: float = 0.0) -> list[dict]:
     """The levels, then half the peak rate and 4x the peak's clients. ``explain_clients`` > 0: that many more
     clients send ``?explain=true`` requests beside every level, and the row gets their numbers too."""
     rows = []
 
     def level(clients: int, rate: float | None, what: str) -> dict:
+        time.sleep(settle)  # the previous level's last requests (and held 503s) drain first
         marks.append((time.time(), f"{what} ({clients} clients)"))
         explaining = ExplainLoad(url, body, explain_clients, duration) if explain_clients else None
         row = {"side": label, "load": what, **run_level(url, body, "image/png", clients, duration, rate).summary()}
@@ -150,7 +151,7 @@ def bench_anchor(model: str, body: bytes, a) -> list[dict]:
     try:
         url = f"http://127.0.0.1:{port}/predict"
         wait_ready(url, body)
-        return ladder(url, body, a.levels, a.duration, "plain uvicorn", [])
+        return ladder(url, body, a.levels, a.duration, "plain uvicorn", [], settle=a.settle)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -169,9 +170,10 @@ def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
         wait_ready(url, body)
         direct = urls["url"] != urls["proxy"]
         rows = ladder(url, body, a.levels, a.duration, "kdray Serve" + (" (direct ingress)" if direct else ""), marks,
-                      a.explain_clients)
+                      a.explain_clients, a.settle)
         if direct and a.proxy_too:
-            rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration, "kdray Serve via its proxy", marks)
+            rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration, "kdray Serve via its proxy", marks,
+                           settle=a.settle)
         marks.append((time.time(), "load stopped"))
         time.sleep(a.cooldown)
         return rows, replicas.changes, [(round(t - started), what) for t, what in marks]
@@ -188,6 +190,7 @@ def main() -> None:
     p.add_argument("--sides", default="anchor,kdray")
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds of no load before each level")
     p.add_argument("--cooldown", type=float, default=75.0, help="seconds to watch replicas after the load")
     p.add_argument("--replicas", type=int, default=0, help="fixed replica count (0: the default autoscaling)")
     p.add_argument("--proxy-too", type=int, default=1, help="with direct ingress, also load Serve's proxy (1/0)")
@@ -218,7 +221,7 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
     lines = [f"# Serving benchmark ({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {machine()}",
              f"CPU flags: {cpu_flags()}", "",
              f"Image: `{image.name}` ({image.stat().st_size} bytes, a real CXR PNG), POSTed raw to /predict. "
-             f"{a.duration:.0f} s per level. Explanation clients beside each kdray level: {a.explain_clients}. Serve env: {' '.join(a.serve_env) or '(defaults)'}. Replicas: "
+             f"{a.duration:.0f} s per level, {a.settle:.0f} s without load before each. Explanation clients beside each kdray level: {a.explain_clients}. Serve env: {' '.join(a.serve_env) or '(defaults)'}. Replicas: "
              f"{a.replicas or 'autoscaling (the default)'}.", "",
              "Peaks (200s only): " + ", ".join(f"{side} {v:.0f} req/s" for side, v in sorted(peaks.items())), ""]
     anchor = peaks.get("plain uvicorn")

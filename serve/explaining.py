@@ -9,6 +9,8 @@ explanation request never loads the torch weights.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +18,8 @@ import numpy as np
 
 from kdray import KdrayError
 from kdray.explain import Explainer, Explanation
+
+log = logging.getLogger(__name__)
 
 
 class ExplainBusy(Exception):
@@ -41,10 +45,21 @@ def explain_flag(value) -> bool:
     raise ValueError(f"explain must be true or false, got {str(value)[:40]!r}")
 
 
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread at ``nice`` (Linux schedules threads one by one); elsewhere, leave it."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        log.info("explanations run at normal priority (%s)", exc)
+
+
 class ExplainGate:
-    def __init__(self, model_dir: str, max_in_flight: int, threads: int):
+    def __init__(self, model_dir: str, max_in_flight: int, threads: int, nice: int = 0):
         self.model_dir, self.max_in_flight, self.threads = model_dir, int(max_in_flight), int(threads)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdray-explain")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdray-explain", initializer=_lower_priority,
+                                       initargs=(int(nice),))
         self.in_flight = self.refused = self.explained = 0
         self._explainer: Explainer | None = None
         self._failure: str | None = None

@@ -58,5 +58,6 @@ OWNED_KEYS = ("max_ongoing_requests", "max_queued_requests", "backpressure_confi
 #: Grad-CAM explanations (``?explain=true``, the OIP ``explain`` parameter; serve/explaining.py): each replica
 #: runs at most ``max_in_flight`` explanation requests at once, one at a time in one thread of ``threads``
 #: torch threads, beside the prediction pool; the excess is answered 503 + Retry-After (reason
-#: ``explain_busy``) at once, so explanations never queue in front of predictions.
-EXPLAIN = {"max_in_flight": 2, "threads": 1}
+#: ``explain_busy``) at once, so explanations never queue in front of predictions. The explanation thread
+#: runs at Linux niceness ``nice`` (per thread): it gets the CPU that predictions leave idle, and little more.
+EXPLAIN = {"max_in_flight": 2, "threads": 1, "nice": 19}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -215,7 +217,10 @@ def test_cli_writes_one_overlay_per_image_for_the_served_label(export_dir, tmp_p
 def test_gate_refuses_past_its_limit_and_reports_an_unexplainable_model(tmp_path) -> None:
     from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
 
-    gate = ExplainGate(str(tmp_path), max_in_flight=2, threads=1)
+    gate = ExplainGate(str(tmp_path), max_in_flight=2, threads=1, nice=5)
+    native_id = gate.pool.submit(threading.get_native_id).result()
+    assert os.getpriority(os.PRIO_PROCESS, native_id) == os.getpriority(os.PRIO_PROCESS, 0) + 5
+    assert os.getpriority(os.PRIO_PROCESS, 0) == os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     gate.admit()
     gate.admit()
     with pytest.raises(ExplainBusy):
