@@ -21,7 +21,7 @@ PACKAGES = ("kdray", "jobs", "serve")
 LAYERS: list[tuple[str, set[str]]] = [
     ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas"}),
     ("core", {"kdray.images", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
-              "kdray.raycluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
+              "kdray.raycluster", "kdray.local_cluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
               "kdray.train"}),
     ("predictor", {"kdray.predictor"}),
     ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch"}),
