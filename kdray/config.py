@@ -155,8 +155,13 @@ class RunConfig:
     num_workers: int = 0  # Ray Train workers (0 = one per CPU, up to 2 on a small box; GPUs when present)
     use_gpu: UseGpu = "auto"
     seed: int = 0
+    # Worker-group restarts after a worker or its node dies: Ray Train starts the workers again from the run's
+    # latest checkpoint (every epoch writes one), up to this many times per run. Ray 2.60's default, 0,
+    # fails the whole run on the first dead worker; 3 rides out a lost node or two without looping forever
+    # on a run that fails every time.
+    max_failures: int = 3
 
-    CHECKS: typing.ClassVar[dict[str, Check]] = {"num_workers": ge(0), "seed": ge(0)}
+    CHECKS: typing.ClassVar[dict[str, Check]] = {"num_workers": ge(0), "seed": ge(0), "max_failures": ge(0)}
 
     def __post_init__(self) -> None:
         if isinstance(self.use_gpu, bool):  # RunConfig(use_gpu=True) from code: stored as the string, as YAML is

@@ -29,6 +29,7 @@ from kdray.schemas import RunSummary
 
 log = logging.getLogger(__name__)
 METRIC = "val_macro_f1"
+WORKERS_DIR = "workers"  # <run>/workers/*.json: where each worker ran (kdray.train._record_worker)
 
 
 def default_run_name(cfg: TrainJobConfig) -> str:
@@ -125,6 +126,7 @@ def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
             name=run_name, storage_path=storage_loc.path, storage_filesystem=storage_loc.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
                                                          checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # val is not split: Ray's equal split drops rows to even the shards out (398 of 399 real val images);
@@ -305,6 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, best_f1, stale = state["epoch"] + 1, state["best_f1"], state["stale"]
         if rank == 0:
             print(f"[kdray] resuming {config['run_name']} from epoch {start_epoch}", flush=True)
+    _record_worker(cfg, config["run_name"], rank, start_epoch)
 
     train_shard, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -355,6 +358,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 @torch.no_grad()
+def _record_worker(cfg: TrainJobConfig, run_name: str, rank: int, start_epoch: int) -> None:
+    """Where this worker runs: ``<run>/workers/<time>-rank<r>.json``, one file per worker start (a restart after
+    a lost worker or node adds files, with the epoch it resumed from)."""
+    import ray
+
+    record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+              "start_epoch": start_epoch, "started": time.time()}
+    storage.write_json(storage.join(cfg.run.output, run_name, WORKERS_DIR, f"{time.time_ns()}-rank{rank}.json"),
+                       record)
+
+
 def _recalibrate_batchnorm(model: torch.nn.Module, batches: list[np.ndarray], device, use_amp: bool) -> None:
     """Precise BN: replace the running BatchNorm statistics by exact averages over recent clean batches.
 

@@ -90,7 +90,7 @@ def test_two_nodes_on_loopback_with_token_auth(tmp_path):
         refused = subprocess.run([sys.executable, "-c", DRIVER, state["gcs_address"]], cwd=REPO, timeout=120,
                                  env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
                                  capture_output=True, text=True)
-        assert refused.returncode != 0
+        assert refused.returncode != 0 and re.search(r"auth|token", refused.stderr, re.I), refused.stderr[-2000:]
     finally:
         pids = _tree(holder)
         stopped = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)

@@ -59,6 +59,11 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
     assert "resuming tiny-teacher-test from epoch 8" in _worker_output(caplog, capfd)
     assert resumed.final_metrics["epoch"] == 9
     assert read_checkpoint_meta(resumed.best_checkpoint).epoch >= summary.best_metrics["epoch"]
+    # where each worker ran, one record per worker start: 2 from the first run, 2 resuming at epoch 8
+    records = [storage.read_json(f"{output}/tiny-teacher-test/workers/{f.base_name}")
+               for f in storage.list_files(storage.resolve(f"{output}/tiny-teacher-test/workers"))]
+    assert sorted((r["start_epoch"], r["rank"]) for r in records) == [(0, 0), (0, 1), (8, 0), (8, 1)]
+    assert all(r["node_id"] and r["pid"] for r in records)
 
 
 def test_each_val_image_is_scored_by_exactly_one_worker():
