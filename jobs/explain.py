@@ -22,7 +22,7 @@ from kdray import KdrayError, storage
 from kdray.explain import Explainer
 from kdray.predictor import BACKENDS, Predictor
 from kdray.runner import run_job
-from jobs.predict import load_for_prediction
+from jobs.predict import load_all
 
 BATCH = 8
 
@@ -52,13 +52,7 @@ def main(argv: list[str]) -> list[dict]:
     if explainer.classes != predictor.classes:
         raise KdrayError(f"{a.model}: the torch weights' classes {explainer.classes} differ from the served "
                          f"model's {predictor.classes}")
-    good, images, errors = [], [], []
-    for path in a.images:
-        try:
-            images.append(load_for_prediction(path, predictor.image_size))
-            good.append(path)
-        except KdrayError as exc:
-            errors.append(str(exc))
+    good, images, errors = load_all(a.images, predictor.image_size)
     storage.makedirs(a.output)
     results, names = [], overlay_names(good)
     for start in range(0, len(images), BATCH):

@@ -33,6 +33,18 @@ def load_for_prediction(path: str, size: int) -> np.ndarray:
         raise KdrayError(f"{path}: cannot decode image ({reason})") from None
 
 
+def load_all(paths: list[str], size: int) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """(paths that loaded, their images, one error line per path that did not)."""
+    good, images, errors = [], [], []
+    for path in paths:
+        try:
+            images.append(load_for_prediction(path, size))
+            good.append(path)
+        except KdrayError as exc:
+            errors.append(str(exc))
+    return good, images, errors
+
+
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="kdray predict", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
@@ -42,13 +54,7 @@ def main(argv: list[str]) -> list[dict]:
     a = p.parse_args(argv)
 
     predictor = Predictor.load(a.model, backend=a.backend, threads=a.threads)
-    good, images, errors = [], [], []
-    for path in a.images:
-        try:
-            images.append(load_for_prediction(path, predictor.image_size))
-            good.append(path)
-        except KdrayError as exc:
-            errors.append(str(exc))
+    good, images, errors = load_all(a.images, predictor.image_size)
 
     results = []
     for start in range(0, len(images), BATCH):

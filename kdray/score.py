@@ -379,23 +379,21 @@ class ShardScorer:
             for i, explanation in zip(rows, explanations):
                 relative = explanation_path(part, names[i])
                 loc = self.out.join(*relative.split("/"))
-                try:
-                    _retry(lambda: storage.write_bytes(loc, explanation.overlay_png), self.policy, f"writing {loc.uri}")
-                except (OSError, KdrayError) as exc:
-                    raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+                self._write_with_retries(loc, lambda: storage.write_bytes(loc, explanation.overlay_png))
                 paths[i], torch_classes[i] = relative, explanation.torch_class
         return {"explanation": pa.array(paths, pa.string()),
                 "explanation_torch_class": pa.array(torch_classes, pa.string())}
 
     def _write(self, loc: storage.Location, table: pa.Table) -> None:
-        try:
-            _retry(lambda: storage.write_parquet(loc, table), self.policy, f"writing {loc.uri}")
-        except (OSError, KdrayError) as exc:
-            raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+        self._write_with_retries(loc, lambda: storage.write_parquet(loc, table))
 
     def _write_done(self, loc: storage.Location, row: dict) -> None:
+        self._write_with_retries(loc, lambda: storage.write_json(loc, row))
+
+    def _write_with_retries(self, loc: storage.Location, write) -> None:
+        """``write()`` with retries and backoff; an output store that still fails stops the job cleanly."""
         try:
-            _retry(lambda: storage.write_json(loc, row), self.policy, f"writing {loc.uri}")
+            _retry(write, self.policy, f"writing {loc.uri}")
         except (OSError, KdrayError) as exc:
             raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
 

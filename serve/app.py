@@ -199,11 +199,10 @@ class StudentClassifier:
 
     def _classify_now(self, data: bytes) -> np.ndarray:
         """Decode and classify one image in the calling (pool) thread (CPU path)."""
-        probs = self.predictor.probabilities(load_image(data, self.predictor.image_size).pixels[None])[0]
-        self._count(1)
-        return probs
+        return self._classify_keeping_pixels(data)[0]
 
     def _classify_keeping_pixels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, decoded pixels) of one image, in the calling (pool) thread."""
         pixels = load_image(data, self.predictor.image_size).pixels
         probs = self.predictor.probabilities(pixels[None])[0]
         self._count(1)

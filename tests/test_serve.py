@@ -262,15 +262,19 @@ def test_bodies_over_the_limit_get_413(base_url: str, monkeypatch) -> None:
     assert _raw(base_url, _png(5)).status_code == 200
 
 
+def _triton_client(base_url: str, exported_student):
+    """(tritonclient.http, an unmodified client of the deployment, the model's name)."""
+    from urllib.parse import urlsplit
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    return httpclient, httpclient.InferenceServerClient(urlsplit(base_url).netloc), exported_student[1].name
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("binary", [True, False])
 def test_open_inference_protocol_with_tritonclient(base_url: str, exported_student, binary: bool) -> None:
     """An unmodified tritonclient classifies a PNG and a DICOM in one request, in binary and in JSON mode."""
-    from urllib.parse import urlsplit
-
-    httpclient = pytest.importorskip("tritonclient.http")
-    name = exported_student[1].name
-    client = httpclient.InferenceServerClient(urlsplit(base_url).netloc)
+    httpclient, client, name = _triton_client(base_url, exported_student)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
     meta = client.get_model_metadata(name)
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
@@ -333,13 +337,9 @@ def test_predict_with_explain_adds_an_overlay_and_changes_nothing_else(base_url:
 @pytest.mark.integration
 @pytest.mark.parametrize("binary", [True, False])
 def test_open_inference_protocol_explain_parameter(base_url: str, exported_student, binary: bool) -> None:
-    from urllib.parse import urlsplit
-
     from PIL import Image
 
-    httpclient = pytest.importorskip("tritonclient.http")
-    name = exported_student[1].name
-    client = httpclient.InferenceServerClient(urlsplit(base_url).netloc)
+    httpclient, client, name = _triton_client(base_url, exported_student)
     files = [_png(22), _dicom()]
     tensor = httpclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(np.array(files if binary else [base64.b64encode(f) for f in files],
