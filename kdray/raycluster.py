@@ -7,12 +7,15 @@ import os
 import sys
 import time
 
+from kdray import LOOPBACK_ENV, KdrayError, keep_ray_on_loopback
+
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
 PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "KDRAY_FAULT_WRITE_DELAY_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "KDRAY_FAULT_WRITE_DELAY_S", "KDRAY_S3_RETRY_S",
+                 "RAY_TRAIN_ENABLE_PRINT_PATCH")
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
 # to the original print: every progress line reached the driver twice. kdray's workers print plain progress
 # lines, so the patch is off unless the caller's environment sets it.
@@ -28,6 +31,8 @@ def worker_env_vars() -> dict[str, str]:
     """Environment for Ray workers: the defaults above, then what the caller's environment sets."""
     return {**WORKER_ENV_DEFAULTS, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
 
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 
 #: Environment of a Ray node kdray starts (the same as cluster/local_head.sh and the KubeRay pods set).
 #: Direct ingress: Serve replicas answer HTTP on their own port (127.0.0.1:30000 and up here), one Python
@@ -56,6 +61,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         return ray
     runtime_env = {"env_vars": worker_env_vars()}
     address = address or os.environ.get("RAY_ADDRESS")
+    keep_ray_on_loopback()  # done when kdray is imported; again here, right before ray.init
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -64,8 +70,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         for key, value in NODE_ENV.items():  # read by Ray's processes as they start: set where the node starts
             os.environ.setdefault(key, value)
         runtime_env["worker_process_setup_hook"] = "kdray.raycluster.drop_state_api_warnings"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+        # address="local": a new Ray, never the last cluster started on this machine (/tmp/ray/ray_current_cluster),
+        # which ray.init() without an address silently joins, wherever it listens
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  runtime_env=runtime_env, configure_logging=False)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip not in LOOPBACK_HOSTS:  # a future Ray that reads the setting elsewhere: refuse, do not serve
+            ray.shutdown()
+            raise KdrayError(f"the local Ray started on {node_ip}, not 127.0.0.1: import kdray before ray, or set "
+                             f"{LOOPBACK_ENV}=0 in the environment before Python starts")
     _quiet_ray_data()
     if not _verbose():
         quiet_worker_output()

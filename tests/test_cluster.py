@@ -327,6 +327,26 @@ def test_s3_credentials_come_from_secret(kind):
             assert ref["name"] and ref["key"]
 
 
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
+def test_irsa_is_one_uncommented_line_away(path: Path):
+    """EKS IRSA instead of keys: uncommenting ``serviceAccountName: kdray`` gives a valid manifest whose every Ray
+    pod runs as that ServiceAccount, and the Secret's keys are optional, so pods start without the Secret."""
+    text = path.read_text()
+    assert "# serviceAccountName: kdray" in text
+    docs = [d for d in yaml.safe_load_all(text.replace("# serviceAccountName:", "serviceAccountName:"))
+            if d and str(d.get("apiVersion", "")).startswith("ray.io/")]
+    assert docs
+    for doc in docs:
+        assert not crd_errors(doc), crd_errors(doc)
+        cs = _cluster_spec(doc)
+        for group in [cs["headGroupSpec"], *cs.get("workerGroupSpecs", [])]:
+            assert group["template"]["spec"].get("serviceAccountName") == "kdray"
+        for c in _walk_pod_containers(cs):
+            env = {e["name"]: e for e in c.get("env", [])}
+            for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert env[var]["valueFrom"]["secretKeyRef"].get("optional") is True, (c["name"], var)
+
+
 def _runtime_env_pip(runtime_env: dict) -> list[str]:
     pip = runtime_env.get("pip") or []
     return list(pip["packages"] if isinstance(pip, dict) else pip)
@@ -369,6 +389,53 @@ def test_rayjob_runtime_env_is_valid_for_ray():
     assert isinstance(renv, dict) and renv.get("working_dir"), "runtimeEnvYAML needs working_dir"
     ray_runtime_env = pytest.importorskip("ray.runtime_env")
     ray_runtime_env.RuntimeEnv(**renv)  # raises on unknown/invalid fields
+
+
+#: A pinned code archive: a release tag's or one commit's GitHub archive, never a branch's (refs/heads/...).
+PINNED_ARCHIVE = re.compile(r"https://github\.com/[^/]+/[^/]+/archive/(refs/tags/(?P<tag>[^/]+)|(?P<commit>[0-9a-f]{40}))\.zip")
+
+
+def _working_dirs(node: Any) -> Iterator[str]:
+    """Every runtime_env ``working_dir`` in a loaded manifest, also inside embedded YAML strings
+    (``runtimeEnvYAML``, ``serveConfigV2``)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "working_dir":
+                yield value
+            else:
+                yield from _working_dirs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _working_dirs(value)
+    elif isinstance(node, str) and "working_dir" in node:
+        embedded = yaml.safe_load(node)
+        if isinstance(embedded, (dict, list)):
+            yield from _working_dirs(embedded)
+
+
+def _unpinned(working_dir: str, version: str) -> str | None:
+    """Why ``working_dir`` is not a pinned archive of kdray ``version``, or None."""
+    m = PINNED_ARCHIVE.fullmatch(working_dir)
+    if not m:
+        return "not a tag or commit archive (https://github.com/<owner>/kdray/archive/refs/tags/v<version>.zip)"
+    if m["tag"] and m["tag"] != f"v{version}":
+        return f"tag {m['tag']} is not v{version} (kdray.__version__)"
+    return None
+
+
+def test_runtime_env_working_dirs_are_pinned():
+    """The manifests run one version of the code: a release tag's archive (matching kdray.__version__) or a
+    commit's, never a moving branch's."""
+    import kdray
+
+    paths = [*KUBERAY_MANIFESTS, *sorted(CLUSTER_DIR.glob("*.yaml")), REPO_ROOT / "serve" / "config.yaml"]
+    found = {(p.name, w) for p in paths for d in load_manifests(p) for w in _working_dirs(d)}
+    assert {name for name, _ in found} >= {"rayjob-pipeline.yaml", "rayservice-student.yaml"}, found
+    bad = [(name, w, why) for name, w in sorted(found) if (why := _unpinned(w, kdray.__version__))]
+    assert not bad, bad
+    branch = "https://github.com/REPLACE-ME/kdray/archive/refs/heads/main.zip"
+    assert _unpinned(branch, kdray.__version__) and _unpinned(branch.replace("heads/main", "tags/v0.0.9"), "0.1.0")
+    assert _unpinned(f"https://github.com/o/kdray/archive/{'a' * 40}.zip", "0.1.0") is None
 
 
 # ---------------------------------------------------------------------------
@@ -528,6 +595,17 @@ def test_aws_yaml_content():
     assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
     local_paths = [Path(p) for p in cfg["file_mounts"].values()]
     assert any(p == Path(".") or p.resolve() == REPO_ROOT for p in local_paths)
+    # The dashboard (and job API) is not exposed without auth: it listens on the head's 127.0.0.1 only (reached
+    # through `ray dashboard`'s SSH forward), and every node runs with Ray token auth, the token carried to it
+    # from the user's machine.
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    head_args = [shlex.split(c.split("ray start", 1)[1]) for c in cfg["head_start_ray_commands"] if "--head" in c]
+    assert len(head_args) == 1
+    hosts = [a.split("=", 1)[1] for a in head_args[0] if a.startswith("--dashboard-host")]
+    assert hosts == ["127.0.0.1"], hosts
+    assert not any("0.0.0.0" in c for c in starts)
+    assert starts and all("export RAY_AUTH_MODE=token;" in c for c in starts)
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
 
 
 AWS_MISSPELLINGS = [
