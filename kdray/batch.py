@@ -13,6 +13,7 @@ from kdray.config import AugmentConfig, from_dict
 from kdray.data import view_seeds
 from kdray.predictor import Predictor
 from kdray.raycluster import cluster_cpus, cluster_gpus
+from kdray.runner import kdray_errors_from_ray
 
 
 class LogitsActor:
@@ -66,5 +67,6 @@ def run_logits(ds, model_uri: str, views: int = 1, augment: dict | None = None, 
                                                              "augment": augment, "threads": threads,
                                                              "backend": backend},
                          batch_size=batch_size, batch_format="numpy", compute=compute, **resources)
-    tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
+    with kdray_errors_from_ray():  # an actor that could not load the model (S3 away): one line
+        tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables) if tables else None

@@ -257,12 +257,6 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration_images: np.ndarray
     return {**q, "calibration_images": int(len(calibration_images))}
 
 
-def _remove_marker(out: storage.Location) -> None:
-    marker = out.join(MODEL_CARD_FILE)
-    if storage.exists(marker):
-        marker.fs.delete_file(marker.path)
-
-
 def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.ndarray, val_images: np.ndarray,
                    val_labels, int8: bool = True, torchscript: bool = False, extra_metadata: dict | None = None,
                    strict: bool = True, target_sensitivity: float = 0.95, split: str = "val") -> ModelCard:
@@ -332,7 +326,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
                            {"backend": "torch-fp32", "n": int(len(labels)), "split": split,
                             "accuracy": float(np.mean(ref_logits.argmax(1) == labels))}, extra_metadata)
 
-        _remove_marker(out)  # from here on the old export (if any) is no longer valid
+        storage.delete_file(out.join(MODEL_CARD_FILE))  # from here on the old export (if any) is no longer valid
         storage.makedirs(out)
         for f in files.values():
             with open(f, "rb") as fh:

@@ -4,15 +4,27 @@ S3 settings come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_K
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). Writes are atomic: local files are written to a
 temporary name and renamed; S3 objects appear whole when their upload completes, and
 multi-file outputs are committed by writing a marker last.
+
+S3 outages. Every S3 request made here (and every one passed to :func:`retrying`) that fails because S3
+cannot be reached or answers with a transient error (connection refused or reset, a timeout, a 5xx,
+SlowDown) is retried with exponential backoff (0.5 s doubling to 10 s, ±25% jitter) for up to
+``KDRAY_S3_RETRY_S`` seconds (default 120; 0 = one attempt), with a warning per retry. Then it raises
+:class:`S3Unavailable`, one line that names the URI and the endpoint. A missing bucket or key, refused
+credentials and refused images are not retried. The variable reaches Ray workers
+(``kdray.raycluster.FORWARDED_ENV``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import random
+import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -20,9 +32,30 @@ import pyarrow.fs as pafs
 
 from kdray import KdrayError
 
+log = logging.getLogger(__name__)
+
 #: Seconds to wait between writing a local file's temporary copy and renaming it (tests only: it lets a test
 #: kill a job in the middle of a write). Read once, at import, from KDRAY_FAULT_WRITE_DELAY_S.
 _WRITE_DELAY_S = float(os.environ.get("KDRAY_FAULT_WRITE_DELAY_S", "0") or 0)
+
+#: How long (seconds) an S3 request that cannot get through is retried before the job stops; read at each call.
+RETRY_ENV = "KDRAY_S3_RETRY_S"
+DEFAULT_RETRY_S = 120.0
+BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 10.0
+#: pyarrow's own attempts per request (its AWS SDK retry strategy): a lone hiccup is absorbed there, an outage is
+#: left to :func:`retrying`, so that the two never multiply into minutes (a hung server costs at most
+#: SDK_ATTEMPTS x (connect + request timeout) past the budget).
+SDK_ATTEMPTS, CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S = 2, 5, 30
+#: What a transient failure looks like in pyarrow's S3 messages ("AWS Error <type> during <operation> operation:
+#: <message>"): the AWS SDK's error types for an unreachable endpoint, timeouts, throttling and 5xx, curl's codes.
+_TRANSIENT = re.compile(r"NETWORK_CONNECTION|curlCode|connect to server|Connection (?:refused|reset)|timed out|"
+                        r"Timeout|SLOW_DOWN|SlowDown|SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|"
+                        r"InternalError|THROTTLING|REQUEST_TIMEOUT|HTTP status 5\d\d", re.IGNORECASE)
+_AWS_ERROR = "AWS Error"  # in every error pyarrow's S3 filesystem raises; never in a local file's
+
+
+class S3Unavailable(KdrayError):
+    """S3 could not be reached, or kept failing with transient errors, for the whole retry budget."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +83,78 @@ def s3_filesystem() -> pafs.S3FileSystem:
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    kwargs.update(connect_timeout=5, request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    kwargs.update(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=SDK_ATTEMPTS))
     return pafs.S3FileSystem(**kwargs)
+
+
+def retry_budget_s() -> float:
+    """Seconds to keep retrying an S3 request that cannot get through: ``KDRAY_S3_RETRY_S``, default 120."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # (also refuses nan)
+        raise KdrayError(f"{RETRY_ENV}={raw!r}: must be a number of seconds >= 0 (default {DEFAULT_RETRY_S:g})")
+    return value
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure worth retrying: S3 unreachable, a timeout, a 5xx or SlowDown. Never for a missing file
+    or bucket, refused credentials or any kdray error (a refused image, an exhausted retry budget)."""
+    if isinstance(exc, (KdrayError, FileNotFoundError, PermissionError)) or not isinstance(exc, OSError):
+        return False
+    text = str(exc)
+    return _AWS_ERROR in text and bool(_TRANSIENT.search(text))
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "the default AWS endpoint"
+
+
+def _cause(exc: BaseException) -> str:
+    """The short reason inside one of pyarrow's S3 messages (``curlCode: 7, Could not connect to server``)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(" operation: ", 1)[-1].split(";", 1)[0].strip()[:120]
+
+
+def retrying(fn: Callable[[], object], uri: str, what: str = "accessing", budget_s: float | None = None):
+    """``fn()``, retried with exponential backoff while it fails transiently (:func:`is_transient`), for up to
+    ``budget_s`` seconds (default :func:`retry_budget_s`); then :class:`S3Unavailable`, one line naming ``uri``.
+    Any other error is raised at once. ``what`` names the action in the warnings (``reading``, ``writing``)."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            elapsed = time.monotonic() - started
+            left = budget - elapsed
+            if left <= 0:
+                raise S3Unavailable(f"{uri}: cannot reach S3 at {_endpoint()} ({_cause(exc)}) after retrying for "
+                                    f"{elapsed:.0f} s; once it is back, re-run the same command to resume") from None
+            log.warning("S3 unreachable at %s (%s); retrying %s %s for up to %.0f s more", _endpoint(), _cause(exc),
+                        what, uri, left)
+            delay = min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** attempt) * random.uniform(0.75, 1.25)
+            time.sleep(min(delay, left))
+            attempt += 1
+
+
+def _call(loc: Location, fn: Callable[[], object], what: str = "accessing"):
+    """A storage operation on ``loc``: :func:`retrying`, then any other OSError as one line (:func:`_explain`);
+    FileNotFoundError is left to the caller."""
+    try:
+        return retrying(fn, loc.uri, what)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _explain(loc, exc) from None
 
 
 def resolve(uri: str) -> Location:
@@ -81,19 +184,13 @@ def _explain(loc: Location, exc: Exception) -> KdrayError:
         bucket = loc.path.split("/", 1)[0]
         if "NoSuchBucket" in text or "does not exist" in text.lower() and "bucket" in text.lower():
             return KdrayError(f"{loc.uri}: S3 bucket {bucket!r} does not exist")
-        if any(s in text for s in ("Couldn't connect", "curlCode", "connect to", "Connection refused", "Timeout")):
-            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
-            return KdrayError(f"{loc.uri}: cannot reach S3 at {endpoint} ({text.splitlines()[0][:160]})")
         if "AccessDenied" in text or "InvalidAccessKeyId" in text or "403" in text:
             return KdrayError(f"{loc.uri}: S3 refused access; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     return KdrayError(f"{loc.uri}: {text.splitlines()[0][:200] if text else type(exc).__name__}")
 
 
 def info(loc: Location) -> pafs.FileInfo:
-    try:
-        return loc.fs.get_file_info(loc.path)
-    except OSError as exc:
-        raise _explain(loc, exc) from None
+    return _call(loc, lambda: loc.fs.get_file_info(loc.path), "looking up")
 
 
 def exists(uri: str | Location) -> bool:
@@ -110,10 +207,7 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
         raise KdrayError(f"{loc.uri}: no such file or folder")
     if kind != pafs.FileType.Directory:
         raise KdrayError(f"{loc.uri}: is a file, expected a folder")
-    try:
-        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    except OSError as exc:
-        raise _explain(loc, exc) from None
+    found = _call(loc, lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)), "listing")
     return sorted((f for f in found if f.type == pafs.FileType.File), key=lambda f: f.path)
 
 
@@ -127,24 +221,26 @@ def check_bucket(loc: Location) -> None:
 
 def read_bytes(uri: str | Location) -> bytes:
     loc = resolve(uri) if isinstance(uri, str) else uri
-    try:
+
+    def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as fh:
             return fh.read()
+
+    try:
+        return _call(loc, read, "reading")
     except FileNotFoundError:
         raise KdrayError(f"{loc.uri}: no such file") from None
-    except OSError as exc:
-        raise _explain(loc, exc) from None
 
 
 def write_bytes(uri: str | Location, data: bytes) -> None:
     """Write atomically: a reader sees the old object or the whole new one, never a part."""
     loc = resolve(uri) if isinstance(uri, str) else uri
-    try:
-        if loc.is_s3:
-            check_bucket(loc)
-            with loc.fs.open_output_stream(loc.path) as fh:  # S3: the object appears when the upload completes
-                fh.write(data)
-            return
+
+    def upload() -> None:  # S3: the object appears when the upload completes; a failed one leaves nothing
+        with loc.fs.open_output_stream(loc.path) as fh:
+            fh.write(data)
+
+    def write_local() -> None:
         parent = posixpath.dirname(loc.path)
         loc.fs.create_dir(parent, recursive=True)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
@@ -153,8 +249,10 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
         if _WRITE_DELAY_S:  # fault injection for the kill-during-a-write tests
             time.sleep(_WRITE_DELAY_S)
         loc.fs.move(tmp, loc.path)
-    except OSError as exc:
-        raise _explain(loc, exc) from None
+
+    if loc.is_s3:
+        check_bucket(loc)
+    _call(loc, upload if loc.is_s3 else write_local, "writing")
 
 
 def write_text(uri: str | Location, text: str) -> None:
@@ -198,7 +296,14 @@ def makedirs(uri: str | Location) -> None:
 def delete_dir(uri: str | Location) -> None:
     loc = resolve(uri) if isinstance(uri, str) else uri
     if info(loc).type == pafs.FileType.Directory:
-        loc.fs.delete_dir(loc.path)
+        _call(loc, lambda: loc.fs.delete_dir(loc.path), "deleting")
+
+
+def delete_file(uri: str | Location) -> None:
+    """Delete one file or object if it is there."""
+    loc = resolve(uri) if isinstance(uri, str) else uri
+    if info(loc).type == pafs.FileType.File:
+        _call(loc, lambda: loc.fs.delete_file(loc.path), "deleting")
 
 
 def copy_dir(src: str, dst: str) -> None:
@@ -206,7 +311,7 @@ def copy_dir(src: str, dst: str) -> None:
     s, d = resolve(src), resolve(dst)
     if d.is_s3:
         check_bucket(d)
-    pafs.copy_files(s.path, d.path, source_filesystem=s.fs, destination_filesystem=d.fs)
+    _call(d, lambda: pafs.copy_files(s.path, d.path, source_filesystem=s.fs, destination_filesystem=d.fs), "copying to")
 
 
 def local_copy(uri: str, cache_root: str) -> str:

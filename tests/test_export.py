@@ -321,6 +321,31 @@ def test_fp32_failing_writes_nothing_and_keeps_the_previous_export(checkpoint, t
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # still the previous export
 
 
+def test_storage_lost_between_artifact_writes_commits_nothing_and_a_rerun_finishes(checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """S3 gone for good after the first artifact (storage.S3Unavailable once its retry budget is spent): the
+    previous export's card is already removed, no new one is written, and the same export run again commits."""
+    out = tmp_path / "exp"
+    _export(checkpoint, out, int8=False)
+    real_write = export.storage.write_bytes
+    written = []
+
+    def write_then_lose_s3(uri, data):
+        if written:
+            raise export.storage.S3Unavailable(f"{uri}: cannot reach S3 at http://127.0.0.1:1 (...) after retrying "
+                                               "for 120 s; once it is back, re-run the same command to resume")
+        written.append(uri)
+        real_write(uri, data)
+
+    monkeypatch.setattr(export.storage, "write_bytes", write_then_lose_s3)
+    with pytest.raises(export.storage.S3Unavailable):
+        _export(checkpoint, out, int8=False)
+    assert len(written) == 1 and not (out / export.MODEL_CARD_FILE).exists()  # half-written is not an export
+    monkeypatch.setattr(export.storage, "write_bytes", real_write)
+    card = _export(checkpoint, out, int8=False)
+    assert read_model_card(str(out)).artifacts == card.artifacts
+
+
 def test_labels_must_match_the_validation_images(checkpoint, tmp_path):
     images, _ = _images(6, 5)
     with pytest.raises(KdrayError, match="3 labels for 6 validation images"):

@@ -342,9 +342,11 @@ def test_unreachable_output_store_stops_with_one_line_and_starts_nothing(tmp_pat
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kdray")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kdray")
+    monkeypatch.setenv("KDRAY_S3_RETRY_S", "0.5")
     model = make_checkpoint(tmp_path / "ckpt", image_size=32)
     write_tree(tmp_path / "in", {"a.png": (png(), None), "b.png": (png(seed=1), None)})
     with pytest.raises(KdrayError) as err:
-        score_archive(model, str(tmp_path / "in"), "s3://kdray-out/run", policy=ReadPolicy(retries=1, backoff_s=0.01))
+        score_archive(model, str(tmp_path / "in"), "s3://kdray-out/run")
     message = str(err.value)
     assert "\n" not in message and "s3://kdray-out/run" in message and f"127.0.0.1:{port}" in message
+    assert "after retrying for" in message

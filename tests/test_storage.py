@@ -1,4 +1,5 @@
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -57,5 +58,116 @@ def test_s3_unreachable_endpoint(monkeypatch, local_s3):
 
     port = next(p for p in range(23000, 23100) if port_is_free(p))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    with pytest.raises(KdrayError, match="cannot reach S3"):
+    monkeypatch.setenv("KDRAY_S3_RETRY_S", "0.5")
+    with pytest.raises(KdrayError, match=f"cannot reach S3 at http://127.0.0.1:{port} .* after retrying"):
         storage.list_files(storage.resolve("s3://kdray-test/data"))
+
+
+# ----------------------------------------------------------------------------- retrying an unreachable S3
+
+REFUSED = ("When reading information for key 'a.png' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+           "operation: curlCode: 7, Could not connect to server; Details: Failed to connect to 127.0.0.1:1")
+
+
+class Flaky:
+    """A storage call that raises ``errors`` one after another, then returns "ok"; counts its calls."""
+
+    def __init__(self, *errors: BaseException):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+@pytest.mark.parametrize("message", [
+    REFUSED,
+    "When writing key 'x': AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate.",
+    "AWS Error UNKNOWN (HTTP status 503) during GetObject operation: Service Unavailable",
+    "AWS Error INTERNAL_FAILURE during ListObjectsV2 operation: We encountered an internal error.",
+    "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 28, Timeout was reached",
+], ids=["refused", "slow-down", "503", "internal-error", "timeout"])
+def test_transient_s3_failures_are_retried_until_they_pass(message, caplog, monkeypatch):
+    monkeypatch.setattr(storage, "BACKOFF_START_S", 0.01)
+    flaky = Flaky(OSError(message), OSError(message))
+    with caplog.at_level("WARNING", logger="kdray.storage"):
+        assert storage.retrying(flaky, "s3://b/a.png", "reading", budget_s=30) == "ok"
+    assert flaky.calls == 3
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("retrying reading s3://b/a.png for up to" in w for w in warnings)
+
+
+@pytest.mark.parametrize("error", [
+    FileNotFoundError("[Errno 2] Path does not exist 'b/a.png'"),
+    OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."),
+    OSError("AWS Error NO_SUCH_BUCKET during HeadObject operation: The specified bucket does not exist"),
+    KdrayError("s3://b/a.png: no such file"),
+    storage.S3Unavailable("s3://b/a.png: cannot reach S3 (an inner call already spent the budget)"),
+    ValueError("not storage at all"),
+    IsADirectoryError("[Errno 21] Is a directory: '/data/Timeout'"),  # a local error that merely looks alike
+], ids=["missing-file", "access-denied", "no-bucket", "kdray-error", "budget-spent-inside", "not-storage", "local"])
+def test_other_failures_are_not_retried(error):
+    from kdray.images import ImageRefused
+
+    for exc in (error, ImageRefused("truncated", "cut short")):
+        flaky = Flaky(exc)
+        with pytest.raises(type(exc)):
+            storage.retrying(flaky, "s3://b/a.png", budget_s=30)
+        assert flaky.calls == 1
+
+
+def test_the_budget_bounds_the_retries_then_one_clear_line(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setattr(storage, "BACKOFF_START_S", 0.05)
+    flaky = Flaky(*[OSError(REFUSED)] * 1000)
+    started = time.monotonic()
+    with pytest.raises(storage.S3Unavailable) as err:
+        storage.retrying(flaky, "s3://b/a.png", budget_s=1.0)
+    took = time.monotonic() - started
+    assert 1.0 <= took < 2.0 and 4 <= flaky.calls < 20  # backoff: not a busy loop, and stops at the budget
+    assert str(err.value) == ("s3://b/a.png: cannot reach S3 at http://127.0.0.1:1 (curlCode: 7, Could not connect "
+                              "to server) after retrying for 1 s; once it is back, re-run the same command to resume")
+    flaky = Flaky(*[OSError(REFUSED)] * 10)
+    with pytest.raises(storage.S3Unavailable):  # budget 0: one attempt, then the same clear line
+        storage.retrying(flaky, "s3://b/a.png", budget_s=0)
+    assert flaky.calls == 1
+
+
+def test_the_budget_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(storage.RETRY_ENV, raising=False)
+    assert storage.retry_budget_s() == storage.DEFAULT_RETRY_S == 120
+    monkeypatch.setenv(storage.RETRY_ENV, "0.2")
+    flaky = Flaky(*[OSError(REFUSED)] * 1000)
+    started = time.monotonic()
+    with pytest.raises(storage.S3Unavailable):
+        storage.retrying(flaky, "s3://b/a.png")
+    assert time.monotonic() - started < 1.0
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(storage.RETRY_ENV, bad)
+        with pytest.raises(KdrayError, match=f"{storage.RETRY_ENV}=.*must be a number of seconds >= 0"):
+            storage.retry_budget_s()
+    from kdray.raycluster import FORWARDED_ENV
+
+    assert storage.RETRY_ENV in FORWARDED_ENV  # Ray workers retry for as long as the driver
+
+
+def test_storage_calls_retry_and_name_the_uri(monkeypatch, tmp_path):
+    """The storage functions go through retrying: a transient failure of the filesystem is retried, not reported."""
+    import pyarrow.fs as pafs
+
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"data")
+    loc = storage.resolve(str(target))
+    real = pafs.LocalFileSystem()
+    flaky = Flaky(OSError(REFUSED))
+
+    class Unreliable:  # a filesystem whose first request fails as an unreachable S3 does
+        def open_input_stream(self, path):
+            flaky()
+            return real.open_input_stream(path)
+
+    monkeypatch.setattr(storage, "BACKOFF_START_S", 0.01)
+    assert storage.read_bytes(storage.Location(Unreliable(), loc.path, loc.uri)) == b"data"
+    assert flaky.calls == 2
