@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from kdray import KdrayError, storage
 from kdray.config import AugmentConfig
 from kdray.images import DECODER_VERSION, IO_ERROR, ImageRefused, check_file_size, load_image
+from kdray.runner import kdray_errors_from_ray
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +205,17 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 
 def _read_checked(fs, path: str) -> bytes:
-    """A file's bytes, refused as file_too_large before it is read whole when it is over the byte limit."""
-    size = fs.get_file_info(path).size
-    if size is not None:
-        check_file_size(size)
-    with fs.open_input_stream(path) as fh:
-        return fh.read()
+    """A file's bytes, refused as file_too_large before it is read whole when it is over the byte limit. An S3
+    that cannot be reached is retried (:func:`kdray.storage.retrying`), then :class:`storage.S3Unavailable`,
+    which the callers let through: an outage stops the job instead of dropping the images it hides."""
+    def read() -> bytes:
+        size = fs.get_file_info(path).size
+        if size is not None:
+            check_file_size(size)
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    return storage.retrying(read, f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path, "reading")
 
 
 def describe_decode_error(exc: Exception) -> str:
@@ -312,6 +319,8 @@ class DecodeBatch:
             try:
                 images[i] = decode_image(_read_checked(self.fs, str(path)), self.size)
                 errors.append("")
+            except storage.S3Unavailable:
+                raise
             except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, never fatal
                 reason = describe_decode_error(exc)
                 log.warning("skipping unreadable image %s (%s)", path, reason)
@@ -321,10 +330,11 @@ class DecodeBatch:
         return batch
 
 
-def decoded_dataset(listing: Listing, size: int, shuffle_seed: int | None = None):
+def decoded_dataset(listing: Listing, size: int, shuffle_seed: int | None = None, **ray_remote_args):
     """A Ray Dataset of the listing, decoded: image_id, path, label, [source], image (uint8 S×S), error.
 
     With ``shuffle_seed`` the rows are shuffled once, so that blocks (and training batches) mix classes.
+    ``ray_remote_args`` go to the decode tasks (e.g. :func:`on_driver_node`).
     """
     import ray
 
@@ -335,22 +345,45 @@ def decoded_dataset(listing: Listing, size: int, shuffle_seed: int | None = None
         rows = [rows[i] for i in np.random.default_rng(shuffle_seed).permutation(len(rows))]
     blocks = max(1, min(64, len(rows) // 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    return ds.map_batches(DecodeBatch(listing.fs, size), batch_size=64, batch_format="numpy")
+    return ds.map_batches(DecodeBatch(listing.fs, size), batch_size=64, batch_format="numpy", **ray_remote_args)
+
+
+def on_driver_node() -> dict:
+    """Ray remote args that run tasks, and so keep their output blocks, on this driver's node.
+
+    A decoded split is materialised once and read for every epoch. Blocks spread over the cluster die with
+    their node, and after a lost node Ray cannot rebuild them: their decode tasks would need CPUs that the
+    restarted training workers hold, so the run hung in its first batch (measured: 2 one-CPU nodes, one
+    killed). Kept on the driver's node (the head, for a submitted job), they outlive any worker node. Where
+    that node offers no CPU (a ``num-cpus: 0`` head), the blocks spread as before, and a warning says so."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 0)
+    if cpus < 1:
+        log.warning("the driver's node has no CPU for Ray tasks: decoded training data is spread over the "
+                    "cluster, and losing a node during training loses part of it")
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 def load_split(listing: Listing, size: int, shuffle_seed: int | None = None):
-    """Decode a split once into Ray's object store, dropping and reporting unreadable files.
+    """Decode a split once into the object store of the driver's node (:func:`on_driver_node`), dropping and
+    reporting unreadable files.
 
     Returns ``(dataset, skipped)`` where ``skipped`` is a list of ``{"path", "reason"}``.
     The dataset has columns image_id, label, image and, where known, source.
     """
-    ds = decoded_dataset(listing, size, shuffle_seed).materialize()
+    pinned = on_driver_node()
+    with kdray_errors_from_ray():  # S3 away after the retry budget: one line, not Ray's traceback
+        ds = decoded_dataset(listing, size, shuffle_seed, **pinned).materialize()
     bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": r["path"], "reason": r["error"]} for r in bad]
     if skipped:
         log.warning("%s/%s: skipped %d unreadable image(s): %s", listing.root, listing.split, len(skipped),
                     ", ".join(s["path"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
-    good = ds.filter(lambda row: row["error"] == "").drop_columns(["error", "path"]).materialize()
+    good = ds.filter(lambda row: row["error"] == "", **pinned).drop_columns(["error", "path"], **pinned).materialize()
     if good.count() == 0:
         raise KdrayError(f"{listing.root}/{listing.split}: none of the {len(listing)} images could be read")
     return good, skipped
@@ -378,6 +411,8 @@ def sample_images(root: str, split: str, size: int, n: int, classes: list[str] |
         try:
             images.append(decode_image(_read_checked(listing.fs, listing.paths[i]), size))
             labels.append(listing.labels[i])
+        except storage.S3Unavailable:
+            raise
         except Exception as exc:  # noqa: BLE001
             log.warning("skipping unreadable image %s (%s)", listing.paths[i], describe_decode_error(exc))
     if not images:

@@ -46,10 +46,19 @@ def start(nodes: int, cpus_per_node: int, port: int, dashboard_port: int, object
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         **common, "gcs_server_port": port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard_port})
-    for _ in range(nodes - 1):
-        cluster.add_node(**common)
+    for number in range(1, nodes):
+        # Each node unpacks runtime environments (a job's --working-dir) into a folder of its own: in the shared
+        # one, a worker node's unpacking and clean-up deleted the files under a running job's driver on the head
+        # (its current folder vanished mid-job; measured with `ray job submit` of the pipeline).
+        cluster.add_node(**common, runtime_env_dir_name=f"runtime_resources_node{number}")
     cluster.wait_for_nodes()
     return cluster
+
+
+def _raylet_pid(node) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     state = {"pid": os.getpid(), "gcs_address": cluster.address,
              "dashboard_url": f"http://127.0.0.1:{a.dashboard_port}", "nodes": a.nodes,
              "cpus_per_node": a.cpus_per_node, "python": sys.executable,
-             "node_ids": [getattr(n, "node_id", None) or getattr(n, "unique_id", "") for n in cluster.list_all_nodes()]}
+             "node_ids": [n.node_id for n in cluster.list_all_nodes()],
+             "raylet_pids": [_raylet_pid(n) for n in cluster.list_all_nodes()]}  # head first (fault tests kill one)
     tmp = state_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(state, fh, indent=2)

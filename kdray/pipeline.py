@@ -23,6 +23,7 @@ from kdray.export import export_student
 from kdray.models import build_model, model_cost
 from kdray.predictor import Predictor, measure_throughput, model_info
 from kdray.raycluster import free_loopback_port, init_ray
+from kdray.runner import local_state_path
 from kdray.schemas import ModelCard, RunSummary
 from kdray.score import score_archive
 from kdray.train import METRIC, fit, load_training_data
@@ -42,12 +43,13 @@ def demo_storage(cfg: PipelineConfig):
     """Yield (data root, output root): the user's, or a local S3 with generated data."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if cfg.data.root:
-        yield cfg.data.root, cfg.run.output or os.path.join("runs", f"pipeline-{stamp}")
+        yield cfg.data.root, cfg.run.output or local_state_path(os.path.join("runs", f"pipeline-{stamp}"))
         return
     from kdray.local_s3 import LocalS3
     from kdray.synthetic import make_dataset
 
-    with LocalS3(cfg.demo.s3_dir) as s3:
+    s3_dir = local_state_path(cfg.demo.s3_dir)
+    with LocalS3(s3_dir) as s3:
         s3.create_bucket(DEMO_BUCKET)
         saved = {k: os.environ.get(k) for k in s3.env()}
         os.environ.update(s3.env())
@@ -58,7 +60,7 @@ def demo_storage(cfg: PipelineConfig):
                 log.info("using the generated data already in %s", data)
             else:
                 make_dataset(data, counts, cfg.demo.source_size)
-            log.info("local S3 at %s (data in %s); generated data in %s", s3.endpoint_url, cfg.demo.s3_dir, data)
+            log.info("local S3 at %s (data in %s); generated data in %s", s3.endpoint_url, s3_dir, data)
             yield data, cfg.run.output or f"s3://{DEMO_BUCKET}/runs/pipeline-{stamp}"
         finally:
             for k, v in saved.items():

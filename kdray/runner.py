@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from kdray import KdrayError
 
@@ -31,12 +33,27 @@ def is_verbose() -> bool:
     return os.environ.get("KDRAY_VERBOSE", "") not in ("", "0")
 
 
+#: Set by Ray in the environment of a submitted job's driver (ray.dashboard.modules.job.job_supervisor).
+RAY_JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def local_state_path(path: str) -> str:
+    """Where a relative path that kdray keeps state in (its logs, the embedded S3's data, default run folders)
+    goes: the current folder, except in the driver of a submitted Ray job, whose current folder is Ray's
+    unpacked copy of ``--working-dir``. Ray deletes that copy later, and on a one-machine multi-node cluster
+    another raylet unpacks the same package over it while the job runs (measured: the embedded S3's files
+    vanished mid-job and every read failed). There, it goes under the home folder instead."""
+    if os.path.isabs(path) or RAY_JOB_DRIVER_ENV not in os.environ:
+        return path
+    return os.path.join(os.path.expanduser("~"), path)
+
+
 def setup_logging(verbose: bool = False, job: str = "kdray") -> str | None:
     """Log to the console, and when quiet (the default) everything else to a log file; returns its path.
 
     Quiet: the console gets warnings, errors, stage headers and progress; Ray's per-operator
     progress, worker output and every INFO record go to ``.kdray/logs/<job>-<time>.log`` (or
-    ``$KDRAY_LOG_DIR``). ``--verbose`` (or ``KDRAY_VERBOSE=1``) prints everything, as Ray does.
+    ``$KDRAY_LOG_DIR``; ``~/.kdray/logs`` in a submitted Ray job, :func:`local_state_path`). ``--verbose`` (or ``KDRAY_VERBOSE=1``) prints everything, as Ray does.
     """
     level = os.environ.get("KDRAY_LOG_LEVEL", "INFO").upper()
     if verbose or is_verbose():
@@ -45,7 +62,7 @@ def setup_logging(verbose: bool = False, job: str = "kdray") -> str | None:
         for noisy in ("ray", *NOISY_LIBRARIES):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
         return None
-    folder = os.environ.get("KDRAY_LOG_DIR") or os.path.join(".kdray", "logs")
+    folder = os.environ.get("KDRAY_LOG_DIR") or local_state_path(os.path.join(".kdray", "logs"))
     os.makedirs(folder, exist_ok=True)
     path = os.path.abspath(os.path.join(folder, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
     os.environ["KDRAY_LOG_FILE"] = path
@@ -88,6 +105,46 @@ def run_job(main: Callable[[list[str]], object], argv: list[str] | None = None) 
             logging.getLogger("kdray").exception("failed")
             print(f"the full log: {log_file}", file=sys.stderr)
         raise
+
+
+def kdray_error_in(exc: BaseException) -> str | None:
+    """The message of the kdray error at the root of ``exc`` (through Ray's wrapping of a task's or actor's
+    error, which Ray Data keeps only as text: ``kdray.storage.S3Unavailable: ...``), or None if there is none."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    seen, chain = set(), [exc]
+    while chain:
+        current = chain.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # (a RayTaskError is also an instance of its cause's class, but its text is the whole remote traceback)
+        if isinstance(current, KdrayError) and not (ray_exceptions and isinstance(current, ray_exceptions.RayError)):
+            return str(current)
+        chain += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    match = re.search(r"kdray\.[a-z_.]*[A-Z]\w*: (.+)", str(exc))
+    return match.group(1).strip() if match else None
+
+
+def root_cause(exc: BaseException) -> str:
+    """The one line that says why: the kdray error inside Ray's wrapping, else the exception's first line."""
+    message = kdray_error_in(exc)
+    if message is not None:
+        return message
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+@contextmanager
+def kdray_errors_from_ray() -> Iterator[None]:
+    """Inside: a Ray task or actor that failed with a kdray error (a refused input, S3 away after the retry
+    budget) raises that error's one line as a :class:`KdrayError`; any other failure is raised unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        message = kdray_error_in(exc)
+        if message is None or (isinstance(exc, KdrayError) and str(exc) == message):
+            raise
+        raise KdrayError(message) from None
 
 
 def _print_doc_on_help(module: str, argv: list[str]) -> None:

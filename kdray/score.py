@@ -21,11 +21,17 @@ are produced.
 
 Exactly once, and resumable. Killed at any moment, the same command run again skips every shard
 with a ``_done`` marker and scores the others again, overwriting their files, so every input ends
-up exactly once in ``predictions`` ∪ ``errors``. A shard holding an ``io_error`` row (a read that
-still failed after retries with backoff) gets no marker, so a re-run retries it. ``summary.json``
-is written last and marks the run finished; it is removed before a re-run writes anything.
-Many read failures in a row, or an output store that cannot be written, stop the job with a
-one-line error and no ``summary.json``.
+up exactly once in ``predictions`` ∪ ``errors``. A shard holding an ``io_error`` row (an input that
+could not be read: gone since listing, access refused, an unreadable tar shard) gets no marker, so a
+re-run retries it. ``summary.json`` is written last and marks the run finished; it is removed before a
+re-run writes anything.
+
+S3 outages. Every read and write goes through :mod:`kdray.storage`, which retries an S3 that cannot be
+reached (or answers 5xx/SlowDown) with backoff for ``KDRAY_S3_RETRY_S`` seconds (default 120). If S3
+is still away after that, the job stops with one line (:class:`kdray.storage.S3Unavailable`): the
+shard in progress gets no marker and there is no ``summary.json``; once S3 is back, the same command
+resumes. Many read failures in a row, or an output store that cannot be written, also stop the job
+with a one-line error and no ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from kdray.explain import Explainer, should_explain
 from kdray.images import FILE_TOO_LARGE, IO_ERROR, ImageLimits, ImageRefused, load_image
 from kdray.predictor import Predictor, model_info
 from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
+from kdray.runner import root_cause
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
@@ -74,10 +81,9 @@ class MissingInput(KdrayError):
 
 @dataclass(frozen=True)
 class ReadPolicy:
-    """Retries with exponential backoff for reads and writes, and when to give up on the whole job."""
+    """When per-input read failures (``io_error`` rows) stop the whole job. How long an unreachable S3 is
+    retried is the storage layer's budget (``KDRAY_S3_RETRY_S``, :func:`kdray.storage.retrying`)."""
 
-    retries: int = 3
-    backoff_s: float = 0.5
     max_consecutive_io_errors: int = 20
 
 
@@ -190,20 +196,6 @@ def _entry_uri(plan_base: str, entry: str) -> str:
 # ----------------------------------------------------------------------------- the actor
 
 
-def _retry(fn, policy: ReadPolicy, what: str):
-    """``fn()`` with retries and exponential backoff on OSError (a KdrayError from storage counts too)."""
-    delay = policy.backoff_s
-    for attempt in range(policy.retries + 1):
-        try:
-            return fn()
-        except (OSError, KdrayError) as exc:
-            if isinstance(exc, (ImageRefused, MissingInput)) or attempt == policy.retries:
-                raise
-            log.warning("%s failed (%s); retrying in %.1f s", what, str(exc).splitlines()[0][:160], delay)
-            time.sleep(delay)
-            delay *= 2
-
-
 class ShardScorer:
     """Ray Data actor: one shard in, its predictions and errors written, one summary row out."""
 
@@ -257,7 +249,7 @@ class ShardScorer:
                 raise ImageRefused(FILE_TOO_LARGE, f"file is larger than {limit} bytes, the most accepted")
             return data
 
-        return _retry(read, self.policy, f"reading {uri}")
+        return storage.retrying(read, uri, "reading")
 
     def _tar_members(self, tar_uri: str):
         loc = self._location(tar_uri)
@@ -280,7 +272,9 @@ class ShardScorer:
                 return out
 
         try:
-            listed = _retry(members, self.policy, f"reading {tar_uri}")
+            listed = storage.retrying(members, tar_uri, "reading")
+        except storage.S3Unavailable:
+            raise  # stops the job (_score_shard): S3 is away, not this shard
         except (OSError, KdrayError, tarfile.TarError) as exc:
             yield tar_uri, _raiser(IO_ERROR if not isinstance(exc, tarfile.TarError) else "corrupt",
                                    f"cannot read the tar shard: {str(exc).splitlines()[0][:200]}")
@@ -301,9 +295,10 @@ class ShardScorer:
         started = time.time()
         try:
             return self._score_and_write(shard, entries, started)
-        except ScoringAborted as exc:
+        except (ScoringAborted, storage.S3Unavailable) as exc:
             return {"shard": shard, "inputs": 0, "scored": 0, "explained": 0, "errors": "{}", "io_errors": 0,
-                    "seconds": time.time() - started, "finished": time.time(), "done": False, "fatal": str(exc)}
+                    "seconds": time.time() - started, "finished": time.time(), "done": False, "fatal": str(exc),
+                    "node": _node_id()}
 
     def _score_and_write(self, shard: int, entries: list[str], started: float) -> dict:
         good_names, good_images, good_meta, errors = [], [], [], []
@@ -312,6 +307,8 @@ class ShardScorer:
                 data = read()
                 self.consecutive_io_errors = 0
                 loaded = load_image(data, self.predictor.image_size, self.limits)
+            except storage.S3Unavailable:
+                raise  # S3 is away after the retry budget: the job stops, this input is not an io_error row
             except ImageRefused as exc:
                 errors.append({"path": name, "reason": exc.reason, "message": str(exc)})
                 continue
@@ -336,7 +333,7 @@ class ShardScorer:
         row = {"shard": shard, "inputs": len(good_names) + len(errors), "scored": len(good_names),
                "explained": explained,
                "errors": json.dumps(dict(reasons)), "io_errors": io_errors, "seconds": time.time() - started,
-               "finished": time.time(), "done": io_errors == 0, "fatal": ""}
+               "finished": time.time(), "done": io_errors == 0, "fatal": "", "node": _node_id()}
         if row["done"]:  # a shard with io_error rows stays undone: a re-run retries it
             self._write_done(self.out.join(DONE_DIR, f"{name}.json"), row)
         return row
@@ -379,23 +376,33 @@ class ShardScorer:
             for i, explanation in zip(rows, explanations):
                 relative = explanation_path(part, names[i])
                 loc = self.out.join(*relative.split("/"))
-                self._write_with_retries(loc, lambda: storage.write_bytes(loc, explanation.overlay_png))
+                self._write_or_abort(loc, lambda: storage.write_bytes(loc, explanation.overlay_png))
                 paths[i], torch_classes[i] = relative, explanation.torch_class
         return {"explanation": pa.array(paths, pa.string()),
                 "explanation_torch_class": pa.array(torch_classes, pa.string())}
 
     def _write(self, loc: storage.Location, table: pa.Table) -> None:
-        self._write_with_retries(loc, lambda: storage.write_parquet(loc, table))
+        self._write_or_abort(loc, lambda: storage.write_parquet(loc, table))
 
     def _write_done(self, loc: storage.Location, row: dict) -> None:
-        self._write_with_retries(loc, lambda: storage.write_json(loc, row))
+        self._write_or_abort(loc, lambda: storage.write_json(loc, row))
 
-    def _write_with_retries(self, loc: storage.Location, write) -> None:
-        """``write()`` with retries and backoff; an output store that still fails stops the job cleanly."""
+    def _write_or_abort(self, loc: storage.Location, write) -> None:
+        """``write()`` (the storage layer retries an unreachable S3); an output store that still fails stops the
+        job cleanly."""
         try:
-            _retry(write, self.policy, f"writing {loc.uri}")
+            write()
+        except storage.S3Unavailable:
+            raise
         except (OSError, KdrayError) as exc:
             raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _node_id() -> str:
+    """The Ray node this actor runs on (kept in each shard's marker: where it was scored)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def explanation_path(part: str, name: str) -> str:
@@ -429,8 +436,7 @@ def _prepare_output(plan: Plan, out: storage.Location, overwrite: bool) -> set[i
                          "or pass --overwrite true")
     if overwrite:
         for sub in (SUMMARY_FILE, PLAN_FILE, INPUTS_FILE):
-            if storage.exists(out.join(sub)):
-                out.fs.delete_file(out.join(sub).path)
+            storage.delete_file(out.join(sub))
         for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR, EXPLANATIONS_DIR):
             storage.delete_dir(out.join(sub))
     storage.makedirs(out)
@@ -466,7 +472,7 @@ def _remove_stale_temporaries(out: storage.Location) -> None:
         if storage.info(folder).type == pafs.FileType.Directory:
             for f in storage.list_files(folder):
                 if f.base_name.startswith(".tmp-"):
-                    out.fs.delete_file(f.path)
+                    storage.delete_file(storage.Location(out.fs, f.path, f.path))
 
 
 def scoring_pool(use_gpu: bool, shards: int | None = None):
@@ -555,7 +561,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                 rows.append(row)
                 progress.update(int(row["inputs"]))
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; show its root cause in one line
-            raise KdrayError(_root_cause(exc)) from None
+            raise KdrayError(root_cause(exc)) from None
         if fatal:
             raise ScoringAborted(fatal)
     elapsed = time.time() - started
@@ -569,7 +575,11 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
 
 def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, rows: list[dict], elapsed: float,
             resumed: int) -> dict:
-    """Totals over every shard's marker (this attempt's and earlier ones'), then ``summary.json``, last."""
+    """Totals over every shard's marker (this attempt's and earlier ones'), then ``summary.json``, last.
+
+    Every shard is done, so a temporary file left now is one that a worker lost with its node (or process)
+    never renamed: it is removed before the run is called finished."""
+    _remove_stale_temporaries(out)
     done_dir = out.join(DONE_DIR)
     markers = [storage.read_json(storage.Location(out.fs, f.path, f.path))
                for f in storage.list_files(done_dir) if f.base_name.startswith("part-")] \
@@ -586,6 +596,7 @@ def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, row
                "errors": sum(reasons.values()), "errors_by_reason": dict(sorted(reasons.items())),
                "hidden_skipped": plan.hidden_skipped, "manifest_duplicates": plan.duplicates,
                "shards": len(plan.shards), "shards_resumed": resumed, "images_this_run": this_run,
+               "nodes": len({m["node"] for m in markers if m.get("node")}),
                "wall_s": round(elapsed, 1), "img_per_s": round(this_run / max(elapsed, 1e-9), 2),
                "steady_img_per_s": _steady_rate(rows, finished)}
     storage.write_json(out.join(SUMMARY_FILE), summary)  # last: the run is finished
@@ -599,23 +610,3 @@ def _steady_rate(rows: list[dict], finished: list[float]) -> float | None:
     lo, hi = np.percentile(finished, (10, 90))
     inside = sum(int(r["inputs"]) for r in rows if lo < float(r["finished"]) <= hi)
     return round(inside / (hi - lo), 2) if hi > lo else None
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The one line that says why: the kdray error inside Ray's wrapping, else the exception's first line."""
-    import re
-
-    seen, chain = set(), [exc]
-    while chain:
-        current = chain.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, KdrayError):
-            return str(current)
-        chain += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    match = re.search(r"kdray\.[a-z_.]*(?:ScoringAborted|Error|Refused): (.+)", str(exc))
-    if match:
-        return match.group(1).strip()
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
