@@ -229,12 +229,35 @@ def from_dict(cls: type[T], values: dict | None, where: str = "") -> T:
     for name, value in values.items():
         hint = fields[name]
         if dataclasses.is_dataclass(hint):
+            # a partial section changes only the keys it names: the rest keep this class's default for the
+            # field (PipelineConfig's run.output "" or teacher.optim, not RunConfig's or OptimConfig's own)
+            default = _field_default(cls, name)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                value = _overlay(to_dict(default), value)
             kwargs[name] = value if isinstance(value, hint) else from_dict(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}{name}")
     cfg = cls(**kwargs)
     _check_ranges(cfg, where)
     return cfg
+
+
+def _overlay(base: dict, values: dict) -> dict:
+    """``values`` over ``base``, section by section; where either side is not a section, ``values`` wins (and
+    :func:`from_dict` judges it)."""
+    out = dict(base)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _overlay(out[key], value) if both else value
+    return out
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default value of field ``name`` of dataclass ``cls`` (from its default_factory), or None."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return None if spec.default is dataclasses.MISSING else spec.default
 
 
 def _check_ranges(cfg: Any, where: str = "") -> None:

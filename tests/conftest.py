@@ -18,11 +18,18 @@ have all its CPUs free again, else that module gets an error and the next one a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from kdray.local_s3 import LocalS3, LocalS3Error, find_weed
+
+# Serve's direct ingress keeps a stopping replica draining for 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S,
+# so that load balancers stop sending to it first). Every serve.delete / serve.shutdown in the tests waited that
+# long (30 s each, measured in CI); no test checks draining. Set before any Ray starts, so that the shared Ray and
+# every job subprocess inherit it. Deployments keep Ray's default.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 TEST_BUCKET = "kdray-test"
 TIERS = ("unit", "integration", "e2e")

@@ -148,3 +148,20 @@ def test_required_is_generic_and_checked_after_resolution(tmp_path):
     cfg_file.write_text("model: m\n")
     assert load_config(Job, ["--config", str(cfg_file), "--data.root", "/d"]).model == "m"  # the file counts
     assert load_config(ScoreJobConfig, [], {"model": "m", "input": "i", "output": "o"}).model == "m"
+
+
+def test_a_partial_section_keeps_the_other_defaults_of_its_parent(tmp_path):
+    """defaults < file < flags per key: naming run.num_workers or teacher.optim.epochs must not reset the
+    pipeline's own defaults for that section (run.output "" = the embedded S3; the teacher's lr, batch size)."""
+    from kdray.config import PipelineConfig, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  num_workers: 2\nteacher:\n  optim: {epochs: 1}\n")
+    from_file = load_config(PipelineConfig, ["--config", str(path)])
+    from_flag = load_config(PipelineConfig, ["--teacher.optim.epochs", "7", "--run.num_workers", "2"])
+    defaults = PipelineConfig()
+    for cfg, epochs in ((from_file, 1), (from_flag, 7)):
+        assert cfg.run.num_workers == 2 and cfg.run.output == defaults.run.output == ""
+        assert cfg.teacher.optim.epochs == epochs
+        assert (cfg.teacher.optim.lr, cfg.teacher.optim.batch_size) == (defaults.teacher.optim.lr, 16)
+        assert cfg.teacher.model.name == "teacher" and cfg.student.model.dropout == 0.2

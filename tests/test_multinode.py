@@ -188,23 +188,38 @@ def test_scoring_survives_a_killed_node_exactly_once(two_nodes, exported_student
     print(f"first attempt exit {job.returncode}; shards before the re-run: {len(before)} of 24")
 
 
-def test_ray_job_submit_of_the_pipeline_to_two_nodes(two_nodes, tmp_path):
+def test_ray_job_submit_of_the_pipeline_to_two_nodes(two_nodes, tmp_path, monkeypatch):
     """The README's multi-node command: ``ray job submit --working-dir . -- python -m jobs.pipeline --config
-    configs/tiny.yaml`` to ``cluster/local_cluster.sh start --nodes 2``. Teacher and student training put a worker
-    on each node; the served student scores the val images."""
+    configs/tiny.yaml`` to ``cluster/local_cluster.sh start --nodes 2``, its outputs (checkpoints included) in
+    the job's embedded S3 (kept in ``--demo.s3_dir`` here, to read them back). Teacher and student training
+    put a worker on each node; the served student scores the val images."""
+    from kdray import storage
+    from kdray.local_s3 import LocalS3
+
     state, env = two_nodes
-    out = tmp_path / "out"
+    s3_dir = tmp_path / "s3"
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.run(
         [ray_bin, "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.pipeline",
-         "--config", "configs/tiny.yaml", "--output", str(out)],
+         "--config", "configs/tiny.yaml", "--demo.s3_dir", str(s3_dir)],
         cwd=REPO, env={**env, "RAY_ADDRESS": state["dashboard_url"]}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-3000:]
     nodes = set(state["node_ids"])
-    for run in ("tiny-teacher-resnet50v2-vgg19", "tiny-mobilenetv2_from_resnet50v2-vgg19"):
-        records = [json.loads(p.read_text()) for p in (out / run / "workers").glob("*.json")]
-        assert sorted(r["rank"] for r in records) == [0, 1], (run, records)
-        assert {r["node_id"] for r in records} == nodes, (run, records, nodes)
-    assert (out / "export" / "student" / "metadata.json").exists()
-    scored = json.loads((out / "score" / "summary.json").read_text())
+    with LocalS3(str(s3_dir)) as s3:  # the job's S3 again, on its own ports (ports.json): the outputs outlive it
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        summaries = [f.path for f in storage.list_files(storage.resolve("s3://kdray-demo/runs"))
+                     if f.path.endswith("/summary.json") and f.path.count("/") == 3]  # kdray-demo/runs/<run>/summary.json
+        assert len(summaries) == 1, summaries
+        out = "s3://" + summaries[0].rsplit("/", 1)[0]
+        for run in ("tiny-teacher-resnet50v2-vgg19", "tiny-mobilenetv2_from_resnet50v2-vgg19"):
+            loc = storage.resolve(storage.join(out, run))
+            names = [f.path.split("/")[-2:] for f in storage.list_files(loc)]
+            records = [storage.read_json(storage.join(out, run, "workers", name)) for folder, name in names
+                       if folder == "workers"]
+            assert sorted(r["rank"] for r in records) == [0, 1], (run, records)
+            assert {r["node_id"] for r in records} == nodes, (run, records, nodes)
+            assert any(folder.startswith("checkpoint_") and name == "model.pt" for folder, name in names), names
+        assert storage.exists(storage.join(out, "export", "student", "metadata.json"))
+        scored = storage.read_json(storage.join(out, "score", "summary.json"))
     assert scored["images"] == scored["scored"] == 45, scored  # (2 shards: they may both land on one node)
