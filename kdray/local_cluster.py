@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-import kdray  # noqa: F401  (keeps Ray on loopback: sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER before Ray loads)
+from kdray import LOOPBACK_ENV  # (importing kdray keeps Ray on loopback: it sets the variable before Ray loads)
 
 STATE_FILE = "state.json"
 
@@ -29,7 +29,7 @@ def _prepare_environment() -> None:
     """What every node inherits: loopback, token auth, direct ingress, and this environment's python first."""
     from kdray.raycluster import NODE_ENV
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ[LOOPBACK_ENV] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     for key, value in NODE_ENV.items():
         os.environ.setdefault(key, value)
@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    nodes = cluster.list_all_nodes()  # the head first
     state = {"pid": os.getpid(), "gcs_address": cluster.address,
              "dashboard_url": f"http://127.0.0.1:{a.dashboard_port}", "nodes": a.nodes,
              "cpus_per_node": a.cpus_per_node, "python": sys.executable,
-             "node_ids": [n.node_id for n in cluster.list_all_nodes()],
-             "raylet_pids": [_raylet_pid(n) for n in cluster.list_all_nodes()]}  # head first (fault tests kill one)
+             "node_ids": [n.node_id for n in nodes],
+             "raylet_pids": [_raylet_pid(n) for n in nodes]}  # head first (fault tests kill one)
     tmp = state_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(state, fh, indent=2)

@@ -357,7 +357,6 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-@torch.no_grad()
 def _record_worker(cfg: TrainJobConfig, run_name: str, rank: int, start_epoch: int) -> None:
     """Where this worker runs: ``<run>/workers/<time>-rank<r>.json``, one file per worker start (a restart after
     a lost worker or node adds files, with the epoch it resumed from)."""
@@ -369,6 +368,7 @@ def _record_worker(cfg: TrainJobConfig, run_name: str, rank: int, start_epoch: i
                        record)
 
 
+@torch.no_grad()
 def _recalibrate_batchnorm(model: torch.nn.Module, batches: list[np.ndarray], device, use_amp: bool) -> None:
     """Precise BN: replace the running BatchNorm statistics by exact averages over recent clean batches.
 
