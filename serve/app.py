@@ -32,6 +32,7 @@ Run it:
 """
 
 import asyncio
+import copy
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ from kdray import KdrayError
 from kdray.images import ImageRefused, load_image
 from kdray.predictor import BACKENDS, Predictor, is_export, model_info, read_model_card
 from serve import oip
-from serve.admission import Admission
+from serve.admission import LIMIT_ENV, Admission
 from serve.body_limit import BodyLimit
 from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
 from serve.options import ADMISSION, BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
@@ -396,15 +397,19 @@ def _resolve_model_dir(model_dir: str) -> str:
     return path
 
 
-def deployment_options(max_replicas: int | None = None, num_cpus: float | None = None, **overrides) -> dict:
-    """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied."""
-    options = {key: (dict(value) if isinstance(value, dict) else value) for key, value in DEPLOYMENT.items()}
+def deployment_options(max_replicas: int | None = None, num_cpus: float | None = None,
+                       admission_limit: int | None = None, **overrides) -> dict:
+    """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied
+    (and, for tests and benchmarks, another admission limit: ``KDRAY_ADMISSION_LIMIT`` in the replica)."""
+    options = copy.deepcopy(DEPLOYMENT)
     if max_replicas is not None:
         scaling = options["autoscaling_config"]
         scaling["max_replicas"] = int(max_replicas)
         scaling["min_replicas"] = min(scaling["min_replicas"], int(max_replicas))
     if num_cpus is not None:
-        options["ray_actor_options"] = {**options["ray_actor_options"], "num_cpus": float(num_cpus)}
+        options["ray_actor_options"]["num_cpus"] = float(num_cpus)
+    if admission_limit is not None:
+        options["ray_actor_options"]["runtime_env"]["env_vars"][LIMIT_ENV] = str(int(admission_limit))
     options.update(overrides)
     return options
 

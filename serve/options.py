@@ -13,6 +13,8 @@ most ``max_queued_requests`` more; past that, Serve answers at once ``503`` with
 
 from __future__ import annotations
 
+from serve.admission import CALLBACK, CALLBACK_ENV
+
 #: Batching of the replica: ``enabled`` is ``"auto"`` (on when the model runs on a GPU), True or False.
 #: On a CPU it does not pay here: MobileNetV2 int8 costs about the same core time per image at batch 32
 #: as at batch 1, and the batcher's hops cost more than it saves (docs/architecture.md, "Measured choices").
@@ -29,6 +31,8 @@ WORKER_THREADS = 2
 
 #: Admission control in each replica (serve/admission.py): at most ``limit`` inference requests (POST
 #: /predict, /v2/models/.../infer) at once; the excess is held ``hold_s`` and answered 503 + Retry-After.
+#: It runs in front of Serve's direct-ingress entry point (the replica's runtime env below) and, as a
+#: fallback, inside the FastAPI app. ``KDRAY_ADMISSION_LIMIT`` in a replica's environment overrides ``limit``.
 ADMISSION = {"limit": 64, "hold_s": 0.025, "prefixes": ("/predict", "/v2/models")}
 
 #: The replica's GIL switch interval: pool threads decoding and classifying hand the GIL back to the event loop
@@ -49,7 +53,10 @@ DEPLOYMENT = {
     # replica only where CPUs are free (or asks the cluster for a node), never onto a node its replicas already
     # saturate. (At 0.5 CPU, a 2-core node took a second replica whose start-up cost the first one a third of
     # its throughput, and which added none: bench/results/serve.md.) serve.app.deploy fits it to the CPUs free.
-    "ray_actor_options": {"num_cpus": float(WORKER_THREADS)},
+    # The replica's own environment names kdray's admission as Serve's HTTP callback, so that its direct-ingress
+    # server refuses excess requests before Serve's entry point (serve/admission.py); Serve merges these
+    # env_vars with the application's runtime_env.
+    "ray_actor_options": {"num_cpus": float(WORKER_THREADS), "runtime_env": {"env_vars": {CALLBACK_ENV: CALLBACK}}},
 }
 
 #: Keys of a deployment that only this module sets (config files may set the others).

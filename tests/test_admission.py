@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve.admission import Admission
+from serve.admission import CALLBACK, CALLBACK_ENV, LIMIT_ENV, Admission, admission_limit
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +52,44 @@ def test_excess_is_held_then_refused_and_other_routes_pass() -> None:
 
     asyncio.run(scenario())
     assert served.count("/predict") == 2 and served.count("/x/predict") == 1
+
+
+def test_front_sees_the_route_prefix_and_says_it_refused(monkeypatch) -> None:
+    """In front of Serve the path still carries the app's route prefix; refusals name the layer that made them."""
+    async def app(scope, receive, send):
+        raise AssertionError("a refused request must not reach the app")
+
+    gate = Admission(app, limit=1, hold_s=0.0, retry_after_s=1, prefixes=("/predict",), layer="front")
+    gate.in_flight = 1
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(gate({"type": "http", "method": "POST", "path": "/kdray/predict", "root_path": ""}, None, send))
+    assert sent[0]["status"] == 503 and dict(sent[0]["headers"])[b"x-kdray-refused-by"] == b"front"
+
+
+def test_limit_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(LIMIT_ENV, "3")
+    assert Admission(None, limit=64, hold_s=0, retry_after_s=1, prefixes=()).limit == 3
+    monkeypatch.setenv(LIMIT_ENV, "zero")
+    with pytest.raises(ValueError, match=LIMIT_ENV):
+        admission_limit(64)
+    monkeypatch.delenv(LIMIT_ENV)
+    assert admission_limit(64) == 64
+
+
+def test_replicas_name_the_front_as_serves_http_callback() -> None:
+    """The replica's runtime env names a callback that imports and returns the front Admission."""
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from serve.app import deployment_options
+    from serve.options import DEPLOYMENT
+
+    env = DEPLOYMENT["ray_actor_options"]["runtime_env"]["env_vars"]
+    middlewares = call_function_from_import_path(env[CALLBACK_ENV])
+    assert [m.cls for m in middlewares] == [Admission] and middlewares[0].kwargs["layer"] == "front"
+    scaled = deployment_options(num_cpus=1, admission_limit=5)["ray_actor_options"]
+    assert scaled["runtime_env"]["env_vars"] == {CALLBACK_ENV: CALLBACK, LIMIT_ENV: "5"}
+    assert LIMIT_ENV not in env  # the shared default is left alone

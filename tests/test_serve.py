@@ -412,6 +412,36 @@ def test_batching_on_groups_concurrent_requests(exported_student, base_url, prox
 
 
 @pytest.mark.integration
+def test_admission_refuses_in_front_of_serve(exported_student, base_url, proxy_port) -> None:
+    """kdray's admission limit (here 1) refuses at the replica's direct-ingress server, before Serve's entry point:
+    503 + Retry-After marked ``x-kdray-refused-by: front``; health stays answered; never another 5xx."""
+    from ray import serve
+
+    from serve.app import deploy
+
+    url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-admission",
+                 route_prefix="/admission", admission_limit=1)
+    try:
+        burst = [_dicom(256) for _ in range(24)]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(burst)) as pool:
+                responses = list(pool.map(lambda data: _raw(url, data, "application/dicom"), burst))
+            codes = [r.status_code for r in responses]
+            if 503 in codes:
+                break
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+        refused = [r for r in responses if r.status_code == 503]
+        assert {r.headers.get("x-kdray-refused-by") for r in refused} == {"front"}, [r.headers for r in refused]
+        assert all(r.headers.get("retry-after") == "1" and r.json()["reason"] == "overloaded" for r in refused)
+        import requests
+
+        assert requests.get(f"{url}/v2/health/live", timeout=10).status_code == 200
+    finally:
+        serve.delete("kdray-admission")
+
+
+@pytest.mark.integration
 def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url, proxy_port) -> None:
     """One request at a time, one queued: the rest of a burst gets 503 + Retry-After at once, never another 5xx."""
     from ray import serve
