@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
 PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION",
                  "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "KDRAY_FAULT_WRITE_DELAY_S", "KDRAY_S3_RETRY_S",
                  "RAY_TRAIN_ENABLE_PRINT_PATCH")
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it

@@ -1,7 +1,7 @@
 """One storage layer: URIs (local path, file://, s3://bucket/prefix) → pyarrow filesystem + path.
 
 S3 settings come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). Writes are atomic: local files are written to a
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION). Writes are atomic: local files are written to a
 temporary name and renamed; S3 objects appear whole when their upload completes, and
 multi-file outputs are committed by writing a marker last.
 
@@ -80,6 +80,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
     kwargs = dict(region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1")
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        if os.environ.get("AWS_SESSION_TOKEN"):  # temporary keys (SSO, an assumed role) are refused without it
+            kwargs.update(session_token=os.environ["AWS_SESSION_TOKEN"])
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")

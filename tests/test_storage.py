@@ -171,3 +171,24 @@ def test_storage_calls_retry_and_name_the_uri(monkeypatch, tmp_path):
     monkeypatch.setattr(storage, "BACKOFF_START_S", 0.01)
     assert storage.read_bytes(storage.Location(Unreliable(), loc.path, loc.uri)) == b"data"
     assert flaky.calls == 2
+
+
+@pytest.mark.unit
+def test_temporary_credentials_carry_their_session_token(monkeypatch):
+    """Keys from SSO or an assumed role come with AWS_SESSION_TOKEN; S3 refuses them without it."""
+    import pyarrow.fs as pafs
+
+    from kdray.raycluster import worker_env_vars
+
+    seen = {}
+    monkeypatch.setattr(pafs, "S3FileSystem", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-123")
+    storage.s3_filesystem()
+    assert (seen["access_key"], seen["session_token"]) == ("ASIAEXAMPLE", "token-123")
+    assert worker_env_vars()["AWS_SESSION_TOKEN"] == "token-123"  # Ray workers get it too
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    seen.clear()
+    storage.s3_filesystem()
+    assert "session_token" not in seen
