@@ -161,3 +161,14 @@ def test_local_ray_and_serve_stay_on_loopback_when_ray_is_imported_first():
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert driver.returncode == 0, log[-3000:]
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.unit
+def test_local_ray_collects_no_metrics_unless_asked(monkeypatch) -> None:
+    """A job's own local Ray has no dashboard or Prometheus to read Ray's metrics: their collection is off."""
+    from kdray.raycluster import local_system_config
+
+    monkeypatch.delenv("RAY_enable_metrics_collection", raising=False)
+    assert local_system_config() == {"enable_metrics_collection": False}
+    monkeypatch.setenv("RAY_enable_metrics_collection", "1")
+    assert local_system_config() == {}
