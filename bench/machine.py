@@ -58,3 +58,21 @@ def others_share(start: tuple[float, float], wall: float) -> float:
     return max(0.0, (machine_s - start[0]) - (own_s - start[1])) / (wall * available_cpus())
 
 
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time counters from /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the machine's CPU time between two :func:`cpu_ticks` that the hypervisor gave to other guests
+    (steal): time this box's cores did not run at all. It slows wall-clock rates, not CPU-time ones."""
+    if len(before) < 8 or len(after) < 8:
+        return float("nan")
+    delta = [b - a for a, b in zip(before, after)]
+    return delta[7] / max(1, sum(delta))
