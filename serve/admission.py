@@ -24,14 +24,12 @@ import asyncio
 import math
 import os
 
+from serve.options import ADMISSION, CALLBACK, CALLBACK_ENV, DEPLOYMENT  # noqa: F401 - CALLBACK*: re-exported
 from serve.refusal import send_refusal
 
 OVERLOADED = 503
 #: Environment variable that overrides ``ADMISSION["limit"]`` (set per deployment: ``deploy(admission_limit=N)``).
 LIMIT_ENV = "KDRAY_ADMISSION_LIMIT"
-#: Serve's HTTP callback: the replica's direct-ingress server calls it for extra (outermost) middlewares.
-CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-CALLBACK = "serve.admission:replica_middlewares"
 
 
 class Admission:
@@ -75,8 +73,6 @@ def admission_limit(default: int) -> int:
 def replica_middlewares() -> list:
     """Serve's HTTP callback in a replica: :class:`Admission` in front of Serve's direct-ingress entry point."""
     from starlette.middleware import Middleware
-
-    from serve.options import ADMISSION, DEPLOYMENT
 
     return [Middleware(Admission, retry_after_s=DEPLOYMENT["backpressure_config"]["retry_after_s"], layer="front",
                        **ADMISSION)]

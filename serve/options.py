@@ -13,7 +13,10 @@ most ``max_queued_requests`` more; past that, Serve answers at once ``503`` with
 
 from __future__ import annotations
 
-from serve.admission import CALLBACK, CALLBACK_ENV
+#: Serve's HTTP callback: a replica's direct-ingress server calls it for extra (outermost) middlewares. Set in
+#: the replica's runtime env below, it installs kdray's admission gate in front of Serve (serve/admission.py).
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK = "serve.admission:replica_middlewares"
 
 #: Batching of the replica: ``enabled`` is ``"auto"`` (on when the model runs on a GPU), True or False.
 #: On a CPU it does not pay here: MobileNetV2 int8 costs about the same core time per image at batch 32
