@@ -41,12 +41,11 @@ def machine() -> str:
 
 def cpu_seconds() -> tuple[float, float]:
     """(CPU seconds used by the whole machine since boot, CPU seconds used by this process)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
+    fields = _proc_stat_cpu()
+    if fields:
         busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
         machine_s = busy / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
+    else:
         machine_s = float("nan")
     t = os.times()
     return machine_s, t.user + t.system
@@ -58,13 +57,16 @@ def others_share(start: tuple[float, float], wall: float) -> float:
     return max(0.0, (machine_s - start[0]) - (own_s - start[1])) / (wall * available_cpus())
 
 
-
-
 def cpu_ticks() -> list[int]:
     """The machine's CPU time counters from /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    return _proc_stat_cpu()[:8]
+
+
+def _proc_stat_cpu() -> list[int]:
+    """Every counter of /proc/stat's ``cpu`` line (clock ticks); empty where there is no /proc."""
     try:
         with open("/proc/stat") as fh:
-            return [int(v) for v in fh.readline().split()[1:9]]
+            return [int(v) for v in fh.readline().split()[1:]]
     except (OSError, ValueError):
         return []
 

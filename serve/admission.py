@@ -70,16 +70,20 @@ def admission_limit(default: int) -> int:
     return int(value)
 
 
+def admission_settings(layer: str) -> dict:
+    """:class:`Admission`'s keyword arguments from :mod:`serve.options`, for the gate at ``layer``."""
+    return {**ADMISSION, "retry_after_s": DEPLOYMENT["backpressure_config"]["retry_after_s"], "layer": layer}
+
+
 def replica_middlewares() -> list:
     """Serve's HTTP callback in a replica: :class:`Admission` in front of Serve's direct-ingress entry point."""
     from starlette.middleware import Middleware
 
-    return [Middleware(Admission, retry_after_s=DEPLOYMENT["backpressure_config"]["retry_after_s"], layer="front",
-                       **ADMISSION)]
+    return [Middleware(Admission, **admission_settings("front"))]
 
 
 def _under(scope, prefixes: tuple[str, ...]) -> bool:
     """Whether the request's path names an inference route. In front of Serve the path still carries the
     application's route prefix (``/app/predict``), which Serve strips only later, so a prefix may follow it."""
     path = scope.get("path", "")
-    return path.startswith(prefixes) or any(prefix in path for prefix in prefixes)
+    return any(prefix in path for prefix in prefixes)

@@ -51,10 +51,10 @@ from kdray import KdrayError
 from kdray.images import ImageRefused, load_image
 from kdray.predictor import BACKENDS, Predictor, is_export, model_info, read_model_card
 from serve import oip
-from serve.admission import LIMIT_ENV, Admission
+from serve.admission import LIMIT_ENV, Admission, admission_settings
 from serve.body_limit import BodyLimit
 from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
-from serve.options import ADMISSION, BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
+from serve.options import BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ fastapi_app = FastAPI(
     version="2",
 )
 fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-fastapi_app.add_middleware(Admission, retry_after_s=DEPLOYMENT["backpressure_config"]["retry_after_s"], **ADMISSION)
+fastapi_app.add_middleware(Admission, **admission_settings("app"))
 
 
 def replica_cpus() -> int:

@@ -411,6 +411,17 @@ def test_batching_on_groups_concurrent_requests(exported_student, base_url, prox
         serve.delete("kdray-batched")
 
 
+def _burst_until_refused(url: str, size: int = 24, tries: int = 3) -> list:
+    """``size`` DICOM uploads at once, up to ``tries`` times until one of them is answered 503; the last burst."""
+    burst = [_dicom(256) for _ in range(size)]
+    for _ in range(tries):
+        with ThreadPoolExecutor(len(burst)) as pool:
+            responses = list(pool.map(lambda data: _raw(url, data, "application/dicom"), burst))
+        if any(r.status_code == 503 for r in responses):
+            break
+    return responses
+
+
 @pytest.mark.integration
 def test_admission_refuses_in_front_of_serve(exported_student, base_url, proxy_port) -> None:
     """kdray's admission limit (here 1) refuses at the replica's direct-ingress server, before Serve's entry point:
@@ -422,13 +433,8 @@ def test_admission_refuses_in_front_of_serve(exported_student, base_url, proxy_p
     url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-admission",
                  route_prefix="/admission", admission_limit=1)
     try:
-        burst = [_dicom(256) for _ in range(24)]
-        for _ in range(3):
-            with ThreadPoolExecutor(len(burst)) as pool:
-                responses = list(pool.map(lambda data: _raw(url, data, "application/dicom"), burst))
-            codes = [r.status_code for r in responses]
-            if 503 in codes:
-                break
+        responses = _burst_until_refused(url)
+        codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 503}, codes
         assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
         refused = [r for r in responses if r.status_code == 503]
@@ -451,13 +457,8 @@ def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url, p
     url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-overload", route_prefix="/overload",
                  max_ongoing_requests=1, max_queued_requests=1)
     try:
-        burst = [_dicom(256) for _ in range(24)]
-        for _ in range(3):
-            with ThreadPoolExecutor(len(burst)) as pool:
-                responses = list(pool.map(lambda data: _raw(url, data, "application/dicom"), burst))
-            codes = [r.status_code for r in responses]
-            if 503 in codes:
-                break
+        responses = _burst_until_refused(url)
+        codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 503}, codes
         assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
         assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
