@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -76,6 +77,7 @@ PID_FILE = "weed.pid"
 ENV_FILE = "s3.env"
 IDENTITY_FILE = "s3.json"
 PORTS_FILE = "ports.json"
+_GLOG_ERROR = re.compile(r"[FE]\d{4} ")  # glog: severity letter, then MMDD
 
 
 class LocalS3Error(KdrayError):
@@ -446,16 +448,25 @@ class LocalS3:
         logger.info("SeaweedFS already running in %s (pid %d) at %s", self.data_dir, pid, self.endpoint_url)
 
     def _log_tail(self, lines: int = 20) -> str:
+        """The log's fatal and error lines (glog's F/E prefix), then its last lines.
+
+        A fatal line is followed by a Go stack dump and the other goroutines' last lines, so the tail
+        alone can miss the reason the server exited.
+        """
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self._log_offset)
                 text = f.read().decode(errors="replace")
         except OSError:
             return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+        all_lines = text.splitlines()
+        errors = [line for line in all_lines if _GLOG_ERROR.match(line)][:5]
+        tail = all_lines[-lines:]
+        shown = [line for line in errors if line not in tail] + tail
+        return "\n".join(shown) or "(log is empty)"
 
     def _fail(self, message: str) -> LocalS3Error:
-        return LocalS3Error(f"{message}; last lines of {self.log_path}:\n{self._log_tail()}")
+        return LocalS3Error(f"{message}; errors and last lines of {self.log_path}:\n{self._log_tail()}")
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll until the volume server is registered and an authenticated ListBuckets succeeds."""

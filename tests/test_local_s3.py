@@ -128,6 +128,18 @@ def test_server_that_cannot_bind_fails_with_log_tail(tmp_path: Path, monkeypatch
     assert not (tmp_path / "s3" / "weed.pid").exists()
 
 
+def test_failure_message_keeps_the_fatal_line_that_a_stack_dump_pushed_out_of_the_tail(tmp_path: Path) -> None:
+    server = LocalS3(tmp_path / "s3")
+    server.log_path.parent.mkdir(parents=True)
+    fatal = "F1130 09:08:24.201 s3.go:434] S3 API Server listening on 127.0.0.1:23000: address already in use"
+    stack = [f"\tgithub.com/seaweedfs/seaweedfs/weed/glog/glog.go:{n} +0x85" for n in range(40)]
+    server.log_path.write_text("\n".join(["I1130 09:08:24.100 master.go:1] starting", fatal, *stack, "I1130 last"]))
+    message = str(server._fail("SeaweedFS exited with code 255 during start-up"))
+    assert fatal in message and "I1130 last" in message
+    assert "starting" not in message  # only the error lines and the tail
+    assert message.index(fatal) < message.index("I1130 last")
+
+
 def test_not_ready_within_timeout_stops_the_server(tmp_path: Path) -> None:
     server = LocalS3(tmp_path / "s3")
     with pytest.raises(LocalS3Error, match="not ready within 0.3 s"):
