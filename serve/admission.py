@@ -82,6 +82,20 @@ def replica_middlewares() -> list:
     return [Middleware(Admission, **admission_settings("front"))]
 
 
+def front_gate_missing(environ=os.environ) -> str | None:
+    """Why this replica's direct-ingress server will not run the front gate, or None when it will.
+
+    A Serve config that sets ``deployments[].ray_actor_options`` replaces kdray's (Serve overrides field by
+    field), and with it the replica env that names the callback. The gate inside the app still refuses then,
+    at a higher cost per refusal."""
+    if environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1" or environ.get(CALLBACK_ENV) == CALLBACK:
+        return None
+    found = environ.get(CALLBACK_ENV)
+    return (f"{CALLBACK_ENV} is {found!r} in this replica, not {CALLBACK!r} (does the Serve config set "
+            "ray_actor_options? it replaces kdray's runtime_env): excess requests are refused inside the app "
+            "only, which costs more CPU per refusal under overload")
+
+
 def _under(scope, prefixes: tuple[str, ...]) -> bool:
     """Whether the request's path names an inference route. In front of Serve the path still carries the
     application's route prefix (``/app/predict``), which Serve strips only later, so a prefix may follow it."""

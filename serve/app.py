@@ -51,7 +51,7 @@ from kdray import KdrayError
 from kdray.images import ImageRefused, load_image
 from kdray.predictor import BACKENDS, Predictor, is_export, model_info, read_model_card
 from serve import oip
-from serve.admission import LIMIT_ENV, Admission, admission_settings
+from serve.admission import LIMIT_ENV, Admission, admission_settings, front_gate_missing
 from serve.body_limit import BodyLimit
 from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
 from serve.options import BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
@@ -180,6 +180,8 @@ class StudentClassifier:
         self.batches = self.batched_images = self.max_batch_size_seen = 0
         self.counting = threading.Lock()  # pool threads count concurrently
         self.explaining = ExplainGate(model_dir, **EXPLAIN)
+        if missing := front_gate_missing():
+            log.warning("front admission gate off: %s", missing)
         log.info("kdray student %s (%s, %d threads, batching %s) ready", self.predictor.model_id,
                  self.predictor.backend, self.threads, "on" if self.batching else "off")
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve.admission import CALLBACK, CALLBACK_ENV, LIMIT_ENV, Admission, admission_limit
+from serve.admission import CALLBACK, CALLBACK_ENV, LIMIT_ENV, Admission, admission_limit, front_gate_missing
 
 pytestmark = pytest.mark.unit
 
@@ -93,3 +93,12 @@ def test_replicas_name_the_front_as_serves_http_callback() -> None:
     scaled = deployment_options(num_cpus=1, admission_limit=5)["ray_actor_options"]
     assert scaled["runtime_env"]["env_vars"] == {CALLBACK_ENV: CALLBACK, LIMIT_ENV: "5"}
     assert LIMIT_ENV not in env  # the shared default is left alone
+
+
+def test_a_replica_without_the_callback_says_its_front_gate_is_off() -> None:
+    direct = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    assert front_gate_missing({**direct, CALLBACK_ENV: CALLBACK}) is None
+    assert front_gate_missing({}) is None  # no direct ingress: Serve's proxy, and the app's gate, answer
+    message = front_gate_missing(direct)
+    assert message is not None and CALLBACK in message and "ray_actor_options" in message
+    assert "'other:hook'" in front_gate_missing({**direct, CALLBACK_ENV: "other:hook"})
