@@ -39,6 +39,9 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 # Serve's proxy (bench/results/serve.md); read by Serve as the node starts. kdray.raycluster.NODE_ENV
 # sets the same for the local Ray it starts.
 export RAY_SERVE_ENABLE_DIRECT_INGRESS="${RAY_SERVE_ENABLE_DIRECT_INGRESS:-1}"
+# Serve's throughput-optimized mode: user code on the replica's own event loop, buffered request logs
+# (bench/results/serve-throughput-optimized.md).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 
 find_ray() {
     if [[ -n "${RAY_BIN:-}" ]]; then

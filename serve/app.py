@@ -193,9 +193,11 @@ class StudentClassifier:
         # forming the next one: it closes the next batch batch_wait_timeout_s after its first
         # arrival, then parks it until the running one is done. With inference in a thread, that
         # next batch is closed while this one runs and holds only the 1-2 requests that arrived in
-        # those milliseconds; blocking the replica's user event loop instead lets every request that
-        # arrives meanwhile join the next batch (larger batches: docs/architecture.md, "Measured
-        # choices"). Health checks run on Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD).
+        # those milliseconds (in tests/test_serve.py's burst every batch then held one image); blocking the loop
+        # lets every request that arrives meanwhile join the next batch (larger batches:
+        # docs/architecture.md, "Measured choices"). With RAY_SERVE_THROUGHPUT_OPTIMIZED (kdray's node
+        # default) the user code shares Serve's loop, so the replica's HTTP server and admission gate
+        # also wait for the batch: a few milliseconds on a GPU, the path that batches by default.
         probs = self.predictor.probabilities(np.stack(images))
         self._count(len(images))
         return list(probs)
