@@ -54,6 +54,16 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+_STARTED_HERE = False
+
+
+def ray_started_here() -> bool:
+    """Whether :func:`init_ray` started the Ray this process uses: one node, its resources fixed, no autoscaler."""
+    import ray
+
+    return _STARTED_HERE and ray.is_initialized()
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else.
 
@@ -83,6 +93,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
             ray.shutdown()
             raise KdrayError(f"the local Ray started on {node_ip}, not 127.0.0.1: import kdray before ray, or set "
                              f"{LOOPBACK_ENV}=0 in the environment before Python starts")
+        global _STARTED_HERE
+        _STARTED_HERE = True
     _quiet_ray_data()
     if not _verbose():
         quiet_worker_output()

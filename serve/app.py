@@ -475,7 +475,7 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     other deployment options (e.g. ``max_queued_requests``) override :mod:`serve.options`.
     If Serve is already running, its existing HTTP address is kept and returned.
     """
-    from kdray.raycluster import init_ray
+    from kdray.raycluster import init_ray, ray_started_here
 
     options = dict(deployment_overrides)
     if num_replicas is not None:
@@ -483,6 +483,8 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     init_ray()
     if num_cpus is None:
         num_cpus = _cpus_that_fit()
+    if num_replicas is None and "autoscaling_config" not in options and ray_started_here():
+        options.setdefault("max_replicas", _replicas_that_fit(num_cpus))
     app = build_app(model_dir, backend, threads, batching, num_cpus=num_cpus, **options)
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)}, proxy_location="HeadOnly",
                 logging_config=ACCESS_LOG_OFF)
@@ -506,6 +508,29 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     if direct:
         log.info("replicas answer directly at %s; Serve's proxy balances them at %s", ", ".join(direct), proxy_url)
     return proxy_url
+
+
+def _replicas_that_fit(num_cpus: float) -> int:
+    """The autoscaling bound on a Ray that kdray started here: no more replicas than its CPUs can ever hold.
+
+    Such a Ray has one node and no autoscaler, so a replica past that bound never starts; it only waits, and
+    while it waits the running replica's tail latency grows (p99 at half the peak rate 42-47 ms against
+    14-22 ms with one fixed replica, bench/results/serve-pending-replica.md). On a cluster the bound stays
+    :data:`serve.options.DEPLOYMENT`'s, because a waiting replica is what asks the cluster for a node."""
+    import ray
+
+    wanted = int(DEPLOYMENT["autoscaling_config"]["max_replicas"])
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    fit = fitting_replicas(total, num_cpus, wanted)
+    if fit < wanted:
+        log.info("this Ray (%.0f CPUs, started here) holds %d replica(s) of %.1f CPUs: autoscaling up to %d, not %d",
+                 total, fit, num_cpus, fit, wanted)
+    return fit
+
+
+def fitting_replicas(total_cpus: float, cpus_per_replica: float, wanted: int) -> int:
+    """At most ``wanted`` replicas, and no more than ``total_cpus`` hold (at least one)."""
+    return max(1, min(int(wanted), int(total_cpus // cpus_per_replica) if cpus_per_replica > 0 else int(wanted)))
 
 
 def _cpus_that_fit() -> float:

@@ -55,6 +55,20 @@ def test_config_validates_and_import_path_resolves() -> None:
     assert app.logging_config.enable_access_log is False
 
 
+def test_a_ray_started_here_gets_no_replica_it_cannot_hold(monkeypatch) -> None:
+    """One node, no autoscaler: a replica past what its CPUs hold would only wait (and cost tail latency)."""
+    import ray
+
+    from serve import app as serve_app
+    from serve.app import fitting_replicas
+
+    assert fitting_replicas(2, 2, 2) == 1  # this box: one 2-CPU replica
+    assert fitting_replicas(2, 0.5, 2) == 2 and fitting_replicas(16, 2, 4) == 4  # the bound still applies
+    assert fitting_replicas(1, 2, 2) == 1  # at least one (deploy fits its CPUs to what is free)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert serve_app._replicas_that_fit(2.0) == 1 and serve_app._replicas_that_fit(1.0) == 2
+
+
 def test_deployment_options_have_one_source() -> None:
     from serve import options
     from serve.app import StudentClassifier, app_builder, deployment_options
