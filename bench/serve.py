@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.load import run_level  # noqa: E402
-from bench.machine import cpu_flags, machine  # noqa: E402
+from bench.machine import cpu_flags, cpu_ticks, machine, steal_share  # noqa: E402
 from bench.score import CXR, export_random_student  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
 from kdray.raycluster import free_loopback_port  # noqa: E402
@@ -109,7 +109,9 @@ def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str
         time.sleep(settle)  # the previous level's last requests (and held 503s) drain first
         marks.append((time.time(), f"{what} ({clients} clients)"))
         explaining = ExplainLoad(url, body, explain_clients, duration) if explain_clients else None
+        ticks = cpu_ticks()
         row = {"side": label, "load": what, **run_level(url, body, "image/png", clients, duration, rate).summary()}
+        row["steal %"] = round(100 * steal_share(ticks, cpu_ticks()), 1)  # the hypervisor's share, not the box's
         if explaining is not None:
             row.update(explaining.result())
         print(json.dumps(row), flush=True)
