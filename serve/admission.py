@@ -88,12 +88,20 @@ def front_gate_missing(environ=os.environ) -> str | None:
     A Serve config that sets ``deployments[].ray_actor_options`` replaces kdray's (Serve overrides field by
     field), and with it the replica env that names the callback. The gate inside the app still refuses then,
     at a higher cost per refusal."""
-    if environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1" or environ.get(CALLBACK_ENV) == CALLBACK:
+    if not _direct_ingress(environ) or environ.get(CALLBACK_ENV) == CALLBACK:
         return None
     found = environ.get(CALLBACK_ENV)
     return (f"{CALLBACK_ENV} is {found!r} in this replica, not {CALLBACK!r} (does the Serve config set "
             "ray_actor_options? it replaces kdray's runtime_env): excess requests are refused inside the app "
             "only, which costs more CPU per refusal under overload")
+
+
+def _direct_ingress(environ) -> bool:
+    """Whether Serve turns direct ingress on in this environment, by Ray 2.60's rule: its own switch, whose
+    default is on in the throughput-optimized mode, and always on with the HAProxy mode."""
+    default = "1" if environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "0"
+    return (environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", default) == "1"
+            or environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")
 
 
 def _under(scope, prefixes: tuple[str, ...]) -> bool:

@@ -483,7 +483,7 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     init_ray()
     if num_cpus is None:
         num_cpus = _cpus_that_fit()
-    if num_replicas is None and "autoscaling_config" not in options and ray_started_here():
+    if "autoscaling_config" not in options and ray_started_here():  # (num_replicas set it to None)
         options.setdefault("max_replicas", _replicas_that_fit(num_cpus))
     app = build_app(model_dir, backend, threads, batching, num_cpus=num_cpus, **options)
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)}, proxy_location="HeadOnly",

@@ -102,3 +102,6 @@ def test_a_replica_without_the_callback_says_its_front_gate_is_off() -> None:
     message = front_gate_missing(direct)
     assert message is not None and CALLBACK in message and "ray_actor_options" in message
     assert "'other:hook'" in front_gate_missing({**direct, CALLBACK_ENV: "other:hook"})
+    # the throughput-optimized mode turns direct ingress on by default (kdray's nodes set both)
+    assert front_gate_missing({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}) is not None
+    assert front_gate_missing({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}) is None
