@@ -57,11 +57,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kdray import KdrayError
+from kdray.codestreams import StreamError, j2k_geometry, jpeg_geometry, rle_segments
 
 __all__ = [
-    "CORRUPT", "DEFAULT_LIMITS", "FILE_TOO_LARGE", "FORMATS", "IO_ERROR", "ImageLimits", "ImageRefused", "LoadedImage",
-    "NOT_AN_IMAGE", "NO_PIXELS", "REASONS", "TOO_LARGE", "TOO_SMALL", "TRUNCATED", "UNSUPPORTED_DICOM",
-    "WRONG_MODALITY", "check_file_size", "load_image", "sniff_format",
+    "CORRUPT", "DEFAULT_LIMITS", "FILE_TOO_LARGE", "FORBIDDEN", "FORMATS", "IO_ERROR", "ImageLimits", "ImageRefused",
+    "LoadedImage", "MISSING", "NOT_AN_IMAGE", "NOT_A_FILE", "NO_PIXELS", "OUTSIDE_ROOTS", "REASONS", "SERVING_LIMITS",
+    "SPARSE_MEMBER", "TOO_LARGE", "TOO_SMALL", "TRUNCATED", "UNSUPPORTED_DICOM", "WRONG_MODALITY", "check_file_size",
+    "dicom_decode_cost", "load_image", "pillow_decode_cost", "sniff_format",
 ]
 
 # ----------------------------------------------------------------------------- reason codes (stable: callers store them)
@@ -74,12 +76,18 @@ FILE_TOO_LARGE = "file_too_large"  # more bytes than ImageLimits.max_bytes
 UNSUPPORTED_DICOM = "unsupported_dicom"  # a DICOM image this installation cannot decode (transfer syntax, layout)
 NO_PIXELS = "no_pixels"  # a DICOM object without pixel data (DICOMDIR, SR, presentation state, ...)
 WRONG_MODALITY = "wrong_modality"  # a DICOM modality outside ImageLimits.modalities
-IO_ERROR = "io_error"  # reserved for callers: the bytes could not be read at all
-CORRUPT = "corrupt"  # an allowed format whose content cannot be decoded
+IO_ERROR = "io_error"  # reserved for callers: the bytes could not be read (transient: a re-run retries it)
+CORRUPT = "corrupt"  # an allowed format whose content cannot be decoded, or whose parts disagree
+# Reserved for readers of archives, folders and manifests (kdray.score); all of them terminal:
+MISSING = "missing"  # listed, but not there (deleted since listing, a manifest typo)
+FORBIDDEN = "forbidden"  # there, but the job's credentials may not read it
+OUTSIDE_ROOTS = "outside_roots"  # a manifest row or link that points outside the input's root (--allowed-roots)
+NOT_A_FILE = "not_a_file"  # a FIFO, device, socket, directory or (in a tar) link: never opened
+SPARSE_MEMBER = "sparse_member"  # a sparse tar member: its holes would be read as zeros
 DECODER_VERSION = "kdray.images/2"  # 2: percentiles in float64 through level tables; 1: JPEG draft, DICOM
 
 REASONS = (NOT_AN_IMAGE, TRUNCATED, TOO_SMALL, TOO_LARGE, FILE_TOO_LARGE, UNSUPPORTED_DICOM, NO_PIXELS,
-           WRONG_MODALITY, IO_ERROR, CORRUPT)
+           WRONG_MODALITY, IO_ERROR, CORRUPT, MISSING, FORBIDDEN, OUTSIDE_ROOTS, NOT_A_FILE, SPARSE_MEMBER)
 
 #: format name → the Pillow plugin allowed to open it (DICOM goes to pydicom).
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP", "dicom": None}
@@ -106,15 +114,27 @@ class ImageRefused(KdrayError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What :func:`load_image` accepts. ``modalities=None`` accepts any DICOM modality."""
+    """What :func:`load_image` accepts. ``modalities=None`` accepts any DICOM modality.
+
+    ``max_decode_bytes`` is the decode budget: the memory one decode may take at its peak, estimated from the
+    headers (the file's and, for compressed DICOM, its pixel stream's) before any decoder runs
+    (:func:`decode_cost`). ``max_frames``: a DICOM with more frames is refused; of the others the first frame
+    is scored."""
 
     min_side: int = 32
     max_pixels: int = 64_000_000  # 8000 × 8000; a 12000 × 12000 (144 MP) image is refused
     max_bytes: int = 512 * 2**20
     modalities: tuple[str, ...] | None = ("CR", "DX")
+    max_decode_bytes: int = 2**30
+    max_frames: int = 64
 
 
+#: Scoring, training and ``kdray predict``: archives of large radiographs, a few decodes at a time per node.
 DEFAULT_LIMITS = ImageLimits()
+#: Serving: many requests decode at once on one replica, and the body is capped anyway (serve/options.py).
+SERVING_LIMITS = ImageLimits(max_bytes=32 * 2**20, max_decode_bytes=256 * 2**20, max_frames=16)
+#: A progressive JPEG pays a pass over every coefficient per scan; encoders write about 10.
+MAX_JPEG_SCANS = 100
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class LoadedImage:
     height: int
     frames: int  # DICOM NumberOfFrames, TIFF pages (counted up to 1000), APNG/WebP frames; the first is used
     dicom: dict[str, str] = field(default_factory=dict)  # DICOM_IDENTIFIERS present in the file; {} otherwise
+    decode_bytes: int = 0  # the decode's estimated peak memory, which the budget admitted (decode_cost)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -196,10 +217,9 @@ def _load_pillow(data: bytes, fmt: str, size: int, limits: ImageLimits, draft: b
             # Where Pillow would only warn (DecompressionBombWarning), refuse as well.
             raise ImageRefused(TOO_LARGE, f"{name} image is {_dims(width, height)}, over Pillow's "
                                           f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels")
+        cost = _check_pillow_budget(img, fmt, data, size, limits, draft)
         try:
             frames = _frame_count(img, fmt)
-            if draft and fmt == "jpeg":
-                _draft(img, size)
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -210,7 +230,31 @@ def _load_pillow(data: bytes, fmt: str, size: int, limits: ImageLimits, draft: b
             raise
         except Exception as exc:  # noqa: BLE001
             raise _pillow_failure(exc, fmt, data, "image data") from None
-        return LoadedImage(_crop_resize(img, size), fmt, width, height, frames)
+        return LoadedImage(_crop_resize(img, size), fmt, width, height, frames, decode_bytes=cost)
+
+
+def _check_pillow_budget(img: Image.Image, fmt: str, data: bytes, size: int, limits: ImageLimits,
+                         draft: bool) -> int:
+    """The decode's cost from the header (a JPEG's at the scale ``draft`` picks), refused over the budget."""
+    name = _NAMES[fmt]
+    width, height = img.size
+    progressive = False
+    if fmt == "jpeg":
+        try:
+            stream = jpeg_geometry(data)
+        except StreamError as exc:
+            raise ImageRefused(CORRUPT, f"JPEG header is damaged: {exc}") from None
+        if stream.scans > MAX_JPEG_SCANS:
+            raise ImageRefused(TOO_LARGE, f"JPEG has {stream.scans} scans; at most {MAX_JPEG_SCANS} are decoded "
+                                          "(each one is a pass over the whole image)")
+        progressive = stream.progressive
+        if draft:
+            _draft(img, size)
+    cost = pillow_decode_cost(fmt, img.mode, img.size[0] * img.size[1], len(data))
+    if progressive:  # libjpeg keeps every coefficient of a progressive image, at full scale, until the last scan
+        cost += width * height * stream.components * 2
+    _check_budget(name, cost, limits)
+    return cost
 
 
 def _draft(img: Image.Image, size: int) -> None:
@@ -353,7 +397,8 @@ def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = max(1, int(ds.get("NumberOfFrames") or 1))
         samples = int(ds.get("SamplesPerPixel") or 1)
-        bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+        bits_allocated = int(ds.BitsAllocated)
+        bits_stored = int(ds.get("BitsStored") or bits_allocated)
         signed = int(ds.get("PixelRepresentation") or 0) == 1
         photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     except MemoryError:
@@ -361,6 +406,12 @@ def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
     except Exception as exc:  # noqa: BLE001
         raise ImageRefused(CORRUPT, f"DICOM image pixel module is missing or invalid ({type(exc).__name__})") from None
     _check_dimensions("DICOM", cols, rows, limits)
+    if frames > limits.max_frames:
+        raise ImageRefused(TOO_LARGE, f"DICOM image has {frames:,} frames; at most {limits.max_frames} are accepted "
+                                      "(the first frame is scored)")
+    if bits_allocated not in (1, 8, 16, 32) or not 1 <= bits_stored <= bits_allocated:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM image with {bits_allocated} bits allocated and {bits_stored} "
+                                              "stored per sample is not supported (1, 8, 16 or 32 allocated)")
     monochrome = photometric in ("MONOCHROME1", "MONOCHROME2")
     supported = (monochrome or photometric == "PALETTE COLOR") and samples == 1 \
         or (photometric == "RGB" or photometric.startswith("YBR_")) and samples == 3
@@ -368,9 +419,17 @@ def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
         shown = photometric if re.fullmatch(r"[A-Z0-9_ ]{1,16}", photometric) else "an invalid value"
         raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM photometric interpretation {shown} with {samples} sample(s) per "
                                               "pixel is not supported")
+    layout = _PixelLayout(rows, cols, frames, samples, bits_allocated)
+    codec = _check_pixel_stream(ds, tsyntax, layout)
+    plugin = _DECODING_PLUGIN.get(codec, {}).get("decoding_plugin")
+    if plugin and plugin not in decoder.available_plugins:
+        raise ImageRefused(UNSUPPORTED_DICOM, f"DICOM transfer syntax {ts_name} is decoded only by its {plugin} "
+                                              "plugin (a bounded decoder), which is not installed")
+    cost = dicom_decode_cost(codec, rows * cols, samples, bits_allocated, len(data))
+    _check_budget("DICOM", cost, limits)
 
     try:
-        arr = pixel_array(ds, index=0)
+        arr = pixel_array(ds, index=0, **_DECODING_PLUGIN.get(codec, {}))
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - no exception text: it may quote tag values
@@ -388,7 +447,72 @@ def _load_dicom(data: bytes, size: int, limits: ImageLimits) -> LoadedImage:
     except Exception as exc:  # noqa: BLE001
         raise ImageRefused(CORRUPT, f"DICOM pixel values cannot be mapped to gray levels ({type(exc).__name__})") \
             from None
-    return LoadedImage(_crop_resize(Image.fromarray(gray), size), "dicom", cols, rows, frames, meta)
+    return LoadedImage(_crop_resize(Image.fromarray(gray), size), "dicom", cols, rows, frames, meta, cost)
+
+
+@dataclass(frozen=True)
+class _PixelLayout:
+    """What a DICOM header says its pixel data holds."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+
+
+#: RLE through pylibjpeg-rle, which decodes a segment into exactly rows × columns bytes (pydicom's own RLE
+#: decoder grows with whatever a segment expands to, and only warns).
+_DECODING_PLUGIN = {"RLE": {"decoding_plugin": "pylibjpeg"}}
+
+
+def _check_pixel_stream(ds, tsyntax: str, layout: _PixelLayout) -> str:
+    """The codec of an encapsulated transfer syntax ("native" otherwise), once its first frame's own header has
+    been read and found to match ``layout``: dimensions, components and precision (JPEG, JPEG-LS, JPEG 2000) or
+    the segment table (RLE). Refused as ``corrupt`` otherwise, before any decoder sees the stream."""
+    from pydicom import uid
+
+    if tsyntax in uid.JPEGTransferSyntaxes or tsyntax in uid.JPEGLSTransferSyntaxes:
+        codec = "JPEG"
+    elif tsyntax in uid.JPEG2000TransferSyntaxes:
+        codec = "JPEG 2000"
+    elif tsyntax == uid.RLELossless:
+        codec = "RLE"
+    else:
+        needed = -(-layout.rows * layout.columns * layout.bits_allocated // 8)
+        if layout.samples == 1 and len(ds.PixelData) < needed:  # (pydicom's own check covers colour layouts)
+            raise ImageRefused(TRUNCATED, f"DICOM pixel data is {len(ds.PixelData):,} bytes; the header's first "
+                                          f"frame needs {needed:,}")
+        return "native"
+    try:
+        from pydicom.encaps import get_frame
+
+        frame = get_frame(ds.PixelData, 0, number_of_frames=layout.frames)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's message may quote bytes of the file
+        raise ImageRefused(CORRUPT, f"DICOM encapsulated pixel data cannot be split into frames "
+                                    f"({type(exc).__name__})") from None
+    try:
+        if codec == "RLE":
+            rle_segments(frame, layout.rows, layout.columns, layout.samples * max(1, layout.bits_allocated // 8))
+            return codec
+        stream = j2k_geometry(frame) if codec == "JPEG 2000" else jpeg_geometry(frame)
+    except StreamError as exc:
+        raise ImageRefused(CORRUPT, f"DICOM {codec} pixel data: {exc}") from None
+    if (stream.width, stream.height) != (layout.columns, layout.rows) or stream.components != layout.samples:
+        raise ImageRefused(CORRUPT, f"DICOM {stream.codec} pixel data declares {_dims(stream.width, stream.height)} "
+                                    f"with {stream.components} component(s), but the header says "
+                                    f"{_dims(layout.columns, layout.rows)} with {layout.samples}")
+    if stream.precision > max(8, layout.bits_allocated):
+        raise ImageRefused(CORRUPT, f"DICOM {stream.codec} pixel data has {stream.precision}-bit samples, more than "
+                                    f"the {layout.bits_allocated} bits the header allocates")
+    if stream.tiles > 65535:  # the most a codestream may have (Isot is 16 bits); each costs the decoder a structure
+        raise ImageRefused(CORRUPT, f"DICOM JPEG 2000 pixel data declares {stream.tiles:,} tiles")
+    if stream.scans > MAX_JPEG_SCANS:
+        raise ImageRefused(TOO_LARGE, f"DICOM {stream.codec} pixel data has {stream.scans} scans; at most "
+                                      f"{MAX_JPEG_SCANS} are decoded")
+    return "JPEG 2000" if codec == "JPEG 2000" else stream.codec
 
 
 def _dicom_gray(ds, arr: np.ndarray, bits_stored: int, signed: bool, photometric: str) -> np.ndarray:
@@ -530,6 +654,47 @@ def _transfer_syntax_name(uid) -> str:
     return f"{name} ({shown})" if name else shown
 
 
+# ----------------------------------------------------------------------------- the decode budget
+
+#: Peak bytes per pixel of a Pillow decode through to the S×S gray result, by the mode Pillow decodes to (it
+#: keeps one band in one byte, 16-bit gray in two, 32-bit and float gray in four, and several bands in four):
+#: the decoded image, the gray conversion and its tables, the crop. WebP always decodes through an RGBA buffer.
+#: Upper bounds of measured peaks (docs/inputs.md); tests/test_hostile.py checks them against real decodes.
+_PILLOW_BYTES_PER_PIXEL = {"1": 3, "L": 3, "P": 3, "I;16": 18, "I;16L": 18, "I;16B": 18, "I;16N": 18, "I": 32,
+                           "F": 32}
+_PILLOW_MULTIBAND_BYTES_PER_PIXEL = 12
+_FORMAT_BYTES_PER_PIXEL = {"webp": 18}
+#: DICOM: peak bytes per pixel per stored byte (samples × bytes allocated), by codec, and a fixed part per pixel
+#: (the gray levels, the crop); the file itself is held about twice (the bytes, and pydicom's copy of the
+#: pixel data element).
+_DICOM_BYTES_PER_STORED_BYTE = {"native": 4, "RLE": 4, "JPEG": 6, "JPEG-LS": 6, "JPEG 2000": 6}
+_DICOM_BYTES_PER_PIXEL = 5
+_FILE_COPIES = 2
+_FIXED_BYTES = 4 * 2**20  # what any decode allocates besides its pixels (interpreter objects, decoder state)
+
+
+def pillow_decode_cost(fmt: str, mode: str, pixels: int, file_bytes: int) -> int:
+    """Estimated peak memory (bytes) of decoding a PNG, JPEG, TIFF, BMP or WebP image of ``pixels`` pixels that
+    Pillow opens in ``mode``."""
+    per_pixel = _FORMAT_BYTES_PER_PIXEL.get(fmt) or _PILLOW_BYTES_PER_PIXEL.get(mode,
+                                                                             _PILLOW_MULTIBAND_BYTES_PER_PIXEL)
+    return pixels * per_pixel + _FILE_COPIES * file_bytes + _FIXED_BYTES
+
+
+def dicom_decode_cost(codec: str, pixels: int, samples: int, bits_allocated: int, file_bytes: int) -> int:
+    """Estimated peak memory (bytes) of decoding one frame of ``pixels`` pixels of a DICOM file whose pixel data
+    is ``codec`` ("native", "RLE", "JPEG", "JPEG-LS", "JPEG 2000")."""
+    stored = samples * max(1, bits_allocated // 8)
+    return pixels * (stored * _DICOM_BYTES_PER_STORED_BYTE[codec] + _DICOM_BYTES_PER_PIXEL) \
+        + _FILE_COPIES * file_bytes + _FIXED_BYTES
+
+
+def _check_budget(name: str, cost: int, limits: ImageLimits) -> None:
+    if cost > limits.max_decode_bytes:
+        raise ImageRefused(TOO_LARGE, f"decoding this {name} image would take about {_mib(cost)} of memory; the "
+                                      f"decode budget is {_mib(limits.max_decode_bytes)}")
+
+
 # ----------------------------------------------------------------------------- shared steps
 
 
@@ -543,6 +708,7 @@ def _check_dimensions(name: str, width: int, height: int, limits: ImageLimits) -
 
 
 MAX_LEVEL_TABLE = 1 << 20  # integer images spanning more stored levels than this are mapped pixel by pixel
+_CHUNK = 1 << 20  # pixels per step of the whole-image passes that would otherwise make full-size temporaries
 
 
 def _stored_levels(arr: np.ndarray) -> tuple[np.ndarray, int, np.ndarray] | None:
@@ -555,9 +721,14 @@ def _stored_levels(arr: np.ndarray) -> tuple[np.ndarray, int, np.ndarray] | None
         return None
     if arr.dtype.kind == "u" and arr.dtype.itemsize <= 4:
         index = arr - arr.dtype.type(first) if first else arr  # no wrap-around: every pixel >= first
-    else:
-        index = (arr.astype(np.int64) - first).astype(np.int32)
-    return index, first, np.bincount(index.ravel(), minlength=last - first + 1)
+    else:  # signed, at most 32 bits: the difference fits in int32 (the range is < MAX_LEVEL_TABLE)
+        index = arr.astype(np.int32)
+        index -= np.int32(first)
+    counts = np.zeros(last - first + 1, np.int64)
+    flat = index.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):  # bincount widens its input to int64: a chunk at a time
+        counts += np.bincount(flat[start:start + _CHUNK], minlength=len(counts))
+    return index, first, counts
 
 
 def _percentile_window(values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
@@ -569,7 +740,16 @@ def _percentile_window(values: np.ndarray, counts: np.ndarray | None = None) -> 
         lo, hi = np.percentile(values, (0.5, 99.5))
     else:
         lo, hi = _weighted_percentiles(values, counts, (0.5, 99.5))
-    return (np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    scale = max(hi - lo, 1e-6)
+    out = np.empty(np.shape(values), np.uint8)
+    flat, flat_out = np.ravel(values), out.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):  # the same arithmetic as one expression, without its temporaries
+        part = flat[start:start + _CHUNK] - lo
+        part /= scale
+        np.clip(part, 0, 1, out=part)
+        part *= 255
+        flat_out[start:start + _CHUNK] = part  # truncates, as astype(np.uint8) does
+    return out
 
 
 def _weighted_percentiles(values: np.ndarray, counts: np.ndarray, qs: tuple[float, ...]) -> list[float]:

@@ -54,7 +54,8 @@ from serve import oip
 from serve.admission import LIMIT_ENV, Admission, admission_settings, front_gate_missing
 from serve.body_limit import BodyLimit
 from serve.explaining import ExplainBusy, ExplainGate, ExplainUnavailable, explain_flag
-from serve.options import BATCHING, DEPLOYMENT, EXPLAIN, MAX_BODY_BYTES, SWITCH_INTERVAL_S, WORKER_THREADS
+from serve.options import (BATCHING, DEPLOYMENT, EXPLAIN, IMAGE_LIMITS, MAX_BODY_BYTES, SWITCH_INTERVAL_S,
+                           WORKER_THREADS)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class StudentClassifier:
 
     def _classify_keeping_pixels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, decoded pixels) of one image, in the calling (pool) thread."""
-        pixels = load_image(data, self.predictor.image_size).pixels
+        pixels = load_image(data, self.predictor.image_size, IMAGE_LIMITS).pixels
         probs = self.predictor.probabilities(pixels[None])[0]
         self._count(1)
         return probs, pixels
@@ -234,7 +235,7 @@ class StudentClassifier:
         loop = asyncio.get_running_loop()
         if not self.batching:
             return await loop.run_in_executor(self.pool, self._classify_now, data)
-        loaded = await loop.run_in_executor(self.pool, load_image, data, self.predictor.image_size)
+        loaded = await loop.run_in_executor(self.pool, load_image, data, self.predictor.image_size, IMAGE_LIMITS)
         return await self.classify(loaded.pixels)
 
     def _response(self, probs: np.ndarray) -> dict:

@@ -13,6 +13,8 @@ most ``max_queued_requests`` more; past that, Serve answers at once ``503`` with
 
 from __future__ import annotations
 
+from kdray.images import SERVING_LIMITS
+
 #: Serve's HTTP callback: a replica's direct-ingress server calls it for extra (outermost) middlewares. Set in
 #: the replica's runtime env below, it installs kdray's admission gate in front of Serve (serve/admission.py).
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -27,6 +29,10 @@ BATCHING = {"enabled": "auto", "max_batch_size": 16, "batch_wait_timeout_s": 0.0
 
 #: Bytes a request body may have (checked from Content-Length before reading; chunked bodies as they stream).
 MAX_BODY_BYTES = 32 * 1024 * 1024
+
+#: What each image of a request may be and cost (kdray.images): the serving decode budget is a quarter of
+#: scoring's, since a replica decodes WORKER_THREADS images at once beside its model and explanations.
+IMAGE_LIMITS = SERVING_LIMITS
 
 #: Threads per replica that decode (and, on a CPU, classify) images off the event loop, each one image at a
 #: time with single-threaded inference.

@@ -307,7 +307,8 @@ def test_refusal_is_a_picklable_kdray_error():
     with pytest.raises(ValueError):
         ImageRefused("nonsense", "x")
     assert REASONS == ("not_an_image", "truncated", "too_small", "too_large", "file_too_large", "unsupported_dicom",
-                       "no_pixels", "wrong_modality", "io_error", "corrupt")
+                       "no_pixels", "wrong_modality", "io_error", "corrupt", "missing", "forbidden", "outside_roots",
+                       "not_a_file", "sparse_member")
     assert images.IO_ERROR == "io_error"
 
 
@@ -516,3 +517,52 @@ def test_decode_image_and_describe_decode_error_use_the_loader():
     described = describe_decode_error(read_error)
     assert described.startswith("cannot decode image: io_error: OSError: cannot read")
     assert "object at 0x" not in described and "\n" not in described
+
+
+# ----------------------------------------------------------------------------- the decode budget
+
+
+def test_chunked_passes_give_the_pixels_of_one_whole_image_pass(monkeypatch):
+    """The percentile window and the level counts run a chunk at a time (no full-size temporaries): the same
+    result as the one-expression version, whatever the chunk."""
+    values = np.random.default_rng(4).normal(1000, 300, (37, 53))
+    lo, hi = np.percentile(values, (0.5, 99.5))
+    expected = (np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    wide = (values * 40).astype(np.int32)
+    whole = images._stored_levels(wide)
+    monkeypatch.setattr(images, "_CHUNK", 100)
+    assert np.array_equal(images._percentile_window(values), expected)
+    chunked = images._stored_levels(wide)
+    assert chunked[1] == whole[1] and np.array_equal(chunked[2], whole[2]) and np.array_equal(chunked[0], whole[0])
+
+
+def test_serving_budget_is_tighter_than_scorings():
+    from kdray.images import SERVING_LIMITS
+
+    assert SERVING_LIMITS.max_decode_bytes < DEFAULT_LIMITS.max_decode_bytes
+    assert SERVING_LIMITS.max_bytes < DEFAULT_LIMITS.max_bytes
+    big = _png(_noise((3000, 3000), 2, np.uint16, 4096))  # 16-bit gray: about 18 bytes a pixel to decode
+    loaded = load_image(big, 32)
+    assert 3000 * 3000 * 10 < loaded.decode_bytes < 3000 * 3000 * 30
+    assert "decode budget" in _refused(big, "too_large", limits=ImageLimits(max_decode_bytes=loaded.decode_bytes - 1))
+
+
+def test_dicom_frames_over_the_cap_are_refused_and_the_first_is_scored_below_it():
+    frames = np.stack([_ramp(), 4095 - _ramp(), _ramp() // 2])
+    data = _dicom(frames, frames=3, bits_stored=12)
+    assert load_image(data, 32, ImageLimits(max_frames=3)).frames == 3
+    assert "3 frames" in _refused(data, "too_large", limits=ImageLimits(max_frames=2))
+
+
+def test_rle_without_its_bounded_decoder_is_unsupported(monkeypatch):
+    """RLE is decoded only by pylibjpeg-rle: pydicom's own RLE decoder grows with what a segment expands to."""
+    from pydicom.pixels.decoders.base import RLELosslessDecoder
+
+    pixels = _ramp()
+    ds = _dicom_dataset(pixels, bits_stored=12)
+    ds.compress(RLELossless)
+    data = _save(ds)
+    assert load_image(data, 32).format == "dicom"
+    monkeypatch.setattr(type(RLELosslessDecoder), "available_plugins", property(lambda self: ("pydicom",)),
+                        raising=False)
+    _refused(data, "unsupported_dicom")
