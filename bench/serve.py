@@ -44,7 +44,8 @@ from kdray.raycluster import free_loopback_port  # noqa: E402
 HOLDER = """
 import json, sys, time
 from ray import serve
-from serve.app import APP_NAME, deploy
+from serve.app import APP_NAME
+from serve.deploy import deploy
 replicas = int(sys.argv[3]) or None  # 0: autoscaling (the default deployment)
 print(json.dumps({"url": deploy(sys.argv[1], port=int(sys.argv[2]), num_replicas=replicas),
                   "proxy": "http://127.0.0.1:" + sys.argv[2]}), flush=True)

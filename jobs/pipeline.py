@@ -15,7 +15,7 @@ from kdray.pipeline import SUMMARY_COLUMNS, run_pipeline
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(PipelineConfig, argv)
-    from serve.app import deploy  # imported here: Ray Serve loads only when the pipeline runs
+    from serve.deploy import deploy  # imported here: Ray Serve loads only when the pipeline runs
 
     summary = run_pipeline(cfg, deploy=deploy)
     print("\n" + format_table(summary["table"], SUMMARY_COLUMNS))

@@ -212,3 +212,21 @@ def synthetic_s3(local_s3: LocalS3, synthetic_dir: str) -> str:
     storage.copy_dir(synthetic_dir, uri)
     storage.write_bytes(f"{uri}/train/covid/zz-corrupt.png", b"\x89PNG\r\n\x1a\n this is not really a png")
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory):
+    """(export folder, model card) of an untrained tiny 32-px student with a covid threshold of 0.3, exported as
+    jobs.export does (ONNX fp32 and int8; whether int8 passes parity depends on the CPU)."""
+    import numpy as np
+
+    from kdray.export import export_student
+    from kdray.synthetic import CLASSES, make_image
+
+    root = tmp_path_factory.mktemp("tiny-export")
+    checkpoint = make_checkpoint(root / "checkpoint", "tiny_student", image_size=32, covid_threshold=0.3)
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % len(CLASSES)
+    images = np.stack([make_image(CLASSES[y], 32, rng) for y in labels])
+    card = export_student(checkpoint, str(root / "export"), images, images, labels, strict=False)
+    return str(root / "export"), card

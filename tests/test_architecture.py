@@ -19,7 +19,7 @@ PACKAGES = ("kdray", "jobs", "serve")
 
 #: Bottom to top. Keep in step with the drawing in docs/architecture.md.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas"}),
+    ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas", "kdray.ray_private"}),
     ("core", {"kdray.images", "kdray.codestreams", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
               "kdray.raycluster", "kdray.local_cluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
               "kdray.train"}),

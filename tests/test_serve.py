@@ -59,14 +59,14 @@ def test_a_ray_started_here_gets_no_replica_it_cannot_hold(monkeypatch) -> None:
     """One node, no autoscaler: a replica past what its CPUs hold would only wait (and cost tail latency)."""
     import ray
 
-    from serve import app as serve_app
-    from serve.app import fitting_replicas
+    from serve import deploy as serve_deploy
+    from serve.deploy import fitting_replicas
 
     assert fitting_replicas(2, 2, 2) == 1  # this box: one 2-CPU replica
     assert fitting_replicas(2, 0.5, 2) == 2 and fitting_replicas(16, 2, 4) == 4  # the bound still applies
     assert fitting_replicas(1, 2, 2) == 1  # at least one (deploy fits its CPUs to what is free)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert serve_app._replicas_that_fit(2.0) == 1 and serve_app._replicas_that_fit(1.0) == 2
+    assert serve_deploy._replicas_that_fit(2.0) == 1 and serve_deploy._replicas_that_fit(1.0) == 2
 
 
 def test_deployment_options_have_one_source() -> None:
@@ -88,12 +88,12 @@ def test_deployment_options_have_one_source() -> None:
 def test_a_replica_asks_for_the_cpus_its_threads_use_or_what_is_free(monkeypatch) -> None:
     import ray
 
-    from serve import app, options
+    from serve import deploy, options
 
     assert options.DEPLOYMENT["ray_actor_options"]["num_cpus"] == options.WORKER_THREADS
     for free, expected in ((16.0, options.WORKER_THREADS), (1.7, 1.5), (0.2, 0.5)):
         monkeypatch.setattr(ray, "available_resources", lambda free=free: {"CPU": free})
-        assert app._cpus_that_fit() == expected
+        assert deploy._cpus_that_fit() == expected
 
 
 def test_app_builder(tmp_path: Path) -> None:
@@ -116,19 +116,9 @@ def test_app_builder(tmp_path: Path) -> None:
 # -- live: one deployment for the module
 
 @pytest.fixture(scope="module")
-def exported_student(tmp_path_factory: pytest.TempPathFactory):
+def exported_student(tiny_export):
     """(export folder, model card) of an untrained tiny student; whether int8 passes depends on the CPU."""
-    from conftest import make_checkpoint
-    from kdray.export import export_student
-    from kdray.synthetic import make_image
-
-    root = tmp_path_factory.mktemp("serve")
-    checkpoint = make_checkpoint(root / "checkpoint", "tiny_student", image_size=IMAGE_SIZE, covid_threshold=0.3)
-    rng = np.random.default_rng(0)
-    labels = np.arange(30) % len(CLASSES)
-    images = np.stack([make_image(CLASSES[y], IMAGE_SIZE, rng) for y in labels])
-    card = export_student(checkpoint, str(root / "export"), images, images, labels, strict=False)
-    return str(root / "export"), card
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +133,7 @@ def base_url(exported_student, ray_local, proxy_port) -> Iterator[str]:
     """The replica's own address (direct ingress, which kdray's local Ray turns on)."""
     from ray import serve
 
-    from serve.app import deploy
+    from serve.deploy import deploy
 
     try:
         # 0.5 CPU: the run's shared Ray has 2, and the batching and overload tests deploy beside this app
@@ -404,7 +394,7 @@ def test_batching_on_groups_concurrent_requests(exported_student, base_url, prox
     import requests
     from ray import serve
 
-    from serve.app import deploy
+    from serve.deploy import deploy
 
     url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, batching="on", name="kdray-batched",
                  route_prefix="/batched")
@@ -442,7 +432,7 @@ def test_admission_refuses_in_front_of_serve(exported_student, base_url, proxy_p
     503 + Retry-After marked ``x-kdray-refused-by: front``; health stays answered; never another 5xx."""
     from ray import serve
 
-    from serve.app import deploy
+    from serve.deploy import deploy
 
     url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-admission",
                  route_prefix="/admission", admission_limit=1)
@@ -466,7 +456,7 @@ def test_overload_is_shed_with_503_and_retry_after(exported_student, base_url, p
     """One request at a time, one queued: the rest of a burst gets 503 + Retry-After at once, never another 5xx."""
     from ray import serve
 
-    from serve.app import deploy
+    from serve.deploy import deploy
 
     url = deploy(exported_student[0], port=proxy_port, num_replicas=1, num_cpus=0.5, name="kdray-overload", route_prefix="/overload",
                  max_ongoing_requests=1, max_queued_requests=1)

@@ -1,0 +1,184 @@
+"""The model handler of a replica: decode → predict → encode, and explanations. No Ray, no HTTP.
+
+As LitServe and MLServer do, kdray keeps the model apart from its transport: :mod:`serve.app` turns HTTP
+requests into calls on a :class:`StudentHandler` and its results or refusals into responses, and the handler
+runs, and is tested, with no server at all (tests/test_handler.py).
+
+Each image goes through the shared loader (:func:`kdray.images.load_image` under
+:data:`serve.options.IMAGE_LIMITS`: PNG, JPEG, TIFF, BMP, WebP and DICOM, judged by content) in a small thread
+pool, never on the event loop, so a bad upload fails alone. On a CPU the same pool thread classifies it
+(single-threaded inference, no batching: it does not pay there); on a GPU the transport groups decoded images
+into batches (``@serve.batch`` around :meth:`StudentHandler.classify_batch`). Explanations run in their own
+thread, a bounded number at a time (:mod:`serve.explaining`).
+
+Refusals are exceptions the transport maps to statuses: :class:`kdray.images.ImageRefused` (400, its reason
+code), :class:`serve.explaining.ExplainBusy` (503), :class:`serve.explaining.ExplainUnavailable` (501), and
+:class:`serve.oip.OipError` for the Open Inference Protocol (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from kdray.images import ImageLimits, ImageRefused, load_image
+from kdray.predictor import Predictor, is_export, model_info, read_model_card
+from serve import oip
+from serve.explaining import ExplainGate
+from serve.options import BATCHING, EXPLAIN, IMAGE_LIMITS, WORKER_THREADS
+from serve.schemas import Health, Prediction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "kdray-student"  # a training checkpoint served directly has no model card
+#: The batch classifier a transport installs on a GPU: decoded images in, probabilities out, batched.
+BatchClassifier = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+def runs_on_gpu(model_dir: str, backend: str) -> bool:
+    """Whether Predictor.load(model_dir, backend) will run on a GPU: the torch backend with CUDA present."""
+    import torch
+
+    return model_info(model_dir, backend).backend == "torch" and torch.cuda.is_available()
+
+
+class StudentHandler:
+    """One replica's model: a loaded :class:`kdray.predictor.Predictor`, a decode pool, explanations, counters.
+
+    ``batching``: True when a transport will group images (:meth:`classify_batch` behind ``batch_classifier``);
+    ``threads``: inference threads (one per pool thread when not batching)."""
+
+    def __init__(self, model_dir: str, backend: str = "auto", threads: int = 1, batching: bool = False,
+                 limits: ImageLimits = IMAGE_LIMITS, worker_threads: int = WORKER_THREADS,
+                 explain: dict = EXPLAIN):
+        self.batching, self.threads, self.limits = bool(batching), max(1, int(threads)), limits
+        self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
+        self.classes = list(self.predictor.classes)
+        if is_export(model_dir):
+            card = read_model_card(model_dir)
+            self.model_name, self.model_version = card.name, card.version
+        else:
+            self.model_name, self.model_version = DEFAULT_MODEL_NAME, self.predictor.model_id
+        self.pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="kdray-image")
+        size = self.predictor.image_size
+        # Warm-up: the first request should not pay for lazy initialisation, and a model that cannot run should
+        # fail the replica's start, not its first user.
+        self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
+        self.batches = self.batched_images = self.max_batch_size_seen = 0
+        self.counting = threading.Lock()  # pool threads count concurrently
+        self.explaining = ExplainGate(model_dir, **explain)
+        self.batch_classifier: BatchClassifier | None = None
+
+    # -- classifying
+    def classify_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities for decoded uint8 [S, S] images: one model call (the batched path)."""
+        probs = self.predictor.probabilities(np.stack(images))
+        self._count(len(images))
+        return list(probs)
+
+    async def probabilities(self, data: bytes) -> np.ndarray:
+        """Probabilities for one encoded image; raises ImageRefused. Decoding never runs on the event loop."""
+        loop = asyncio.get_running_loop()
+        if self.batch_classifier is None:
+            return await loop.run_in_executor(self.pool, self._classify_now, data)
+        loaded = await loop.run_in_executor(self.pool, load_image, data, self.predictor.image_size, self.limits)
+        return await self.batch_classifier(loaded.pixels)
+
+    def _classify_now(self, data: bytes) -> np.ndarray:
+        return self._classify_keeping_pixels(data)[0]
+
+    def _classify_keeping_pixels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, decoded pixels) of one image, in the calling (pool) thread."""
+        pixels = load_image(data, self.predictor.image_size, self.limits).pixels
+        probs = self.predictor.probabilities(pixels[None])[0]
+        self._count(1)
+        return probs, pixels
+
+    async def _explained(self, images: list[bytes]) -> tuple[np.ndarray, list]:
+        """(probabilities, explanations) for encoded images, inside one admitted explanation (raises
+        ExplainBusy when none is free). Predictions are computed as without explain (same pool, same model)."""
+        self.explaining.admit()
+        try:
+            loop = asyncio.get_running_loop()
+            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self._classify_keeping_pixels, d)
+                                             for d in images))
+            probs = np.stack([p for p, _ in results])
+            explanations = await self.explaining.explain(np.stack([x for _, x in results]), list(probs.argmax(1)))
+            return probs, explanations
+        finally:
+            self.explaining.release()
+
+    def _count(self, images: int) -> None:
+        with self.counting:
+            self.batches += 1
+            self.batched_images += images
+            self.max_batch_size_seen = max(self.max_batch_size_seen, images)
+
+    # -- /predict
+    async def predict(self, data: bytes, explain: bool = False) -> Prediction:
+        """The prediction for one encoded image, with its Grad-CAM overlay when ``explain``."""
+        if not explain:
+            return self.prediction(await self.probabilities(data))
+        probs, explanations = await self._explained([data])
+        return self.prediction(probs[0], explanations[0].to_json())
+
+    def prediction(self, probs: np.ndarray, explanation: dict | None = None) -> Prediction:
+        flags = self.predictor.covid_suspect(probs[None])
+        fields = {"label": self.classes[int(np.argmax(probs))],
+                  "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
+                  "covid_suspect": None if flags is None else bool(flags[0]),
+                  "model_id": self.predictor.model_id, "backend": self.predictor.backend}
+        if explanation is not None:
+            fields["explanation"] = explanation
+        return Prediction(**fields)
+
+    # -- the Open Inference Protocol
+    def knows_model(self, model: str) -> bool:
+        return model == self.model_name
+
+    def unknown_model(self, model: str) -> str:
+        return f"unknown model {model[:80]!r}; this server serves {self.model_name!r}"
+
+    def server_metadata(self) -> dict:
+        return oip.server_metadata(self.model_version)
+
+    def model_metadata(self) -> dict:
+        return oip.model_metadata(self.model_name, self.model_version, self.classes,
+                                  oip.platform_of(self.predictor.backend))
+
+    async def infer(self, infer: oip.InferRequest) -> tuple[bytes, dict[str, str]]:
+        """(body, headers) of the OIP response; a refused image raises OipError naming it."""
+        if infer.explain:
+            try:
+                probs, explanations = await self._explained(infer.images)
+            except ImageRefused as exc:  # which image: the explain path decodes them together
+                raise oip.OipError(f"{oip.INPUT_NAME} refused ({exc.reason}): {exc}") from None
+        else:
+            explanations = None
+            results = await asyncio.gather(*(self.probabilities(d) for d in infer.images), return_exceptions=True)
+            for index, result in enumerate(results):
+                if isinstance(result, ImageRefused):
+                    raise oip.OipError(f"{oip.INPUT_NAME}[{index}] refused ({result.reason}): {result}")
+                if isinstance(result, BaseException):
+                    raise result
+            probs = np.stack(results)
+        labels = [self.classes[i] for i in probs.argmax(1)]
+        return oip.encode_infer_response(self.model_name, self.model_version, infer, probs, labels, explanations)
+
+    # -- health
+    def health(self) -> Health:
+        return Health(status="ok", model_id=self.predictor.model_id, backend=self.predictor.backend,
+                      classes=self.classes, image_size=self.predictor.image_size, threads=self.threads,
+                      batching=self.batching, batches=self.batches, batched_images=self.batched_images,
+                      max_batch_size_seen=self.max_batch_size_seen, explained=self.explaining.explained,
+                      explain_refused=self.explaining.refused)
+
+    def index(self) -> dict:
+        return {"service": "kdray student classifier", "docs": "/docs", "openapi": "/openapi.json",
+                "predict": "POST /predict (the image as the body, or multipart field 'file')",
+                "open_inference_protocol": f"/v2/models/{self.model_name}", "health": "/healthz"}

@@ -1,0 +1,82 @@
+"""serve/handler.py: the replica's model handler, run with no Ray and no server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdray.images import ImageRefused
+from kdray.synthetic import dicom_bytes
+from serve import oip
+from serve.explaining import ExplainBusy
+from serve.handler import StudentHandler
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_export) -> StudentHandler:
+    return StudentHandler(tiny_export[0], explain={"max_in_flight": 1, "threads": 1, "nice": 0})
+
+
+def _png(side: int = 48, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_predicts_a_png_and_a_dicom_as_the_transport_would_return_them(handler):
+    prediction = run(handler.predict(_png()))
+    assert prediction.label in handler.classes and abs(sum(prediction.probabilities.values()) - 1) < 1e-5
+    assert prediction.covid_suspect == (prediction.probabilities["covid"] >= 0.3) or prediction.covid_suspect is None
+    assert "explanation" not in prediction.model_dump(exclude_unset=True)
+    dicom = run(handler.predict(dicom_bytes(np.random.default_rng(1).integers(0, 4095, (64, 64)))))
+    assert dicom.model_id == prediction.model_id
+    assert handler.health().batched_images >= 2
+
+
+def test_refusals_are_exceptions_with_reason_codes(handler):
+    with pytest.raises(ImageRefused) as refused:
+        run(handler.predict(_png(side=1)))
+    assert refused.value.reason == "too_small"
+    with pytest.raises(ImageRefused) as refused:
+        run(handler.predict(b"<html>not an image</html>"))
+    assert refused.value.reason == "not_an_image"
+
+
+def test_explanation_comes_with_the_same_prediction_and_is_gated(handler):
+    plain = run(handler.predict(_png(seed=3)))
+    explained = run(handler.predict(_png(seed=3), explain=True))
+    assert explained.label == plain.label and explained.explanation.explained_class == plain.label
+    assert base64.b64decode(explained.explanation.overlay_png).startswith(b"\x89PNG")
+    handler.explaining.admit()  # the one slot taken: the next explanation is refused at once
+    try:
+        with pytest.raises(ExplainBusy):
+            run(handler.predict(_png(), explain=True))
+    finally:
+        handler.explaining.release()
+    assert handler.health().explain_refused >= 1
+
+
+def test_open_inference_protocol_round_trip_and_a_refused_image_named(handler):
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                                   "data": [base64.b64encode(_png(seed=i)).decode() for i in range(2)]}]})
+    reply, headers = run(handler.infer(oip.parse_infer_request(body.encode(), None)))
+    outputs = {o["name"]: o for o in json.loads(reply)["outputs"]}
+    assert headers["content-type"] == "application/json"
+    assert outputs["probabilities"]["shape"] == [2, len(handler.classes)] and len(outputs["label"]["data"]) == 2
+    bad = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                                  "data": [base64.b64encode(_png()).decode(), base64.b64encode(b"x").decode()]}]})
+    with pytest.raises(oip.OipError, match=r"image\[1\] refused \(not_an_image\)"):
+        run(handler.infer(oip.parse_infer_request(bad.encode(), None)))
+    assert handler.knows_model(handler.model_name) and not handler.knows_model("other")
