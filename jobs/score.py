@@ -1,12 +1,14 @@
 """Score every image in an archive offline with Ray Data: resumable, exactly once, DICOM included.
 
     python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 0 (auto)]
-                         [--explain none|covid_suspect|all]
+                         [--explain none|covid_suspect|all] [--allowed_roots URI,URI]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
-a ``path`` column, or WebDataset ``.tar`` shards. ``--output`` receives ``predictions/`` and ``errors/``
-(Parquet, one file per shard), ``args.yaml`` and, last, ``summary.json``. Killed or interrupted, the same
-command run again resumes: finished shards are skipped and nothing is scored twice.
+a ``path`` column, or WebDataset ``.tar`` shards. Inputs are read only inside the input's own folder or prefix
+(a manifest's folder) and ``--allowed_roots``; a row or link elsewhere is listed as ``outside_roots`` and never
+opened. ``--output`` receives ``predictions/`` and ``errors/`` (Parquet, one file per shard), ``args.yaml`` and,
+last, ``summary.json``; one run at a time holds it (``_lock.json``), and a second is refused. Killed or
+interrupted, the same command run again resumes: finished shards are skipped and nothing is scored twice.
 
 ``--explain covid_suspect|all`` also writes a Grad-CAM overlay (PNG) for those rows under
 ``explanations/part-NNNNN/``; the row's ``explanation`` column holds its path relative to ``--output``.
@@ -24,7 +26,7 @@ def main(argv: list[str]) -> dict:
     limits = ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
                          modalities=tuple(cfg.modalities) or None)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
-                            cfg.shard_size, limits, explain=cfg.explain)
+                            cfg.shard_size, limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     reasons = ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()) or "none"
     print(f"scored {summary['scored']} of {summary['images']} input(s) with {summary['backend']}; "

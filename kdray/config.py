@@ -536,6 +536,8 @@ class ScoreJobConfig:
     max_bytes: int = 512 * 2**20  # larger files are refused as file_too_large before they are read
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
     explain: ExplainMode = "none"  # Grad-CAM overlays under explanations/ for: none | covid_suspect | all rows
+    allowed_roots: list[str] = field(default_factory=list)  # folders or s3:// prefixes inputs may also be read from;
+    #                      by default only the input's own (a manifest's folder): rows elsewhere are outside_roots
 
     CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(0), "min_side": ge(1),
                                                  "max_pixels": ge(1), "max_bytes": ge(1)}

@@ -4,12 +4,23 @@ Inputs (``--input``):
 
 - a folder or ``s3://`` prefix, recursive: every file is scored or listed in ``errors/``, judged by
   its content (:mod:`kdray.images`), not its extension. Hidden files (a name, or a folder on the way,
-  starting with ``.``) are skipped and counted;
+  starting with ``.``) are skipped and counted. A local folder is walked by :func:`kdray.storage.walk_local`:
+  each real folder once (a link loop adds nothing), links followed only inside the roots, and what cannot be
+  read is listed so that it gets its row (a link out, a broken link, a FIFO, a device);
 - a manifest: a ``.csv`` or ``.parquet`` file with a ``path`` column (absolute URIs, or paths
   relative to the manifest's folder). A path named twice is scored once, and the summary says so;
 - ``.tar`` shards in the WebDataset layout (a ``.tar`` file, or a folder holding only ``.tar``
   files): every image member is an input, named ``<tar URI>#<member>``; members with a metadata
-  extension (``.json``, ``.txt``, ``.cls``, …) are skipped and counted.
+  extension (``.json``, ``.txt``, ``.cls``, …) are skipped and counted. Members are streamed one at a time,
+  and only a regular member within the byte limits is read (:func:`tar_members`).
+
+Reading only what it should. A job reads inside its roots only: the input folder (or S3 prefix), the manifest's
+folder (or prefix), and ``--allowed_roots``. Each input is resolved canonically (relative rows joined to the
+manifest's folder, ``file://`` dropped, local paths through every link, S3 keys normalised and ``..`` refused;
+:func:`kdray.storage.within_roots`), at planning and again where the read happens, so that a link swapped in
+later is caught too. An input outside is an ``outside_roots`` row and is never opened. A local input is opened
+without blocking and checked before any read: what is not a regular file is ``not_a_file``, and a read never
+takes more than the byte limit (+1).
 
 How it runs. The driver lists the inputs once and fixes them, in order, into shards of
 ``shard_size`` inputs (by default :func:`auto_shard_size`; ``plan.json`` + ``inputs.parquet``; a tar file is one shard). Ray Data streams
@@ -19,32 +30,43 @@ shard's images, classifies them with the shared :class:`kdray.predictor.Predicto
 atomically), then ``_done/part-NNNNN.json``. Nothing is materialised; results are written as they
 are produced.
 
+One run per output. ``score_archive`` takes the output's lock (``_lock.json``, :class:`kdray.storage.OutputLock`)
+before it writes or deletes anything there, ``--overwrite`` included, and a second live run is refused with one
+line naming the holder. A holder whose process on this host is gone (``kill -9``) is taken over at once, one on
+another host once its heartbeat is older than the TTL. Each actor checks that the lock still names its run before
+it writes a shard's marker (fencing): a run that was taken over stops instead of mixing its files in.
+
 Exactly once, and resumable. Killed at any moment, the same command run again skips every shard
-with a ``_done`` marker and scores the others again, overwriting their files, so every input ends
-up exactly once in ``predictions`` ∪ ``errors``. A shard holding an ``io_error`` row (an input that
-could not be read: gone since listing, access refused, an unreadable tar shard) gets no marker, so a
-re-run retries it. ``summary.json`` is written last and marks the run finished; it is removed before a
-re-run writes anything.
+with a valid ``_done`` marker and scores the others again, overwriting their files, so every input ends
+up exactly once in ``predictions`` ∪ ``errors``. A marker counts only when it records this plan's fingerprint and
+its part files are there with the sizes it records; any other is removed and its shard redone. Reasons are
+terminal (the input counts as done: ``missing``, ``forbidden``, ``outside_roots``, ``not_a_file``,
+``sparse_member``, and the decoder's) except ``io_error``, a transient read failure (an S3 5xx or timeout after
+the retries, EIO, ESTALE…): a shard holding one gets no marker, so a re-run retries it. ``summary.json`` is
+written last and marks the run finished; it is removed before a re-run writes anything.
 
 S3 outages. Every read and write goes through :mod:`kdray.storage`, which retries an S3 that cannot be
 reached (or answers 5xx/SlowDown) with backoff for ``KDRAY_S3_RETRY_S`` seconds (default 120). If S3
 is still away after that, the job stops with one line (:class:`kdray.storage.S3Unavailable`): the
 shard in progress gets no marker and there is no ``summary.json``; once S3 is back, the same command
-resumes. Many read failures in a row, or an output store that cannot be written, also stop the job
+resumes. Many ``io_error`` reads in a row, or an output store that cannot be written, also stop the job
 with a one-line error and no ``summary.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
-import posixpath
+import os
+import re
+import stat
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +74,8 @@ import pyarrow.fs as pafs
 
 from kdray import KdrayError, storage
 from kdray.explain import Explainer, should_explain
-from kdray.images import FILE_TOO_LARGE, IO_ERROR, ImageLimits, ImageRefused, load_image
+from kdray.images import (CORRUPT, FILE_TOO_LARGE, FORBIDDEN, IO_ERROR, MISSING, NOT_A_FILE, OUTSIDE_ROOTS,
+                          SPARSE_MEMBER, TOO_LARGE, ImageLimits, ImageRefused, check_file_size, load_image)
 from kdray.predictor import Predictor, model_info
 from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
 from kdray.runner import root_cause
@@ -60,13 +83,17 @@ from kdray.runner import root_cause
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
 
-SUMMARY_FILE, PLAN_FILE, INPUTS_FILE = "summary.json", "plan.json", "inputs.parquet"
+SUMMARY_FILE, PLAN_FILE, INPUTS_FILE, LOCK_FILE = "summary.json", "plan.json", "inputs.parquet", "_lock.json"
 PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR = "predictions", "errors", "_done"
 EXPLANATIONS_DIR = "explanations"
 EXPLAIN_CHUNK = 8  # images per Grad-CAM call
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MIN_AUTO_SHARD, MAX_AUTO_SHARD = 32, 256
 METADATA_SUFFIXES = (".json", ".txt", ".cls", ".cls2", ".xml", ".yaml", ".yml", ".csv", ".npy", ".pth")
+#: An extended tar header (pax, GNU long name) is read whole by tarfile: a larger one is refused first.
+MAX_TAR_HEADER_BYTES = 2**20
+_EXTENDED_TAR_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK)
 DICOM_FIELDS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid",
                 "Modality": "modality", "BodyPartExamined": "body_part", "ViewPosition": "view_position"}
 
@@ -75,16 +102,21 @@ class ScoringAborted(KdrayError):
     """The job stopped: too many read failures in a row, or the output store cannot be written."""
 
 
-class MissingInput(KdrayError):
-    """A listed input is not there (deleted since listing, or a manifest typo): an io_error, not retried."""
+class TarHeaderTooLarge(tarfile.HeaderError):
+    """An extended tar header over :data:`MAX_TAR_HEADER_BYTES`, refused before tarfile reads it into memory.
+
+    A plain HeaderError subclass on purpose: tarfile's ``next()`` ends the archive quietly on an
+    InvalidHeaderError past the first member, and re-raises this one."""
 
 
 @dataclass(frozen=True)
 class ReadPolicy:
-    """When per-input read failures (``io_error`` rows) stop the whole job. How long an unreachable S3 is
-    retried is the storage layer's budget (``KDRAY_S3_RETRY_S``, :func:`kdray.storage.retrying`)."""
+    """When per-input read failures (``io_error`` rows) stop the whole job, and how many bytes of one tar shard's
+    members are read (the members after that are ``too_large`` rows). How long an unreachable S3 is retried is
+    the storage layer's budget (``KDRAY_S3_RETRY_S``, :func:`kdray.storage.retrying`)."""
 
     max_consecutive_io_errors: int = 20
+    max_tar_bytes: int = 16 * 2**30
 
 
 @dataclass
@@ -101,11 +133,16 @@ class Plan:
     hidden_skipped: int = 0
     duplicates: int = 0
     explain: str = "none"  # which rows get a Grad-CAM overlay (kdray.explain.EXPLAIN_MODES)
+    roots: list[str] = field(default_factory=list)  # where inputs may be read: the input's own root, then --
+    allowed_roots: list[str] = field(default_factory=list)  # allowed_roots (both as storage.root_of makes them)
+    outside_roots: int = 0  # manifest rows outside the roots at planning (refused when read, never opened)
 
     def fingerprint(self) -> str:
         parts = [self.input, self.model, self.kind, self.shard_size, self.shards]
         if self.explain != "none":  # (runs without explanations keep the fingerprint they always had)
             parts.append(self.explain)
+        if self.allowed_roots:  # (and so do runs without extra roots)
+            parts.append(self.allowed_roots)
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -129,50 +166,58 @@ def _cut(entries: list[str], shard_size: int) -> tuple[int, list[list[str]]]:
     return size, [entries[i:i + size] for i in range(0, len(entries), size)]
 
 
-def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0) -> Plan:
+def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0, allowed_roots: list[str] | tuple = ()) -> Plan:
     """List the inputs once and cut them into shards (deterministic: sorted paths or manifest order).
-    ``shard_size`` 0 = :func:`auto_shard_size`."""
+    ``shard_size`` 0 = :func:`auto_shard_size`. Inputs may be read inside the input's own root (the folder or
+    prefix; a manifest's folder; a tar file itself) and ``allowed_roots``."""
     if shard_size < 0:
         raise KdrayError(f"shard_size must be >= 0 (0 = automatic), got {shard_size}")
     loc = storage.resolve(input_uri)
+    extra = sorted({storage.root_of(r) for r in allowed_roots})
     kind = storage.info(loc).type
     if kind == pafs.FileType.File and loc.path.lower().endswith(MANIFEST_SUFFIXES):
-        return _plan_manifest(loc, model_uri, shard_size)
+        return _plan_manifest(loc, model_uri, shard_size, extra)
+    roots = [storage.root_of(loc.uri), *extra]
     if kind == pafs.FileType.File and loc.path.lower().endswith(".tar"):
-        return Plan(input_uri, model_uri, "tar", "", 1, [[loc.uri]], None)
-    files = storage.list_files(loc)  # a clear error for a missing folder or bucket
-    relative = [posixpath.relpath(f.path, loc.path) for f in files]
+        return Plan(input_uri, model_uri, "tar", "", 1, [[loc.uri]], None, roots=roots, allowed_roots=extra)
+    relative = storage.list_tree(loc, roots)  # a clear error for a missing folder or bucket
     visible = [r for r in relative if not _is_hidden(r)]
     hidden = len(relative) - len(visible)
     if not visible:
         raise KdrayError(f"{input_uri}: no files to score" + (f" ({hidden} hidden files skipped)" if hidden else ""))
     if all(r.lower().endswith(".tar") for r in visible):
-        return Plan(input_uri, model_uri, "tar", loc.uri, 1, [[r] for r in visible], None, hidden)
+        return Plan(input_uri, model_uri, "tar", loc.uri, 1, [[r] for r in visible], None, hidden, roots=roots,
+                    allowed_roots=extra)
     size, shards = _cut(visible, shard_size)
-    return Plan(input_uri, model_uri, "folder", loc.uri, size, shards, len(visible), hidden)
+    return Plan(input_uri, model_uri, "folder", loc.uri, size, shards, len(visible), hidden, roots=roots,
+                allowed_roots=extra)
 
 
-def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int) -> Plan:
+def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int, extra: list[str]) -> Plan:
     table = _read_manifest(loc)
     if "path" not in table.column_names:
         raise KdrayError(f"{loc.uri}: a scoring manifest needs a 'path' column (has {', '.join(table.column_names)})")
     base = loc.uri.rsplit("/", 1)[0] if "/" in loc.uri else "."
+    roots = [storage.root_of(base), *extra]
     seen, entries = set(), []
-    for raw in table["path"].to_pylist():
-        if raw is None or not str(raw).strip():
-            continue
-        path = str(raw).strip()
-        uri = path if "://" in path or path.startswith("/") else storage.join(base, path)
+    rows = [str(raw).strip() for raw in table["path"].to_pylist() if raw is not None and str(raw).strip()]
+    for path in rows:
+        uri = storage.canonical_uri(path if "://" in path or path.startswith("/") else storage.join(base, path))
         if uri not in seen:
             seen.add(uri)
             entries.append(uri)
-    duplicates = sum(1 for raw in table["path"].to_pylist() if raw is not None and str(raw).strip()) - len(entries)
+    duplicates = len(rows) - len(entries)
     if not entries:
         raise KdrayError(f"{loc.uri}: the manifest names no files")
     if duplicates:
         log.warning("%s names %d path(s) more than once; each is scored once", loc.uri, duplicates)
+    outside = sum(1 for uri in entries if storage.within_roots(uri, roots) is None)
+    if outside:
+        log.warning("%s names %d path(s) outside its own folder and --allowed_roots: they are listed as "
+                    "outside_roots and never read", loc.uri, outside)
     size, shards = _cut(entries, shard_size)
-    return Plan(loc.uri, model_uri, "manifest", "", size, shards, len(entries), 0, duplicates)
+    return Plan(loc.uri, model_uri, "manifest", "", size, shards, len(entries), 0, duplicates, roots=roots,
+                allowed_roots=extra, outside_roots=outside)
 
 
 def _read_manifest(loc: storage.Location) -> pa.Table:
@@ -193,15 +238,185 @@ def _entry_uri(plan_base: str, entry: str) -> str:
     return storage.join(plan_base, entry) if plan_base else entry
 
 
+# ----------------------------------------------------------------------------- reading one input
+
+#: errno values that mean the input is not there, for good: a name that leads nowhere.
+_MISSING_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+#: What a missing object or refused access looks like in pyarrow's S3 messages ("AWS Error <type> during ...").
+_S3_FORBIDDEN = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|HTTP status 403")
+_S3_MISSING = re.compile(r"NO_SUCH_KEY|NoSuchKey|NO_SUCH_BUCKET|NoSuchBucket|RESOURCE_NOT_FOUND|HTTP status 404")
+
+
+def read_failure_reason(exc: BaseException) -> str:
+    """The reason code for an input that could not be read or decoded. Only a failure that may pass is ``io_error``
+    (an S3 5xx or timeout after the retries, EIO, ESTALE, a stream cut in the middle…): its shard stays
+    unfinished so that a re-run retries it. Everything else is terminal: not there (``missing``), not allowed
+    (``forbidden``), not a file, or the decoder's refusal."""
+    if isinstance(exc, ImageRefused):
+        return exc.reason
+    if isinstance(exc, tarfile.TarError):
+        return CORRUPT
+    if isinstance(exc, PermissionError):
+        return FORBIDDEN
+    if isinstance(exc, IsADirectoryError):
+        return NOT_A_FILE
+    if isinstance(exc, OSError):
+        if isinstance(exc, FileNotFoundError) or exc.errno in _MISSING_ERRNOS:
+            return MISSING
+        if _S3_FORBIDDEN.search(str(exc)):
+            return FORBIDDEN
+        if _S3_MISSING.search(str(exc)):
+            return MISSING
+    return IO_ERROR
+
+
+def _failure_message(exc: BaseException) -> str:
+    """One line for an error row: the OS's words for a local failure (not the path: the row has it)."""
+    if isinstance(exc, ImageRefused):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})" if exc.errno else exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_local(path: str):
+    """A local regular file, opened for reading (``path`` is real: :func:`kdray.storage.within_roots`); returns
+    (file, size). Anything else is refused (``not_a_file``) without reading from it: it is checked with lstat
+    before it is opened (opening some devices has effects), opened without blocking (a FIFO would wait for a
+    writer forever) and without following a last link (one swapped in since the check), and checked again."""
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageRefused(NOT_A_FILE, f"{_file_kind(mode)}, not a regular file; not read")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRefused(NOT_A_FILE, f"{_file_kind(st.st_mode)}, not a regular file; not read")
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_local(path: str, limits: ImageLimits) -> bytes:
+    """A local input's bytes (:func:`open_local`): a file over the byte limit is refused from its size, and no more
+    than the limit + 1 bytes are ever read (it may grow meanwhile)."""
+    fh, size = open_local(path)
+    with fh:
+        check_file_size(size, limits)
+        data = fh.read(size + 1)  # (sized by the file, not by the limit: a read allocates what it asks for)
+        if len(data) > size:  # it grew since
+            data += fh.read(limits.max_bytes + 1 - len(data))
+    check_file_size(len(data), limits)
+    return data
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that reads no more of the headers than a member's refusal needs: an extended header (pax, GNU
+    long name or link) over :data:`MAX_TAR_HEADER_BYTES` is refused (tarfile reads one whole, before it returns
+    the member it describes), and a sparse member's map is passed over unread (tarfile keeps it as a list that
+    grows with the archive; the member is refused as ``sparse_member`` anyway)."""
+
+    def _proc_member(self, tar):
+        if self.type in _EXTENDED_TAR_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise TarHeaderTooLarge(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER_BYTES:,} "
+                                    "are read)")
+        return super()._proc_member(tar)
+
+    def _proc_sparse(self, tar):
+        """A GNU sparse ('S') member: its extension blocks are skipped one at a time instead of collected."""
+        _, extended, real_size = self._sparse_structs
+        del self._sparse_structs
+        while extended:
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data in a sparse member's map")
+            extended = bool(block[504])  # the last extension block says so
+        self.sparse = []
+        self.offset_data = tar.fileobj.tell()
+        tar.offset = self.offset_data + self._block(self.size)
+        self.size = real_size
+        return self
+
+    def _proc_gnusparse_10(self, next, pax_headers, tar):  # noqa: A002 - tarfile's name for the member
+        """A pax GNU sparse 1.0 member: its map, at the start of its data, is left unread with the data."""
+        next.sparse = []
+
+
+def open_tar(fileobj) -> tarfile.TarFile:
+    """A tar stream for :func:`tar_members` (reads the first header)."""
+    return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedTarInfo)
+
+
+def tar_members(tar: tarfile.TarFile, tar_uri: str, limits: ImageLimits, max_tar_bytes: int):
+    """``(name, read)`` for each input member of a tar stream, one member at a time: ``read()`` returns that
+    member's bytes, and must be called before the next member is asked for. No member's data is read until then,
+    and none that is refused: a sparse member (``sparse_member``: tarfile would expand its holes), a link,
+    device or FIFO (``not_a_file``), a member over the byte limit (``file_too_large``), and every member once
+    those read have passed ``max_tar_bytes`` (``too_large``). Folders, hidden and metadata members are skipped.
+    A failure in the stream ends it with a row for the tar itself (``corrupt`` or, if it may pass, ``io_error``);
+    the rows before it stand."""
+    read_total = 0
+    while True:
+        try:
+            member = tar.next()
+        except Exception as exc:  # noqa: BLE001 - tarfile's parser also raises ValueError & co. on bad headers
+            yield _shard_failure(tar_uri, exc)
+            return
+        if member is None:
+            return
+        tar.members.clear()  # a stream needs no index of the members passed (their headers would pile up)
+        if member.isdir() or _is_hidden(member.name) or member.name.lower().endswith(METADATA_SUFFIXES):
+            continue
+        name = f"{tar_uri}#{member.name}"
+        if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
+            yield name, _raiser(SPARSE_MEMBER, f"a sparse member of {member.size:,} bytes expanded; not read")
+        elif not member.isfile():
+            yield name, _raiser(NOT_A_FILE, f"{_member_kind(member)}, not a file; not read")
+        elif member.size > limits.max_bytes:
+            yield name, _raiser(FILE_TOO_LARGE, f"member is {member.size:,} bytes; at most {limits.max_bytes:,} "
+                                                "are accepted")
+        elif read_total > max_tar_bytes:
+            yield name, _raiser(TOO_LARGE, f"the tar shard's members passed {max_tar_bytes:,} bytes read; "
+                                           "not read")
+        else:
+            read_total += member.size
+            yield name, lambda member=member: tar.extractfile(member).read()
+
+
+def _shard_failure(tar_uri: str, exc: Exception):
+    """The row for a tar shard that cannot be read (on): ``corrupt``, or ``io_error`` when the failure may pass."""
+    reason = read_failure_reason(exc) if isinstance(exc, (OSError, KdrayError, tarfile.TarError)) else CORRUPT
+    return tar_uri, _raiser(reason, f"cannot read the tar shard: {_failure_message(exc)}")
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    kinds = (("issym", "a symbolic link"), ("islnk", "a hard link"), ("ischr", "a character device"),
+             ("isblk", "a block device"), ("isfifo", "a FIFO"))
+    return next((name for test, name in kinds if getattr(member, test)()), f"a member of type {member.type!r}")
+
+
 # ----------------------------------------------------------------------------- the actor
 
 
 class ShardScorer:
-    """Ray Data actor: one shard in, its predictions and errors written, one summary row out."""
+    """Ray Data actor: one shard in, its predictions and errors written, one summary row out.
+
+    ``roots``: where inputs may be read (:func:`kdray.storage.within_roots`, checked again here, at the read).
+    ``run_id``: the run that holds the output's lock; a marker is written only while the lock names it.
+    ``fingerprint``: the plan's, recorded in each marker."""
 
     def __init__(self, model_uri: str, output_uri: str, backend: str = "auto", threads: int = 1,
                  batch_size: int = 32, limits: dict | None = None, policy: dict | None = None,
-                 base: str = "", kind: str = "folder", explain: str = "none"):
+                 base: str = "", kind: str = "folder", explain: str = "none", roots: list[str] | tuple = (),
+                 run_id: str = "", fingerprint: str = ""):
         self.predictor = Predictor.load(model_uri, backend=backend, threads=threads)
         self.explain = explain
         self.explainer = Explainer.load(model_uri, threads=threads) if explain != "none" else None
@@ -209,6 +424,7 @@ class ShardScorer:
         self.batch_size, self.base, self.kind = batch_size, base, kind
         self.limits = ImageLimits(**(limits or {}))
         self.policy = ReadPolicy(**(policy or {}))
+        self.roots, self.run_id, self.fingerprint = list(roots), run_id, fingerprint
         self.consecutive_io_errors = 0
         self._filesystems: dict[str, pafs.FileSystem] = {}  # one per scheme: an S3 client is costly to create
 
@@ -218,14 +434,13 @@ class ShardScorer:
 
     # -- reading
     def _inputs(self, entries: list[str]):
-        """(name, bytes or None, loaded image or refusal) for each input of the shard."""
-        if self.kind == "tar":
-            for entry in entries:
-                yield from self._tar_members(_entry_uri(self.base, entry))
-            return
+        """(name, read) for each input of the shard: ``read()`` returns its bytes or raises why not."""
         for entry in entries:
             uri = _entry_uri(self.base, entry)
-            yield uri, lambda uri=uri: self._read(uri)
+            if self.kind == "tar":
+                yield from self._tar_inputs(uri)
+            else:
+                yield uri, lambda uri=uri: self._read(uri)
 
     def _location(self, uri: str) -> storage.Location:
         """``uri`` resolved; on S3 with one filesystem per actor (creating an S3 client per file is costly)."""
@@ -235,57 +450,51 @@ class ShardScorer:
             self._filesystems["s3"] = storage.resolve(uri).fs
         return storage.Location(self._filesystems["s3"], uri[len("s3://"):].rstrip("/"), uri)
 
+    def _inside(self, uri: str) -> str:
+        """Where ``uri`` really is (:func:`kdray.storage.within_roots`), or ``outside_roots``."""
+        real = storage.within_roots(uri, self.roots)
+        if real is None:
+            raise ImageRefused(OUTSIDE_ROOTS, "outside the input's own folder and --allowed_roots; not read")
+        return real
+
     def _read(self, uri: str) -> bytes:
-        loc = self._location(uri)
+        real = self._inside(uri)
+        if not real.startswith("s3://"):
+            return read_local(real, self.limits)
+        loc = self._location(real)
 
         def read() -> bytes:  # one request per file: no separate stat (a HEAD on S3) before the GET
-            limit = self.limits.max_bytes
-            try:
-                with loc.fs.open_input_stream(loc.path) as fh:
-                    data = fh.read(limit + 1)  # never more than the byte limit, whatever the file's size
-            except FileNotFoundError:
-                raise MissingInput(f"{uri}: no such file") from None
-            if len(data) > limit:
-                raise ImageRefused(FILE_TOO_LARGE, f"file is larger than {limit} bytes, the most accepted")
+            with loc.fs.open_input_stream(loc.path) as fh:
+                data = fh.read(self.limits.max_bytes + 1)  # never more than the byte limit, whatever the file's size
+            check_file_size(len(data), self.limits)
             return data
 
         return storage.retrying(read, uri, "reading")
 
-    def _tar_members(self, tar_uri: str):
-        loc = self._location(tar_uri)
-
-        def members():
-            with loc.fs.open_input_stream(loc.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-                out = []
-                for member in tar:
-                    if not member.isfile() or _is_hidden(member.name):
-                        continue
-                    name = f"{loc.uri}#{member.name}"
-                    if member.name.lower().endswith(METADATA_SUFFIXES):
-                        out.append((name, None))
-                        continue
-                    if member.size > self.limits.max_bytes:
-                        out.append((name, ImageRefused("file_too_large", f"{member.size} bytes > the "
-                                                                         f"{self.limits.max_bytes}-byte limit")))
-                        continue
-                    out.append((name, tar.extractfile(member).read()))
-                return out
+    def _tar_inputs(self, tar_uri: str):
+        """The members of one tar shard (:func:`tar_members`); a shard that cannot be opened is one row."""
+        def open_shard():
+            real = self._inside(tar_uri)
+            if real.startswith("s3://"):
+                loc = self._location(real)
+                stream = loc.fs.open_input_stream(loc.path)
+            else:
+                stream = open_local(real)[0]
+            try:
+                return stream, open_tar(stream)
+            except BaseException:
+                stream.close()
+                raise
 
         try:
-            listed = storage.retrying(members, tar_uri, "reading")
+            stream, tar = storage.retrying(open_shard, tar_uri, "reading")
         except storage.S3Unavailable:
             raise  # stops the job (_score_shard): S3 is away, not this shard
-        except (OSError, KdrayError, tarfile.TarError) as exc:
-            yield tar_uri, _raiser(IO_ERROR if not isinstance(exc, tarfile.TarError) else "corrupt",
-                                   f"cannot read the tar shard: {str(exc).splitlines()[0][:200]}")
+        except Exception as exc:  # noqa: BLE001 - tarfile's parser also raises ValueError & co. on bad headers
+            yield _shard_failure(tar_uri, exc)
             return
-        for name, payload in listed:
-            if payload is None:
-                continue  # WebDataset metadata member
-            if isinstance(payload, ImageRefused):
-                yield name, _raiser(payload.reason, str(payload))
-            else:
-                yield name, lambda payload=payload: payload
+        with stream, tar:
+            yield from tar_members(tar, tar_uri, self.limits, self.policy.max_tar_bytes)
 
     # -- one shard
     def _score_shard(self, shard: int, entries: list[str]) -> dict:
@@ -304,28 +513,22 @@ class ShardScorer:
         good_names, good_images, good_meta, errors = [], [], [], []
         for name, read in self._inputs(entries):
             try:
-                data = read()
-                self.consecutive_io_errors = 0
-                loaded = load_image(data, self.predictor.image_size, self.limits)
+                loaded = load_image(read(), self.predictor.image_size, self.limits)
             except storage.S3Unavailable:
                 raise  # S3 is away after the retry budget: the job stops, this input is not an io_error row
-            except ImageRefused as exc:
-                errors.append({"path": name, "reason": exc.reason, "message": str(exc)})
+            except (OSError, KdrayError, tarfile.TarError) as exc:
+                reason = read_failure_reason(exc)
+                errors.append({"path": name, "reason": reason, "message": _failure_message(exc)})
+                self._count_read_failure(reason, name, errors[-1]["message"])
                 continue
-            except (OSError, KdrayError) as exc:
-                self.consecutive_io_errors += 1
-                errors.append({"path": name, "reason": IO_ERROR, "message": str(exc).splitlines()[0][:300]})
-                if self.consecutive_io_errors >= self.policy.max_consecutive_io_errors:
-                    raise ScoringAborted(f"{self.consecutive_io_errors} reads failed in a row (last: {name}: "
-                                         f"{errors[-1]['message']}); stopping. Re-run the same command to resume")
-                continue
+            self.consecutive_io_errors = 0
             good_names.append(name)
             good_images.append(loaded.pixels)
             good_meta.append(loaded)
         name = f"part-{shard:05d}"
         predictions = self._predictions(good_names, good_images, good_meta, name)
-        self._write(self.out.join(PREDICTIONS_DIR, f"{name}.parquet"), predictions)
-        self._write(self.out.join(ERRORS_DIR, f"{name}.parquet"), _errors_table(errors))
+        parts = {"predictions": self._write(f"{PREDICTIONS_DIR}/{name}.parquet", predictions),
+                 "errors": self._write(f"{ERRORS_DIR}/{name}.parquet", _errors_table(errors))}
         io_errors = sum(1 for e in errors if e["reason"] == IO_ERROR)
         reasons = Counter(e["reason"] for e in errors)
         explained = predictions.num_rows - predictions.column("explanation").null_count \
@@ -335,8 +538,32 @@ class ShardScorer:
                "errors": json.dumps(dict(reasons)), "io_errors": io_errors, "seconds": time.time() - started,
                "finished": time.time(), "done": io_errors == 0, "fatal": "", "node": _node_id()}
         if row["done"]:  # a shard with io_error rows stays undone: a re-run retries it
-            self._write_done(self.out.join(DONE_DIR, f"{name}.json"), row)
+            self._check_lock(shard)
+            marker = {**row, "fingerprint": self.fingerprint, "run": self.run_id, "parts": parts}
+            loc = self.out.join(DONE_DIR, f"{name}.json")
+            self._write_or_abort(loc, lambda: storage.write_json(loc, marker))
         return row
+
+    def _count_read_failure(self, reason: str, name: str, message: str) -> None:
+        """Many transient failures in a row stop the job (the store is likely failing); terminal reasons, such as
+        a manifest full of missing paths, do not."""
+        if reason != IO_ERROR:
+            self.consecutive_io_errors = 0
+            return
+        self.consecutive_io_errors += 1
+        if self.consecutive_io_errors >= self.policy.max_consecutive_io_errors:
+            raise ScoringAborted(f"{self.consecutive_io_errors} reads failed in a row (last: {name}: {message}); "
+                                 "stopping. Re-run the same command to resume")
+
+    def _check_lock(self, shard: int) -> None:
+        """Fencing: a shard is marked done only while the output's lock names this run."""
+        if not self.run_id:
+            return
+        loc = self.out.join(LOCK_FILE)
+        holder = self._write_or_abort(loc, lambda: storage.read_lock(loc)) or {}  # (a failing store stops the job)
+        if holder.get("run") != self.run_id:
+            raise ScoringAborted(f"another run took over {self.out.uri} (its lock names run {holder.get('run')}); "
+                                 f"this run stops without marking shard {shard} done")
 
     def _predictions(self, names: list[str], images: list[np.ndarray], loaded: list, part: str) -> pa.Table:
         p = self.predictor
@@ -381,17 +608,17 @@ class ShardScorer:
         return {"explanation": pa.array(paths, pa.string()),
                 "explanation_torch_class": pa.array(torch_classes, pa.string())}
 
-    def _write(self, loc: storage.Location, table: pa.Table) -> None:
-        self._write_or_abort(loc, lambda: storage.write_parquet(loc, table))
+    def _write(self, relative: str, table: pa.Table) -> dict:
+        """One part file; returns what its shard's marker records of it."""
+        loc = self.out.join(*relative.split("/"))
+        size = self._write_or_abort(loc, lambda: storage.write_parquet(loc, table))
+        return {"file": relative, "bytes": size, "rows": table.num_rows}
 
-    def _write_done(self, loc: storage.Location, row: dict) -> None:
-        self._write_or_abort(loc, lambda: storage.write_json(loc, row))
-
-    def _write_or_abort(self, loc: storage.Location, write) -> None:
+    def _write_or_abort(self, loc: storage.Location, write):
         """``write()`` (the storage layer retries an unreachable S3); an output store that still fails stops the
         job cleanly."""
         try:
-            write()
+            return write()
         except storage.S3Unavailable:
             raise
         except (OSError, KdrayError) as exc:
@@ -412,9 +639,8 @@ def explanation_path(part: str, name: str) -> str:
 
 
 def _raiser(reason: str, message: str):
+    """A ``read`` for an input refused before reading: it raises the refusal."""
     def read():
-        if reason == IO_ERROR:
-            raise OSError(message)
         raise ImageRefused(reason, message)
     return read
 
@@ -449,30 +675,61 @@ def _prepare_output(plan: Plan, out: storage.Location, overwrite: bool) -> set[i
                              f"({stored.get('input')}, {stored.get('model')}); re-run that command to finish it, "
                              "or pass --overwrite true to start again")
         _remove_stale_temporaries(out)
-        done_dir = out.join(DONE_DIR)
-        if storage.info(done_dir).type == pafs.FileType.NotFound:
-            return set()
-        return {int(f.base_name.split("-")[1].split(".")[0]) for f in storage.list_files(done_dir)
-                if f.base_name.startswith("part-")}
+        return set(valid_markers(out, fingerprint))
     storage.write_parquet(out.join(INPUTS_FILE), pa.table({
         "shard": pa.array([i for i, s in enumerate(plan.shards) for _ in s], pa.int32()),
         "entry": pa.array([e for s in plan.shards for e in s], pa.string())}))
     storage.write_json(plan_loc, {"fingerprint": fingerprint, "input": plan.input, "model": plan.model,
                                   "kind": plan.kind, "base": plan.base, "shard_size": plan.shard_size,
-                                  "shards": len(plan.shards), "images": plan.images})
+                                  "shards": len(plan.shards), "images": plan.images, "roots": plan.roots})
     return set()
 
 
+def valid_markers(out: storage.Location, fingerprint: str) -> dict[int, dict]:
+    """Shard → its ``_done`` marker, for the markers that still hold: written for this plan (``fingerprint``), and
+    every part file they record is there with the size recorded. Any other marker is removed, so that its shard
+    is scored again (a part file deleted or replaced since, a marker from another plan or an older kdray)."""
+    done_dir = out.join(DONE_DIR)
+    if storage.info(done_dir).type == pafs.FileType.NotFound:
+        return {}
+    sizes = {}
+    for sub in (PREDICTIONS_DIR, ERRORS_DIR):
+        if storage.info(out.join(sub)).type == pafs.FileType.Directory:
+            sizes.update({f"{sub}/{f.base_name}": f.size for f in storage.list_files(out.join(sub))})
+    markers = {}
+    for f in storage.list_files(done_dir):
+        if not (f.base_name.startswith("part-") and f.base_name.endswith(".json")):
+            continue
+        loc = storage.Location(out.fs, f.path, storage.join(out.uri, DONE_DIR, f.base_name))
+        try:
+            marker = storage.read_json(loc)
+            parts = marker.get("parts") or {}
+            holds = (marker.get("fingerprint") == fingerprint and {"predictions", "errors"} <= set(parts)
+                     and all(sizes.get(part.get("file")) == part.get("bytes") for part in parts.values()))
+        except (ValueError, AttributeError, TypeError):  # not a marker this code wrote
+            holds = False
+        if holds:
+            markers[int(f.base_name[len("part-"):-len(".json")])] = marker
+            continue
+        log.warning("%s does not match its part files or this plan; its shard is scored again", loc.uri)
+        storage.delete_file(loc)
+    return markers
+
+
 def _remove_stale_temporaries(out: storage.Location) -> None:
-    """Half-written files of a killed attempt (local outputs only; S3 uploads appear whole or not at all)."""
+    """Half-written files of a killed attempt (local outputs only; S3 uploads appear whole or not at all): in the
+    output folder itself (the plan's, the summary's) and below it. The lock's own are the lock's to remove
+    (:class:`kdray.storage.OutputLock`): its heartbeat may be writing one now."""
     if out.is_s3:
         return
-    for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR):
+    stale = [entry.path for entry in os.scandir(out.path) if entry.is_file(follow_symlinks=False)
+             and entry.name.startswith(".tmp-") and not entry.name.endswith(f"-{LOCK_FILE}")]
+    for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR, EXPLANATIONS_DIR):
         folder = out.join(sub)
         if storage.info(folder).type == pafs.FileType.Directory:
-            for f in storage.list_files(folder):
-                if f.base_name.startswith(".tmp-"):
-                    storage.delete_file(storage.Location(out.fs, f.path, f.path))
+            stale += [f.path for f in storage.list_files(folder) if f.base_name.startswith(".tmp-")]
+    for path in stale:
+        storage.delete_file(storage.Location(out.fs, path, path))
 
 
 def scoring_pool(use_gpu: bool, shards: int | None = None):
@@ -515,26 +772,44 @@ class _Progress:
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str = "auto", batch_size: int = 32,
                   overwrite: bool = False, shard_size: int = 0, limits: ImageLimits | None = None,
-                  policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none") -> dict:
-    """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary."""
-    import ray
+                  policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none",
+                  allowed_roots: list[str] | tuple = (), lock_ttl_s: float = storage.LOCK_TTL_S,
+                  lock_heartbeat_s: float = storage.LOCK_HEARTBEAT_S) -> dict:
+    """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary.
 
+    ``allowed_roots``: folders or S3 prefixes that inputs may be read from besides the input's own. The output is
+    held for this run (:class:`kdray.storage.OutputLock`, with ``lock_ttl_s`` and ``lock_heartbeat_s``) from
+    before anything in it is written or deleted until the run ends."""
     info = model_info(model_uri, backend)
-    plan = plan_inputs(input_uri, model_uri, shard_size)
+    plan = plan_inputs(input_uri, model_uri, shard_size, allowed_roots)
     plan.explain = explain
     if explain != "none":
         should_explain(explain, None, 0)  # a valid mode
         Explainer.load(model_uri)  # fail now, not in every actor, when the model cannot be explained
     out = storage.resolve(output_uri)
-    done = _prepare_output(plan, out, overwrite)
+    with storage.OutputLock(out.join(LOCK_FILE), lock_ttl_s, lock_heartbeat_s, what="scoring run") as lock:
+        done = _prepare_output(plan, out, overwrite)
+        rows, elapsed, info = _score_shards(plan, out, done, info, lock, backend, batch_size, limits, policy,
+                                            use_gpu)
+        if not lock.holds():
+            raise ScoringAborted(f"another run took over {out.uri} while this one ran; this run stops without "
+                                 "writing its summary")
+        return _finish(plan, out, info.backend, model_uri, rows, elapsed, len(done))
+
+
+def _score_shards(plan: Plan, out: storage.Location, done: set[int], info, lock: storage.OutputLock, backend: str,
+                  batch_size: int, limits: ImageLimits | None, policy: ReadPolicy | None, use_gpu: bool):
+    """Stream the shards not yet done through the actor pool; returns (rows, seconds, model info)."""
+    import ray
+
     todo = [i for i in range(len(plan.shards)) if i not in done]
     init_ray()
     on_gpu = use_gpu and cluster_gpus() > 0
     chosen_backend = "torch" if on_gpu else backend  # onnxruntime-gpu cannot sit beside onnxruntime
     if on_gpu:
-        info = model_info(model_uri, "torch")
+        info = model_info(plan.model, "torch")
     total = None if plan.images is None else sum(len(plan.shards[i]) for i in todo)
-    log.info("scoring %s with %s (%s): %d shard(s) to do, %d already done", input_uri, model_uri, info.backend,
+    log.info("scoring %s with %s (%s): %d shard(s) to do, %d already done", plan.input, plan.model, info.backend,
              len(todo), len(done))
     started = time.time()
     rows: list[dict] = []
@@ -543,13 +818,14 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
         ds = ray.data.from_items([{"shard": i, "entries": plan.shards[i]} for i in todo],
                                  override_num_blocks=len(todo))
         scored = ds.map_batches(ShardScorer, batch_size=1, batch_format="numpy", compute=compute,
-                                fn_constructor_kwargs={"model_uri": model_uri, "output_uri": out.uri,
+                                fn_constructor_kwargs={"model_uri": plan.model, "output_uri": out.uri,
                                                        "backend": chosen_backend, "threads": threads,
                                                        "batch_size": batch_size,
                                                        "limits": dataclasses.asdict(limits or ImageLimits()),
                                                        "policy": dataclasses.asdict(policy or ReadPolicy()),
                                                        "base": plan.base, "kind": plan.kind,
-                                                       "explain": explain},
+                                                       "explain": plan.explain, "roots": plan.roots,
+                                                       "run_id": lock.run_id, "fingerprint": plan.fingerprint()},
                                 **resources)
         progress = _Progress(total, len(todo))
         fatal = ""
@@ -564,13 +840,12 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
             raise KdrayError(root_cause(exc)) from None
         if fatal:
             raise ScoringAborted(fatal)
-    elapsed = time.time() - started
     undone = [r for r in rows if not r["done"]]
     if undone:
         io_errors = sum(int(r["io_errors"]) for r in undone)
         raise KdrayError(f"{io_errors} input(s) in {len(undone)} shard(s) could not be read (io_error, after "
                          f"retries); their shards stay unfinished. Re-run the same command to retry them")
-    return _finish(plan, out, info.backend, model_uri, rows, elapsed, len(done))
+    return rows, time.time() - started, info
 
 
 def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, rows: list[dict], elapsed: float,
@@ -578,12 +853,13 @@ def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, row
     """Totals over every shard's marker (this attempt's and earlier ones'), then ``summary.json``, last.
 
     Every shard is done, so a temporary file left now is one that a worker lost with its node (or process)
-    never renamed: it is removed before the run is called finished."""
+    never renamed: it is removed before the run is called finished. Only markers whose part files match them
+    count (:func:`valid_markers`); a shard without one is not finished, and neither is the run."""
     _remove_stale_temporaries(out)
-    done_dir = out.join(DONE_DIR)
-    markers = [storage.read_json(storage.Location(out.fs, f.path, f.path))
-               for f in storage.list_files(done_dir) if f.base_name.startswith("part-")] \
-        if storage.exists(done_dir) else []
+    markers = list(valid_markers(out, plan.fingerprint()).values())
+    if len(markers) < len(plan.shards):
+        raise KdrayError(f"{len(plan.shards) - len(markers)} shard(s) of {out.uri} have no valid marker (their part "
+                         "files are missing or changed); re-run the same command to score them again")
     reasons: Counter = Counter()
     for marker in markers:
         reasons.update(json.loads(marker["errors"]))
@@ -595,8 +871,8 @@ def _finish(plan: Plan, out: storage.Location, backend: str, model_uri: str, row
                "explained": sum(int(m.get("explained", 0)) for m in markers), "explain": plan.explain,
                "errors": sum(reasons.values()), "errors_by_reason": dict(sorted(reasons.items())),
                "hidden_skipped": plan.hidden_skipped, "manifest_duplicates": plan.duplicates,
-               "shards": len(plan.shards), "shards_resumed": resumed, "images_this_run": this_run,
-               "nodes": len({m["node"] for m in markers if m.get("node")}),
+               "roots": plan.roots, "shards": len(plan.shards), "shards_resumed": resumed,
+               "images_this_run": this_run, "nodes": len({m["node"] for m in markers if m.get("node")}),
                "wall_s": round(elapsed, 1), "img_per_s": round(this_run / max(elapsed, 1e-9), 2),
                "steady_img_per_s": _steady_rate(rows, finished)}
     storage.write_json(out.join(SUMMARY_FILE), summary)  # last: the run is finished

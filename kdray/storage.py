@@ -12,6 +12,11 @@ SlowDown) is retried with exponential backoff (0.5 s doubling to 10 s, ±25% jit
 :class:`S3Unavailable`, one line that names the URI and the endpoint. A missing bucket or key, refused
 credentials and refused images are not retried. The variable reaches Ray workers
 (``kdray.raycluster.FORWARDED_ENV``).
+
+Reading only what a job should. :func:`within_roots` says where a URI really is (every local link resolved, an S3
+key normalised) and whether that is inside the roots a job may read; :func:`walk_local` lists a local folder
+without following links blindly (no loops, no way out of its roots); :class:`OutputLock` holds an output folder
+for one run at a time.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ import os
 import posixpath
 import random
 import re
+import socket
+import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -148,11 +157,11 @@ def retrying(fn: Callable[[], object], uri: str, what: str = "accessing", budget
             attempt += 1
 
 
-def _call(loc: Location, fn: Callable[[], object], what: str = "accessing"):
+def _call(loc: Location, fn: Callable[[], object], what: str = "accessing", budget_s: float | None = None):
     """A storage operation on ``loc``: :func:`retrying`, then any other OSError as one line (:func:`_explain`);
     FileNotFoundError is left to the caller."""
     try:
-        return retrying(fn, loc.uri, what)
+        return retrying(fn, loc.uri, what, budget_s)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -269,14 +278,16 @@ def write_json(uri: str | Location, obj: object) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def write_parquet(uri: str | Location, table) -> None:
-    """Write a pyarrow Table as one Parquet file, atomically like :func:`write_bytes`."""
+def write_parquet(uri: str | Location, table) -> int:
+    """Write a pyarrow Table as one Parquet file, atomically like :func:`write_bytes`; returns its size in bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(uri, sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    write_bytes(uri, data)
+    return len(data)
 
 
 def read_parquet(uri: str | Location):
@@ -329,3 +340,326 @@ def local_copy(uri: str, cache_root: str) -> str:
     else:
         write_bytes(dest, read_bytes(loc))
     return dest
+
+
+# ----------------------------------------------------------------------------- roots: where a job may read
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per input. ``file://`` is dropped and a local path made absolute and normalised (``a/./b``,
+    ``a//b`` and ``a/x/../b`` all become ``a/b``; lexically: links are :func:`within_roots`' business). An S3 key
+    is normalised likewise, unless it holds a ``..`` segment: S3 keys are literal, so such a URI is kept as
+    written (and :func:`within_roots` refuses it). Another scheme is returned unchanged (never within a root)."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if ".." in key.split("/"):
+            return uri
+        key = posixpath.normpath(key) if key else "."
+        return f"s3://{bucket}" if key == "." else f"s3://{bucket}/{key}"
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def root_of(uri: str) -> str:
+    """``uri`` as a root for :func:`within_roots`: a local folder's (or file's) real path, or a canonical S3
+    bucket or prefix."""
+    canonical = canonical_uri(uri)
+    if canonical.startswith("s3://"):
+        if ".." in canonical.split("/"):
+            raise KdrayError(f"{uri}: a root may not hold a '..' segment")
+        return canonical
+    if "://" in canonical:
+        raise KdrayError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
+    return os.path.realpath(canonical)
+
+
+def _under(path: str, root: str, sep: str) -> bool:
+    return path == root or path.startswith(root.rstrip(sep) + sep)
+
+
+def within_roots(uri: str, roots: Sequence[str]) -> str | None:
+    """Where ``uri`` really is, if that is inside one of ``roots`` (made by :func:`root_of`); None otherwise.
+
+    Local: the real path, every link resolved, so that ``..`` and links pointing out are caught wherever they
+    are (callers open this path, not ``uri``). S3: the canonical URI, under a root's bucket and prefix (a prefix
+    ends at a ``/``: ``s3://b/scans`` does not hold ``s3://b/scans-old/x``); a key with a ``..`` segment is never
+    inside. Checked where a read happens, it also catches a link swapped in after listing."""
+    canonical = canonical_uri(uri)
+    if canonical.startswith("s3://"):
+        if ".." in canonical[len("s3://"):].split("/"):
+            return None
+        inside = any(r.startswith("s3://") and _under(canonical, r, "/") for r in roots)
+        return canonical if inside else None
+    if "://" in canonical:
+        return None
+    real = os.path.realpath(canonical)
+    return real if any("://" not in r and _under(real, r, os.sep) for r in roots) else None
+
+
+# ----------------------------------------------------------------------------- listing a local folder
+
+
+def walk_local(root: str, roots: Sequence[str] = ()) -> list[str]:
+    """Every entry below a local folder that is not a folder, as paths relative to ``root``, sorted.
+
+    Unlike a recursive listing that follows links, this walks each real folder once (loops are recognised by
+    ``(st_dev, st_ino)``, so a link to a parent adds nothing) and follows a link, to a file or a folder, only
+    when its target's real path lies inside ``root``'s real path or one of ``roots``. The real tree is walked
+    first and links after it, so a file reached both ways is listed once, under its own name. What the reader
+    must refuse is listed, not hidden: a link that points out (``outside_roots`` when read), a broken link
+    (``missing``), a FIFO, device or socket (``not_a_file``)."""
+    top = os.path.realpath(root)
+    allowed = [top, *(r for r in roots if "://" not in r)]
+    seen: set[tuple[int, int]] = set()  # real folders walked and files listed
+    found: list[str] = []
+    links: deque[tuple[str, str]] = deque()  # (name, path): followed once the real tree is listed
+
+    def walk(path: str, prefix: str, via_link: bool = False) -> None:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise KdrayError(f"{path}: cannot list this folder ({exc.strerror or type(exc).__name__})") from None
+        for entry in entries:
+            name = prefix + entry.name
+            if entry.is_symlink():
+                links.append((name, entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                walk(entry.path, name + "/", via_link)
+            else:
+                if entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if via_link and (st.st_dev, st.st_ino) in seen:
+                        continue  # listed already (hard links in the real tree keep their names)
+                    seen.add((st.st_dev, st.st_ino))
+                found.append(name)
+
+    walk(top, "")
+    while links:
+        name, path = links.popleft()
+        if not any(_under(os.path.realpath(path), r, os.sep) for r in allowed):
+            found.append(name)  # points out: refused when read
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            found.append(name)  # broken, or a loop of links: missing when read
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            walk(path, name + "/", via_link=True)
+        elif (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            found.append(name)
+    return sorted(found)
+
+
+def list_tree(loc: Location, roots: Sequence[str] = ()) -> list[str]:
+    """Every input below a folder or S3 prefix, as paths relative to it, sorted: S3 objects (:func:`list_files`),
+    or a local folder walked by :func:`walk_local`."""
+    if loc.is_s3:
+        return [posixpath.relpath(f.path, loc.path) for f in list_files(loc)]
+    kind = info(loc).type
+    if kind == pafs.FileType.NotFound:
+        raise KdrayError(f"{loc.uri}: no such file or folder")
+    if kind != pafs.FileType.Directory:
+        raise KdrayError(f"{loc.uri}: is a file, expected a folder")
+    return walk_local(loc.path, roots)
+
+
+# ----------------------------------------------------------------------------- one run per output folder
+
+LOCK_TTL_S, LOCK_HEARTBEAT_S = 60.0, 10.0
+#: Releasing a lock tries once: at the end of a run that S3 stopped, waiting again for S3 would only delay the
+#: error (the next run on this host takes a dead holder's lock over at once anyway).
+RELEASE_BUDGET_S = 0.0
+
+
+class OutputLocked(KdrayError):
+    """Another live run holds the output folder."""
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (``/proc/<pid>/stat``, clock ticks since boot): with the pid it names one
+    process, whatever reuses the pid later. None when there is no such live process (a zombie counts as gone);
+    "" when it exists but this system has no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    except (FileNotFoundError, ProcessLookupError):
+        return None if os.path.isdir("/proc/self") else _process_exists(pid)
+    except OSError:
+        return _process_exists(pid)
+    return None if fields[0] in (b"Z", b"X") else fields[19].decode()
+
+
+def _process_exists(pid: int) -> str | None:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # someone else's process: it exists
+    return ""
+
+
+def _machine() -> str:
+    """This kernel and pid namespace: a pid means the same process only where both are the same."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def read_lock(loc: Location, budget_s: float | None = None) -> dict | None:
+    """The record in a lock file, None when there is none ({} when it cannot be parsed)."""
+    def read() -> bytes | None:
+        try:
+            with loc.fs.open_input_stream(loc.path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    data = _call(loc, read, "reading", budget_s)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def lock_holder_gone(record: dict, ttl_s: float, now: float | None = None) -> str:
+    """Why the holder of ``record`` is dead ("" when it may be alive): on this machine, its process is gone (or
+    its pid is another process now); anywhere, its heartbeat is older than ``ttl_s``."""
+    if not record.get("run"):
+        return "the lock file is unreadable"
+    if record.get("host") == socket.gethostname() and record.get("machine") == _machine():
+        started = process_start(int(record.get("pid") or 0))
+        if started is None or started and record.get("started") and started != record["started"]:
+            return f"its process {record.get('pid')} on this host is gone"
+    age = (time.time() if now is None else now) - float(record.get("heartbeat") or 0)
+    return f"its heartbeat is {age:.0f} s old (over {ttl_s:.0f} s)" if age > ttl_s else ""
+
+
+class OutputLock:
+    """One run at a time in an output folder: a lock file there names the run that holds it.
+
+    The record holds a run id (uuid4), the host, the pid with its start time, and a heartbeat that a daemon thread
+    renews every ``heartbeat_s``. A holder is dead when its process on this host is gone (so a run killed with
+    ``kill -9`` and started again here takes over at once) or when its heartbeat is older than ``ttl_s`` (a run
+    on another machine). Acquiring writes the record, waits ``settle_s`` and reads it back: of two runs that
+    write at once only the one read back holds the lock, on S3 as on a local disk. The holder's workers check
+    :meth:`names` before they commit anything (fencing), and the heartbeat stops, with :attr:`lost` set, once
+    the file names another run. Released (deleted, if it still names this run) when the run ends."""
+
+    def __init__(self, loc: Location, ttl_s: float = LOCK_TTL_S, heartbeat_s: float = LOCK_HEARTBEAT_S,
+                 settle_s: float | None = None, what: str = "run"):
+        self.loc, self.ttl_s, self.heartbeat_s, self.what = loc, ttl_s, heartbeat_s, what
+        self.settle_s = (1.0 if loc.is_s3 else 0.05) if settle_s is None else settle_s
+        self.run_id = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()  # a heartbeat never writes after release
+        self._thread: threading.Thread | None = None
+        self._record = {"run": self.run_id, "host": socket.gethostname(), "machine": _machine(),
+                        "pid": os.getpid(), "started": process_start(os.getpid()) or "", "acquired": time.time()}
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock, or raise :class:`OutputLocked` (one line: the holder and what to do)."""
+        folder = posixpath.dirname(self.loc.uri)
+        for _ in range(3):
+            holder = read_lock(self.loc)
+            if holder is not None:
+                gone = lock_holder_gone(holder, self.ttl_s)
+                if not gone:
+                    age = time.time() - float(holder.get("heartbeat") or 0)
+                    raise OutputLocked(
+                        f"{folder} is in use by another {self.what} (run {holder.get('run')}, host "
+                        f"{holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago); wait for it to "
+                        f"end or stop it, then run again (a run whose heartbeat stops for {self.ttl_s:.0f} s is "
+                        "taken over)")
+                log.warning("taking over %s from run %s on %s: %s", self.loc.uri, holder.get("run"),
+                            holder.get("host"), gone)
+            self._write()
+            time.sleep(self.settle_s)
+            if self.names(self.run_id):
+                self._remove_dead_writes()
+                self._thread = threading.Thread(target=self._beat, name="kdray-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return self
+        raise OutputLocked(f"{folder}: other runs kept replacing its lock; run again once they are done")
+
+    def names(self, run_id: str) -> bool:
+        """Whether the lock file names ``run_id`` now."""
+        return (read_lock(self.loc) or {}).get("run") == run_id
+
+    def holds(self) -> bool:
+        """Whether this run still holds the lock (the file names it, and no other run took it over)."""
+        return not self.lost and self.names(self.run_id)
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lock file if it still names this run. Never raises: a lock left
+        behind is a dead holder's, taken over by the next run."""
+        self._stop.set()
+        if not self._mutex.acquire(timeout=max(self.heartbeat_s, 1.0)):
+            log.warning("left %s in place: its heartbeat is still writing", self.loc.uri)
+            return
+        try:
+            def delete() -> None:
+                if (read_lock(self.loc, RELEASE_BUDGET_S) or {}).get("run") == self.run_id:
+                    self.loc.fs.delete_file(self.loc.path)
+
+            _call(self.loc, delete, "deleting", RELEASE_BUDGET_S)
+        except (OSError, KdrayError) as exc:
+            log.warning("could not remove %s (%s); the next run takes it over", self.loc.uri,
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        finally:
+            self._mutex.release()
+
+    def _write(self) -> None:
+        write_json(self.loc, {**self._record, "heartbeat": time.time(), "ttl_s": self.ttl_s})
+
+    def _remove_dead_writes(self) -> None:
+        """The temporary copies of the lock file that a killed holder left (local folders; see write_bytes). Once
+        this run holds the lock, no one else is writing it."""
+        if self.loc.is_s3:
+            return
+        folder, name = posixpath.split(self.loc.path)
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".tmp-") and entry.name.endswith(f"-{name}"):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with self._mutex:
+                if self._stop.is_set():
+                    return
+                try:
+                    if not self.names(self.run_id):
+                        self.lost = True
+                        log.error("%s no longer names this run (%s): another run took over", self.loc.uri,
+                                  self.run_id)
+                        return
+                    self._write()
+                except Exception as exc:  # noqa: BLE001 - keep beating: the next renewal may get through
+                    log.warning("could not renew %s (%s); trying again in %.0f s", self.loc.uri,
+                                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, self.heartbeat_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import io
 import json
 import os
@@ -9,7 +11,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,8 @@ from PIL import Image
 
 from kdray import KdrayError, storage
 from kdray.data import sample_images
-from kdray.images import ImageLimits
+from kdray import score
+from kdray.images import ImageLimits, ImageRefused
 from kdray.score import ReadPolicy, score_archive
 from kdray.synthetic import dicom_bytes
 
@@ -193,9 +198,13 @@ def test_resume_skips_finished_shards_and_counts_exactly_once(tmp_path, exported
     (out / "_done" / "part-00001.json").unlink()
     (out / "_done" / "part-00003.json").unlink()
     (out / "predictions" / "part-00003.parquet").unlink()
+    # and a marker whose part file is gone: not trusted, its shard is scored again
+    (out / "predictions" / "part-00004.parquet").unlink()
     second = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=2, limits=LIMITS)
-    assert second["images_this_run"] == 4 and second["shards_resumed"] == 3 and second["images"] == 10
+    assert second["images_this_run"] == 6 and second["shards_resumed"] == 2 and second["images"] == 10
     assert_exactly_once(str(out), {str(tmp_path / "in" / n) for n in files})
+    marker = json.loads((out / "_done" / "part-00004.json").read_text())
+    assert marker["parts"]["predictions"]["bytes"] == (out / "predictions" / "part-00004.parquet").stat().st_size
 
 
 @pytest.mark.integration
@@ -231,31 +240,372 @@ def test_explain_writes_overlays_that_join_their_rows_and_resumes(tmp_path, expo
 
 
 @pytest.mark.integration
-def test_io_errors_are_retried_never_done_and_resumed(tmp_path, exported_student, ray_local):
+def test_a_read_failing_with_eio_leaves_its_shard_unfinished(tmp_path, exported_student, ray_local):
+    """A genuine EIO from the kernel (reading /proc/self/mem at offset 0) is io_error: no marker for its shard and
+    no summary, so that a re-run retries it (and the other shard stays done)."""
     write_tree(tmp_path / "in", {"1.png": (png(), None)})
-    manifest = tmp_path / "list.csv"
-    manifest.write_text(f"path\n{tmp_path / 'in' / '1.png'}\n{tmp_path / 'in' / 'later.png'}\n")
-    out = str(tmp_path / "out")
-    with pytest.raises(KdrayError, match="could not be read .*Re-run the same command"):
-        score_archive(exported_student, str(manifest), out, limits=LIMITS)
-    assert not (tmp_path / "out" / "summary.json").exists()
-    errors = read_rows(out, "errors")
-    assert errors["reason"].to_pylist() == ["io_error"]
-    (tmp_path / "in" / "later.png").write_bytes(png(seed=9))
-    summary = score_archive(exported_student, str(manifest), out, limits=LIMITS)
-    assert summary["scored"] == 2 and summary["errors"] == 0
-    assert_exactly_once(out, {str(tmp_path / "in" / "1.png"), str(tmp_path / "in" / "later.png")})
+    manifest = tmp_path / "in" / "list.csv"
+    manifest.write_text("path\n1.png\n/proc/self/mem\n")
+    out = tmp_path / "out"
+    with pytest.raises(KdrayError, match="could not be read .*Re-run the same command") as err:
+        score_archive(exported_student, str(manifest), str(out), shard_size=1, limits=LIMITS,
+                      allowed_roots=["/proc"])
+    assert "\n" not in str(err.value) and not (out / "summary.json").exists()
+    assert dict(zip(*read_rows(str(out), "errors").select(["path", "reason"]).to_pydict().values())) == {
+        "/proc/self/mem": "io_error"}
+    assert sorted(p.name for p in (out / "_done").iterdir()) == ["part-00000.json"]
+    assert not (out / "_lock.json").exists()  # released on the way out
+
+
+# ----------------------------------------------------------------------------- hostile inputs, through Ray
+
+
+def _hostile_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """An input folder and a folder beside it (outside its root), each holding one good PNG."""
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    write_tree(root, {"ok.png": (png(), None)})
+    write_tree(elsewhere, {"x.png": (png(seed=1), None), "y.png": (png(seed=2), None)})
+    return root, elsewhere
 
 
 @pytest.mark.integration
-def test_many_read_failures_in_a_row_stop_the_job(tmp_path, exported_student, ray_local):
-    manifest = tmp_path / "list.csv"
-    manifest.write_text("path\n" + "".join(f"{tmp_path}/missing-{i}.png\n" for i in range(12)))
-    with pytest.raises(KdrayError, match="reads failed in a row") as exc_info:
-        score_archive(exported_student, str(manifest), str(tmp_path / "out"),
-                      policy=ReadPolicy(max_consecutive_io_errors=5))
-    assert "\n" not in str(exc_info.value)
-    assert not (tmp_path / "out" / "summary.json").exists()
+@pytest.mark.timeout(180)
+def test_a_manifest_reads_only_inside_its_roots_and_always_finishes(tmp_path, exported_student, ray_local):
+    root, elsewhere = _hostile_tree(tmp_path)
+    write_tree(tmp_path / "extra", {"z.png": (png(seed=3), None)})
+    (root / "link-out.png").symlink_to(elsewhere / "y.png")
+    os.mkfifo(root / "pipe.png")  # opened for reading, a FIFO would wait for a writer forever
+    (root / "sub").mkdir()
+    rows = {"ok.png": None, "/etc/hostname": "outside_roots", f"file://{elsewhere}/x.png": "outside_roots",
+            "../elsewhere/y.png": "outside_roots", "s3://other-bucket/x.png": "outside_roots",
+            "link-out.png": "outside_roots", f"{tmp_path}/extra/z.png": None, "gone.png": "missing",
+            "pipe.png": "not_a_file", "sub": "not_a_file"}
+    manifest = root / "list.csv"
+    manifest.write_text("path\n" + "".join(f"{row}\n" for row in rows))
+    out = str(tmp_path / "out")
+    summary = score_archive(exported_student, str(manifest), out, limits=LIMITS,
+                            allowed_roots=[str(tmp_path / "extra")])
+    named = {row: storage.canonical_uri(row if "://" in row or row.startswith("/") else f"{root}/{row}")
+             for row in rows}
+    predictions, errors = assert_exactly_once(out, set(named.values()))
+    reasons = dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist()))
+    assert reasons == {named[row]: reason for row, reason in rows.items() if reason}
+    assert summary["scored"] == 2 and summary["errors_by_reason"]["outside_roots"] == 5
+    assert not any(str(elsewhere) in m or "hostname" in m for m in errors["message"].to_pylist())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_folder_with_link_loops_scores_each_real_file_once_and_finishes(tmp_path, exported_student, ray_local):
+    root, elsewhere = _hostile_tree(tmp_path)
+    write_tree(root, {"a/b/deep.png": (png(seed=4), None)})
+    (root / "a" / "loop").symlink_to("..")
+    (root / "a" / "b" / "loop").symlink_to("../..")  # two loops: 2^depth copies when links are followed
+    (root / "again.png").symlink_to("ok.png")
+    (root / "out.png").symlink_to(elsewhere / "x.png")
+    (root / "outdir").symlink_to(elsewhere)
+    (root / "broken.png").symlink_to(root / "nowhere.png")
+    os.mkfifo(root / "pipe.png")
+    out = str(tmp_path / "out")
+    score_archive(exported_student, str(root), out, limits=LIMITS)
+    expected = {"ok.png": None, "a/b/deep.png": None, "out.png": "outside_roots", "outdir": "outside_roots",
+                "broken.png": "missing", "pipe.png": "not_a_file"}
+    predictions, errors = assert_exactly_once(out, {f"{root}/{name}" for name in expected})
+    assert dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist())) == {
+        f"{root}/{name}": reason for name, reason in expected.items() if reason}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_tar_shards_refuse_hostile_members_without_reading_them(tmp_path, exported_student, ray_local):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    limits = dataclasses.replace(LIMITS, max_bytes=50_000)
+    hostile_tar(shards / "a.tar")
+    with tarfile.open(shards / "b.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        add_member(tar, "first.png", png(seed=5))
+        add_member(tar, "commented.png", png(seed=6), pax_headers={"comment": "x" * (2 * 2**20)})
+    out = str(tmp_path / "out")
+    summary = score_archive(exported_student, str(shards), out, limits=limits)
+    expected = {"a.tar#ok.png": None, "a.tar#sparse.png": "sparse_member", "a.tar#link.png": "not_a_file",
+                "a.tar#pipe.png": "not_a_file", "a.tar#big.png": "file_too_large", "b.tar#first.png": None,
+                "b.tar": "corrupt"}
+    predictions, errors = assert_exactly_once(out, {f"{shards}/{name}" for name in expected})
+    assert dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist())) == {
+        f"{shards}/{name}": reason for name, reason in expected.items() if reason}
+    assert summary["kind"] == "tar" and summary["scored"] == 2
+
+
+@pytest.mark.integration
+def test_two_runs_on_one_output_the_second_is_refused(tmp_path, exported_student, ray_local):
+    write_tree(tmp_path / "in", {f"{i}.png": (png(seed=i), None) for i in range(4)})
+    out = tmp_path / "out"
+    first: dict = {}
+
+    def run_first():
+        try:
+            first["summary"] = score_archive(exported_student, str(tmp_path / "in"), str(out), limits=LIMITS)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            first["error"] = exc
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        assert _wait_for(lambda: (out / "_lock.json").exists() or not thread.is_alive(), 60)
+        for overwrite in (False, True):  # --overwrite deletes nothing while another run holds the output
+            with pytest.raises(storage.OutputLocked) as err:
+                score_archive(exported_student, str(tmp_path / "in"), str(out), limits=LIMITS, overwrite=overwrite)
+            message = str(err.value)
+            assert "\n" not in message and "in use by another scoring run" in message, message
+            assert json.loads((out / "_lock.json").read_text())["run"] in message
+    finally:
+        thread.join(180)
+    assert "error" not in first and first["summary"]["images"] == 4
+    assert_exactly_once(str(out), {str(tmp_path / "in" / f"{i}.png") for i in range(4)})
+    assert not (out / "_lock.json").exists()
+
+
+# ----------------------------------------------------------------------------- hostile inputs, no Ray
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def gnu_sparse_member(name: str, stored: bytes, real_size: int, extension_blocks: int = 0) -> bytes:
+    """A GNU sparse ('S') member: ``stored`` bytes in the archive that declare ``real_size`` bytes expanded, with
+    ``extension_blocks`` more blocks of its map (21 regions each) after the header."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(stored)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = b"%011o\0%011o\0" % (0, len(stored))  # one region: offset 0, the stored bytes
+    header[482] = 1 if extension_blocks else 0
+    header[483:495] = b"%011o\0" % real_size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    block = bytearray(b"%011o\0%011o\0" % (1, 1) * 21 + bytes(8))
+    extensions = b"".join(bytes(block[:504]) + bytes([i < extension_blocks - 1]) + bytes(7)
+                          for i in range(extension_blocks))
+    return bytes(header) + extensions + stored + b"\0" * (-len(stored) % tarfile.BLOCKSIZE)
+
+
+def hostile_tar(path: Path) -> None:
+    """ok.png, then a sparse member declaring 64 MiB, a symlink, a FIFO, a member over 50 kB and a folder."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "ok.png", png())
+        sparse = gnu_sparse_member("sparse.png", b"\x89PNG" * 2500, 64 * 2**20)
+        tar.fileobj.write(sparse)
+        tar.offset += len(sparse)
+        add_member(tar, "link.png", kind=tarfile.SYMTYPE, linkname="/etc/hostname")
+        add_member(tar, "pipe.png", kind=tarfile.FIFOTYPE)
+        add_member(tar, "big.png", os.urandom(60_000))
+        add_member(tar, "folder", kind=tarfile.DIRTYPE)
+
+
+def tar_outcomes(fileobj, limits: ImageLimits, max_tar_bytes: int = 2**30) -> dict[str, object]:
+    """member (or "<tar>") → bytes read, or the reason code, as a scoring actor would see them."""
+    outcomes = {}
+    with score.open_tar(fileobj) as tar:
+        for name, read in score.tar_members(tar, "shard.tar", limits, max_tar_bytes):
+            key = name.partition("#")[2] or "<tar>"
+            try:
+                outcomes[key] = len(read())
+            except (ImageRefused, OSError, tarfile.TarError) as exc:
+                outcomes[key] = score.read_failure_reason(exc)
+    return outcomes
+
+
+def test_tar_members_are_streamed_and_refused_without_reading_them(tmp_path):
+    """A 10 kB shard whose sparse member declares 64 MiB: refused, and nothing read it (the peak stays small)."""
+    hostile_tar(tmp_path / "a.tar")
+    assert (tmp_path / "a.tar").stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with open(tmp_path / "a.tar", "rb") as fh:
+            outcomes = tar_outcomes(fh, ImageLimits(max_bytes=50_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcomes == {"ok.png": len(png()), "sparse.png": "sparse_member", "link.png": "not_a_file",
+                        "pipe.png": "not_a_file", "big.png": "file_too_large"}
+    assert peak < 2 * 2**20, peak
+    with open(tmp_path / "a.tar", "rb") as fh:  # once the members read pass the shard's cap, the rest are not read
+        assert tar_outcomes(fh, ImageLimits(), max_tar_bytes=100) == {
+            "ok.png": len(png()), "sparse.png": "sparse_member", "link.png": "not_a_file", "pipe.png": "not_a_file",
+            "big.png": "too_large"}
+
+
+def test_a_sparse_members_map_is_not_read_either(tmp_path):
+    """tarfile would keep a sparse member's map as a list that grows with the archive (GNU extension blocks, a pax
+    GNU.sparse 1.0 map): both are passed over, and the member after them is read from the right offset."""
+    with tarfile.open(tmp_path / "maps.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        sparse = gnu_sparse_member("gnu.png", b"x" * 1000, 64 * 2**20, extension_blocks=4000)
+        tar.fileobj.write(sparse)
+        tar.offset += len(sparse)
+        regions = 200_000
+        sparse_map = b"%d\n" % regions + b"1024\n1024\n" * regions
+        sparse_map += b"\0" * (-len(sparse_map) % tarfile.BLOCKSIZE)
+        add_member(tar, "GNUSparseFile.0/pax.png", sparse_map + b"x" * 1000, pax_headers={
+            "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "pax.png",
+            "GNU.sparse.realsize": str(64 * 2**20)})
+        add_member(tar, "after.png", png())
+    tracemalloc.start()
+    try:
+        with open(tmp_path / "maps.tar", "rb") as fh:
+            outcomes = tar_outcomes(fh, ImageLimits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcomes == {"gnu.png": "sparse_member", "pax.png": "sparse_member", "after.png": len(png())}
+    assert peak < 2**20, peak
+
+
+def test_an_extended_tar_header_over_1_mib_is_refused_before_it_is_read(tmp_path):
+    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        add_member(tar, "first.png", png())
+        add_member(tar, "second.png", png(seed=1), pax_headers={"comment": "x" * (8 * 2**20)})
+    with tarfile.open(tmp_path / "long.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "d/" * (2**20) + "x.png", png())  # a GNU long name of 2 MiB, first in the shard
+    tracemalloc.start()
+    try:
+        with open(tmp_path / "pax.tar", "rb") as fh:
+            assert tar_outcomes(fh, ImageLimits()) == {"first.png": len(png()), "<tar>": "corrupt"}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    with open(tmp_path / "long.tar", "rb") as fh, pytest.raises(score.TarHeaderTooLarge, match="2,097,"):
+        score.open_tar(fh)
+
+
+def test_a_tar_failing_in_mid_stream_keeps_the_rows_before(tmp_path):
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        add_member(tar, "first.png", png())
+        add_member(tar, "second.png", os.urandom(40_000))
+        add_member(tar, "third.png", png(seed=2))
+
+    class FailingDisk(io.FileIO):  # EIO once the reads pass 20 kB
+        def read(self, size=-1):
+            if self.tell() > 20_000:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().read(size)
+
+    with FailingDisk(tmp_path / "a.tar") as fh:
+        outcomes = tar_outcomes(fh, ImageLimits())
+    assert outcomes["first.png"] == len(png()) and outcomes["<tar>"] == "io_error"
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:30_000])  # cut in the middle of second.png: corrupt, and so is the tar
+    with open(tmp_path / "cut.tar", "rb") as fh:
+        assert tar_outcomes(fh, ImageLimits()) == {"first.png": len(png()), "second.png": "corrupt", "<tar>": "corrupt"}
+
+
+@pytest.mark.parametrize("error, reason", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "missing"),
+    (OSError(errno.ELOOP, "Too many levels of symbolic links"), "missing"),
+    (PermissionError(errno.EACCES, "Permission denied"), "forbidden"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory"), "not_a_file"),
+    (OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"), "forbidden"),
+    (OSError("AWS Error NO_SUCH_BUCKET during GetObject operation: The specified bucket does not exist"), "missing"),
+    (OSError(errno.EIO, "Input/output error"), "io_error"),
+    (OSError(errno.ESTALE, "Stale file handle"), "io_error"),
+    (OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 18, Transferred a partial file"),
+     "io_error"),
+    (tarfile.ReadError("unexpected end of data"), "corrupt"),
+    (ImageRefused("truncated", "cut short"), "truncated"),
+], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_read_failures_are_terminal_except_transient_ones(error, reason):
+    assert score.read_failure_reason(error) == reason
+
+
+@pytest.mark.parametrize("row", ["/etc/hostname", "file:///etc/hostname", "../outside.png", "s3://other-bucket/x.png",
+                                 "sub/../../outside.png"])
+def test_manifest_rows_outside_its_folder_are_found_at_planning(tmp_path, row):
+    (tmp_path / "in").mkdir()
+    manifest = tmp_path / "in" / "list.csv"
+    manifest.write_text(f"path\nok.png\n{row}\n")
+    plan = score.plan_inputs(str(manifest), "model")
+    assert plan.outside_roots == 1 and plan.roots == [str((tmp_path / "in").resolve())]
+    entry = plan.shards[0][1]
+    assert "://" not in entry or entry.startswith("s3://")  # one spelling: file:// dropped, '..' resolved
+    if not row.startswith("s3://"):
+        assert score.plan_inputs(str(manifest), "model", allowed_roots=[os.path.dirname(entry)]).outside_roots == 0
+
+
+def test_only_io_errors_count_toward_the_stop_and_leave_the_shard_for_a_rerun(tmp_path, exported_student, monkeypatch):
+    """Twelve missing inputs are terminal rows of a finished shard; a transient EIO leaves its shard without a
+    marker, and the next attempt (a re-run) scores it; five EIOs in a row stop the job."""
+    root = tmp_path.resolve()
+    write_tree(root / "in", {f"{i}.png": (png(seed=i), None) for i in range(6)})
+    scorer = score.ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
+                               policy=dataclasses.asdict(ReadPolicy(max_consecutive_io_errors=5)),
+                               roots=[str(root)], fingerprint="f")
+
+    def shard(number: int, entries: list[str]) -> dict:
+        return {k: v[0] for k, v in scorer({"shard": [number], "entries": [entries]}).items()}
+
+    missing = shard(0, [f"{root}/gone-{i}.png" for i in range(12)])
+    assert missing["done"] and not missing["fatal"] and json.loads(missing["errors"]) == {"missing": 12}
+    real_read, failing = score.read_local, {f"{root}/in/1.png"}
+
+    def flaky_read(path, limits):
+        if path in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(path, limits)
+
+    monkeypatch.setattr(score, "read_local", flaky_read)
+    entries = [f"{root}/in/{i}.png" for i in range(3)]
+    first = shard(1, entries)
+    assert not first["done"] and first["io_errors"] == 1 and not (root / "out" / "_done" / "part-00001.json").exists()
+    failing.clear()  # the disk recovered
+    again = shard(1, entries)
+    assert again["done"] and again["scored"] == 3
+    assert json.loads((root / "out" / "_done" / "part-00001.json").read_text())["fingerprint"] == "f"
+    failing.update(f"{root}/in/{i}.png" for i in range(6))
+    stopped = shard(2, [f"{root}/in/{i}.png" for i in range(6)])
+    assert "5 reads failed in a row" in stopped["fatal"] and "\n" not in stopped["fatal"]
+
+
+def test_a_run_that_was_taken_over_marks_no_shard_done(tmp_path, exported_student):
+    """Fencing: an actor writes a shard's marker only while the output's lock names its run."""
+    root = tmp_path.resolve()
+    write_tree(root / "in", {"a.png": (png(), None)})
+    storage.write_json(str(root / "out" / "_lock.json"), {"run": "the-new-run", "host": "h", "heartbeat": time.time()})
+    scorer = score.ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
+                               roots=[str(root)], run_id="the-old-run", fingerprint="f")
+    row = scorer({"shard": [0], "entries": [[f"{root}/in/a.png"]]})
+    assert "another run took over" in row["fatal"][0] and "the-new-run" in row["fatal"][0]
+    assert not (root / "out" / "_done").exists()
+
+
+def test_a_marker_counts_only_with_its_part_files(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    for shard in range(3):
+        parts = {}
+        for sub in ("predictions", "errors"):
+            size = storage.write_parquet(out.join(sub, f"part-{shard:05d}.parquet"), pa.table({"path": ["x"]}))
+            parts[sub] = {"file": f"{sub}/part-{shard:05d}.parquet", "bytes": size, "rows": 1}
+        storage.write_json(out.join("_done", f"part-{shard:05d}.json"), {"fingerprint": "f", "parts": parts})
+    storage.write_json(out.join("_done", "part-00003.json"), {"fingerprint": "f"})  # an older kdray's marker
+    (tmp_path / "out" / "predictions" / "part-00001.parquet").unlink()
+    (tmp_path / "out" / "errors" / "part-00002.parquet").write_bytes(b"another file")
+    assert sorted(score.valid_markers(out, "f")) == [0]
+    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["part-00000.json"]  # the others gone
+    assert score.valid_markers(out, "another plan") == {}
+
+
+def test_a_lock_held_by_a_live_run_refuses_scoring_and_overwrite(tmp_path, exported_student):
+    """Before Ray starts, and before anything in the output is deleted."""
+    write_tree(tmp_path / "in", {"a.png": (png(), None)})
+    out = tmp_path / "out"
+    write_tree(out, {"summary.json": (b"{}", None)})
+    with storage.OutputLock(storage.resolve(str(out / "_lock.json")), settle_s=0) as held:
+        with pytest.raises(storage.OutputLocked, match=f"run {held.run_id}, host "):
+            score_archive(exported_student, str(tmp_path / "in"), str(out), overwrite=True)
+    assert (out / "summary.json").exists()
 
 
 def test_empty_input_is_a_clear_error(tmp_path, exported_student):

@@ -192,3 +192,97 @@ def test_temporary_credentials_carry_their_session_token(monkeypatch):
     seen.clear()
     storage.s3_filesystem()
     assert "session_token" not in seen
+
+
+# ----------------------------------------------------------------------------- listing a local folder: links, loops
+
+
+def test_walk_lists_each_real_file_once_through_link_loops(tmp_path):
+    """One loop used to list a file 80 times, two nested loops 2^depth times: each real folder is walked once."""
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"x")
+    (root / "a" / "b" / "y.png").write_bytes(b"y")
+    (root / "a" / "loop").symlink_to("..")  # a loop
+    (root / "a" / "b" / "up").symlink_to("../..")  # a second loop, nested in the first
+    (root / "a" / "b" / "self").symlink_to(".")
+    (root / "again.png").symlink_to("a/x.png")  # the same file by a second name
+    assert storage.walk_local(str(root)) == ["a/b/y.png", "a/x.png"]
+
+
+def test_walk_lists_links_out_broken_links_and_fifos_for_the_reader_to_refuse(tmp_path):
+    root, outside = tmp_path / "in", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"s")
+    (root / "ok.png").write_bytes(b"o")
+    (root / "out.png").symlink_to(outside / "secret.png")
+    (root / "outdir").symlink_to(outside)  # a folder out of the root: not walked
+    (root / "broken.png").symlink_to(root / "nowhere.png")
+    os.mkfifo(root / "pipe.png")
+    assert storage.walk_local(str(root)) == ["broken.png", "ok.png", "out.png", "outdir", "pipe.png"]
+    roots = [storage.root_of(str(root))]
+    assert storage.within_roots(str(root / "out.png"), roots) is None  # refused when read: outside_roots
+    assert storage.within_roots(str(root / "ok.png"), roots) == os.path.realpath(root / "ok.png")
+    # links into another allowed root are followed, and its file is listed once (by the first link)
+    assert storage.walk_local(str(root), [storage.root_of(str(outside))]) == [
+        "broken.png", "ok.png", "out.png", "pipe.png"]
+    (root / "out.png").unlink()
+    assert storage.walk_local(str(root), [storage.root_of(str(outside))]) == [
+        "broken.png", "ok.png", "outdir/secret.png", "pipe.png"]
+
+
+@pytest.mark.parametrize("uri, inside", [
+    ("s3://data/scans/a.png", True), ("s3://data/scans/./x//a.png", True), ("s3://data/scans/../other/a.png", False),
+    ("s3://data/scans-old/a.png", False), ("s3://other-bucket/scans/a.png", False), ("gs://data/scans/a.png", False),
+    ("/etc/hostname", False), ("file:///etc/hostname", False)])
+def test_within_roots_holds_s3_keys_to_their_bucket_and_prefix(uri, inside):
+    assert (storage.within_roots(uri, [storage.root_of("s3://data/scans/")]) is not None) == inside
+
+
+# ----------------------------------------------------------------------------- one run per output folder
+
+
+def _lock(tmp_path, **kw) -> storage.OutputLock:
+    return storage.OutputLock(storage.resolve(str(tmp_path / "out" / "_lock.json")), settle_s=0.01, **kw)
+
+
+def test_a_live_holder_refuses_a_second_run_with_one_line(tmp_path):
+    with _lock(tmp_path, heartbeat_s=0.02) as first:
+        with pytest.raises(storage.OutputLocked) as err:
+            _lock(tmp_path).acquire()
+        message = str(err.value)
+        assert "\n" not in message and first.run_id in message and "heartbeat 0 s ago" in message
+        assert f"host {os.uname().nodename}" in message and "wait for it to end or stop it" in message
+        beat = storage.read_lock(first.loc)["heartbeat"]
+        time.sleep(0.1)
+        assert storage.read_lock(first.loc)["heartbeat"] > beat and first.holds()  # renewed by its heartbeat
+    assert storage.read_lock(first.loc) is None  # released
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held = _lock(tmp_path)
+    held._write()  # as if that process had taken it, then been killed with kill -9
+    record = storage.read_lock(held.loc)
+    storage.write_json(held.loc, {**record, "pid": int(dead.stdout), "started": "1"})
+    (tmp_path / "out" / ".tmp-0123-_lock.json").write_text("{")  # killed in the middle of a heartbeat
+    with _lock(tmp_path, ttl_s=3600) as taker:  # its heartbeat is fresh: only the pid says it is dead
+        assert storage.read_lock(taker.loc)["run"] == taker.run_id
+        assert os.listdir(tmp_path / "out") == ["_lock.json"]
+    assert storage.lock_holder_gone({**record, "started": "1"}, 3600).startswith("its process")  # a reused pid
+
+
+def test_a_lock_whose_heartbeat_stopped_is_taken_over_after_the_ttl(tmp_path):
+    held = _lock(tmp_path)
+    held._write()
+    record = storage.read_lock(held.loc)
+    elsewhere = {**record, "host": "another-pod", "heartbeat": time.time() - 30}  # its pid means nothing here
+    storage.write_json(held.loc, elsewhere)
+    with pytest.raises(storage.OutputLocked, match="heartbeat 30 s ago"):
+        _lock(tmp_path, ttl_s=60).acquire()
+    with _lock(tmp_path, ttl_s=10) as taker:
+        assert taker.holds() and not held.holds()
