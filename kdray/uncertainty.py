@@ -37,14 +37,45 @@ def _macro_f1_of_probs(y: np.ndarray, probs: np.ndarray) -> float:
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": _accuracy, "macro_f1": _macro_f1_of_probs, "ece": lambda y, p: expected_calibration_error(p, y)}
+ECE_BINS = 15  # kdray.metrics.expected_calibration_error's default
 
 
-def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, seed: int, resamples: int):
-    """scipy's percentile bootstrap of ``statistic(image indices)`` over n images."""
+def _resampled(metric: str, y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``metric`` of many resamples at once: index rows ``[R, n]`` → ``[R]`` values, by the same definitions as
+    :data:`METRICS` (macro-F1 over the classes a resample holds or predicts; ECE over the same equal-width
+    bins), computed from per-image arrays instead of a metrics call per resample."""
+    pred = probs.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    if metric == "accuracy":
+        return lambda idx: correct[idx].mean(axis=-1)
+    if metric == "macro_f1":
+        def f1(idx: np.ndarray) -> np.ndarray:
+            truth, guess = y[idx], pred[idx]
+            scores, present = np.zeros(idx.shape[0]), np.zeros(idx.shape[0])
+            for c in range(probs.shape[1]):
+                tp = ((truth == c) & (guess == c)).sum(axis=-1)
+                spread = (truth == c).sum(axis=-1) + (guess == c).sum(axis=-1)  # 2·tp + fp + fn
+                scores += np.where(spread > 0, 2 * tp / np.maximum(spread, 1), 0.0)
+                present += spread > 0
+            return scores / present
+        return f1
+    conf = probs.max(axis=1)
+    bins = np.clip(np.ceil(conf * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+    gap = correct - conf  # per image: what it adds to its bin's |accuracy sum - confidence sum|
+
+    def ece(idx: np.ndarray) -> np.ndarray:
+        in_bins, gaps = bins[idx], gap[idx]
+        return sum(np.abs((gaps * (in_bins == b)).sum(axis=-1)) for b in range(ECE_BINS)) / idx.shape[-1]
+    return ece
+
+
+def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n: int, seed: int, resamples: int):
+    """scipy's percentile bootstrap over n images; ``statistic`` maps index rows [R, n] to [R] values."""
     from scipy.stats import bootstrap
 
-    return bootstrap((np.arange(n),), statistic, n_resamples=resamples, confidence_level=CONFIDENCE,
-                     method="percentile", vectorized=False, random_state=np.random.default_rng(seed))
+    return bootstrap((np.arange(n),), lambda idx, axis=-1: statistic(np.atleast_2d(idx)).reshape(np.shape(idx)[:-1]),
+                     n_resamples=resamples, confidence_level=CONFIDENCE, method="percentile", vectorized=True,
+                     batch=max(1, 2**22 // max(n, 1)), random_state=np.random.default_rng(seed))
 
 
 def _check(y, *probs: np.ndarray) -> np.ndarray:
@@ -62,7 +93,7 @@ def metric_intervals(y: np.ndarray, probs: np.ndarray, seed: int = 0, resamples:
     y = _check(y, probs)
     out = {}
     for name, metric in METRICS.items():
-        ci = _bootstrap(lambda idx: metric(y[idx], probs[idx]), len(y), seed, resamples).confidence_interval
+        ci = _bootstrap(_resampled(name, y, probs), len(y), seed, resamples).confidence_interval
         out[name] = {"value": metric(y, probs), "low": float(ci.low), "high": float(ci.high)}
     return out
 
@@ -74,14 +105,11 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
     if metric not in METRICS:
         raise KdrayError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     y = _check(y, probs_a, probs_b)
+    of_a, of_b = _resampled(metric, y, probs_a), _resampled(metric, y, probs_b)
+    result = _bootstrap(lambda idx: of_a(idx) - of_b(idx), len(y), seed, resamples)
     fn = METRICS[metric]
-
-    def difference(idx: np.ndarray) -> float:
-        return fn(y[idx], probs_a[idx]) - fn(y[idx], probs_b[idx])
-
-    result = _bootstrap(difference, len(y), seed, resamples)
-    return {"metric": metric, "difference": difference(np.arange(len(y))), "low": float(result.confidence_interval.low),
-            "high": float(result.confidence_interval.high),
+    return {"metric": metric, "difference": fn(y, probs_a) - fn(y, probs_b),
+            "low": float(result.confidence_interval.low), "high": float(result.confidence_interval.high),
             "share_a_better": float(np.mean(result.bootstrap_distribution > 0))}
 
 

@@ -6,19 +6,8 @@ import pytest
 
 from kdray import KdrayError
 from kdray.evaluate import predictions_table
-from kdray.uncertainty import aligned
-from kdray.uncertainty import metric_intervals as _metric_intervals
-from kdray.uncertainty import paired_difference as _paired_difference
-
-RESAMPLES = 400  # the library default, 2000, takes ~10 s a call here
-
-
-def metric_intervals(*args, **kwargs):
-    return _metric_intervals(*args, resamples=RESAMPLES, **kwargs)
-
-
-def paired_difference(*args, **kwargs):
-    return _paired_difference(*args, resamples=RESAMPLES, **kwargs)
+from kdray.metrics import expected_calibration_error, macro_f1
+from kdray.uncertainty import METRICS, _resampled, aligned, metric_intervals, paired_difference
 
 
 def _probs(pred: np.ndarray, n_classes: int = 3, confidence: float = 0.8) -> np.ndarray:
@@ -100,3 +89,17 @@ def test_predictions_table_columns():
     assert isinstance(t, pa.Table)
     assert t.column_names == ["image_id", "label", "prediction", "p_covid", "p_normal", "p_pneumonia", "source"]
     assert t["label"].to_pylist() == ["normal", "covid"] and t["prediction"].to_pylist() == ["normal", "covid"]
+
+
+def test_resampled_metrics_equal_the_metrics_tables_definitions():
+    """The bootstrap computes every resample at once from per-image arrays: the same values as the metrics."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 200)
+    y[:5] = 0  # class 2 may be absent from a resample: macro-F1 then averages over the classes present
+    probs = rng.dirichlet([1, 1, 1], 200)
+    rows = rng.integers(0, 200, (30, 200))
+    for name, metric in METRICS.items():
+        expected = np.array([metric(y[r], probs[r]) for r in rows])
+        np.testing.assert_allclose(_resampled(name, y, probs)(rows), expected, rtol=0, atol=1e-12)
+    assert METRICS["macro_f1"](y, probs) == macro_f1(y, probs.argmax(1))
+    assert METRICS["ece"](y, probs) == expected_calibration_error(probs, y)
