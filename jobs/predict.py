@@ -15,22 +15,25 @@ import sys
 
 import numpy as np
 
-from kdray import KdrayError, storage
+from kdray import KdrayError
 from kdray.runner import run_job
-from kdray.data import decode_image, describe_decode_error
+from kdray.images import DEFAULT_LIMITS, ImageRefused, load_image
+from kdray.inputs import failure_message, read_failure_reason, read_named
 from kdray.predictor import BACKENDS, Predictor
 
 BATCH = 32
 
 
 def load_for_prediction(path: str, size: int) -> np.ndarray:
-    """The decoded image at ``path``, or a KdrayError naming the path and the reason."""
-    data = storage.read_bytes(path)  # KdrayError if missing or unreachable
+    """The decoded image at ``path``, or a KdrayError naming the path and the reason code. The file is read as
+    scoring reads it (:func:`kdray.inputs.read_named`: a FIFO or device is refused unopened, never more than
+    the byte limit is read) and decoded under :data:`kdray.images.DEFAULT_LIMITS`."""
     try:
-        return decode_image(data, size)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        reason = describe_decode_error(exc).removeprefix("cannot decode image: ")
-        raise KdrayError(f"{path}: cannot decode image ({reason})") from None
+        data = read_named(path, DEFAULT_LIMITS)
+        return load_image(data, size, DEFAULT_LIMITS).pixels
+    except (ImageRefused, OSError, KdrayError) as exc:
+        raise KdrayError(f"{path}: cannot decode image ({read_failure_reason(exc)}: {failure_message(exc)})") \
+            from None
 
 
 def load_all(paths: list[str], size: int) -> tuple[list[str], list[np.ndarray], list[str]]:

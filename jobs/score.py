@@ -24,7 +24,8 @@ from kdray.score import score_archive
 def main(argv: list[str]) -> dict:
     cfg = load_config(ScoreJobConfig, argv)
     limits = ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
-                         modalities=tuple(cfg.modalities) or None)
+                         modalities=tuple(cfg.modalities) or None, max_decode_bytes=cfg.max_decode_bytes,
+                         max_frames=cfg.max_frames)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
                             cfg.shard_size, limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))

@@ -534,13 +534,16 @@ class ScoreJobConfig:
     min_side: int = 32  # images with a shorter side are refused as too_small
     max_pixels: int = 64_000_000  # larger images are refused as too_large, from the header, before decoding
     max_bytes: int = 512 * 2**20  # larger files are refused as file_too_large before they are read
+    max_decode_bytes: int = 2**30  # the decode budget: images whose decode would take more memory are too_large
+    max_frames: int = 64  # DICOMs with more frames are refused (too_large); of the others the first frame is scored
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
     explain: ExplainMode = "none"  # Grad-CAM overlays under explanations/ for: none | covid_suspect | all rows
     allowed_roots: list[str] = field(default_factory=list)  # folders or s3:// prefixes inputs may also be read from;
     #                      by default only the input's own (a manifest's folder): rows elsewhere are outside_roots
 
     CHECKS: typing.ClassVar[dict[str, Check]] = {"batch_size": ge(1), "shard_size": ge(0), "min_side": ge(1),
-                                                 "max_pixels": ge(1), "max_bytes": ge(1)}
+                                                 "max_pixels": ge(1), "max_bytes": ge(1),
+                                                 "max_decode_bytes": ge(1), "max_frames": ge(1)}
     REQUIRED: typing.ClassVar[dict[str, str]] = {
         "model": "an exported model folder, a checkpoint or a run folder",
         "input": "a folder or s3:// prefix of images", "output": "a folder or s3:// prefix for the results"}

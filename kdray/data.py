@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from kdray import KdrayError, storage
 from kdray.config import AugmentConfig
-from kdray.images import DECODER_VERSION, IO_ERROR, ImageRefused, check_file_size, load_image
+from kdray.images import DECODER_VERSION, DEFAULT_LIMITS, IO_ERROR, ImageRefused, load_image
+from kdray.inputs import read_named
 from kdray.runner import kdray_errors_from_ray
 
 log = logging.getLogger(__name__)
@@ -205,17 +205,11 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 
 def _read_checked(fs, path: str) -> bytes:
-    """A file's bytes, refused as file_too_large before it is read whole when it is over the byte limit. An S3
-    that cannot be reached is retried (:func:`kdray.storage.retrying`), then :class:`storage.S3Unavailable`,
-    which the callers let through: an outage stops the job instead of dropping the images it hides."""
-    def read() -> bytes:
-        size = fs.get_file_info(path).size
-        if size is not None:
-            check_file_size(size)
-        with fs.open_input_stream(path) as fh:
-            return fh.read()
-
-    return storage.retrying(read, f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path, "reading")
+    """A file's bytes, read as scoring reads inputs (:func:`kdray.inputs.read_named`: a FIFO or device refused
+    unopened, never more than the byte limit). An S3 that cannot be reached is retried, then
+    :class:`storage.S3Unavailable`, which the callers let through: an outage stops the job instead of dropping
+    the images it hides."""
+    return read_named(path, DEFAULT_LIMITS, fs)
 
 
 def describe_decode_error(exc: Exception) -> str:

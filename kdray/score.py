@@ -56,13 +56,10 @@ with a one-line error and no ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
-import stat
 import tarfile
 import time
 from collections import Counter
@@ -74,8 +71,9 @@ import pyarrow.fs as pafs
 
 from kdray import KdrayError, storage
 from kdray.explain import Explainer, should_explain
-from kdray.images import (CORRUPT, FILE_TOO_LARGE, FORBIDDEN, IO_ERROR, MISSING, NOT_A_FILE, OUTSIDE_ROOTS,
-                          SPARSE_MEMBER, TOO_LARGE, ImageLimits, ImageRefused, check_file_size, load_image)
+from kdray.images import IO_ERROR, OUTSIDE_ROOTS, ImageLimits, ImageRefused, load_image
+from kdray.inputs import (failure_message, is_hidden, open_local, open_tar, read_failure_reason, read_location,
+                          tar_failure, tar_members)
 from kdray.predictor import Predictor, model_info
 from kdray.raycluster import cluster_cpus, cluster_gpus, init_ray
 from kdray.runner import root_cause
@@ -89,24 +87,12 @@ EXPLANATIONS_DIR = "explanations"
 EXPLAIN_CHUNK = 8  # images per Grad-CAM call
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MIN_AUTO_SHARD, MAX_AUTO_SHARD = 32, 256
-METADATA_SUFFIXES = (".json", ".txt", ".cls", ".cls2", ".xml", ".yaml", ".yml", ".csv", ".npy", ".pth")
-#: An extended tar header (pax, GNU long name) is read whole by tarfile: a larger one is refused first.
-MAX_TAR_HEADER_BYTES = 2**20
-_EXTENDED_TAR_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                         tarfile.GNUTYPE_LONGLINK)
 DICOM_FIELDS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid",
                 "Modality": "modality", "BodyPartExamined": "body_part", "ViewPosition": "view_position"}
 
 
 class ScoringAborted(KdrayError):
     """The job stopped: too many read failures in a row, or the output store cannot be written."""
-
-
-class TarHeaderTooLarge(tarfile.HeaderError):
-    """An extended tar header over :data:`MAX_TAR_HEADER_BYTES`, refused before tarfile reads it into memory.
-
-    A plain HeaderError subclass on purpose: tarfile's ``next()`` ends the archive quietly on an
-    InvalidHeaderError past the first member, and re-raises this one."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +136,6 @@ class Plan:
 # ----------------------------------------------------------------------------- listing
 
 
-def _is_hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/"))
-
-
 def auto_shard_size(inputs: int) -> int:
     """About 16 shards for small archives (enough to keep every actor busy to the end; smaller shards cost more
     in per-shard writes than they gain), 256 inputs each for large ones. A function of the input count only,
@@ -181,7 +163,7 @@ def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0, allowed_roo
     if kind == pafs.FileType.File and loc.path.lower().endswith(".tar"):
         return Plan(input_uri, model_uri, "tar", "", 1, [[loc.uri]], None, roots=roots, allowed_roots=extra)
     relative = storage.list_tree(loc, roots)  # a clear error for a missing folder or bucket
-    visible = [r for r in relative if not _is_hidden(r)]
+    visible = [r for r in relative if not is_hidden(r)]
     hidden = len(relative) - len(visible)
     if not visible:
         raise KdrayError(f"{input_uri}: no files to score" + (f" ({hidden} hidden files skipped)" if hidden else ""))
@@ -236,171 +218,6 @@ def _read_manifest(loc: storage.Location) -> pa.Table:
 
 def _entry_uri(plan_base: str, entry: str) -> str:
     return storage.join(plan_base, entry) if plan_base else entry
-
-
-# ----------------------------------------------------------------------------- reading one input
-
-#: errno values that mean the input is not there, for good: a name that leads nowhere.
-_MISSING_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
-#: What a missing object or refused access looks like in pyarrow's S3 messages ("AWS Error <type> during ...").
-_S3_FORBIDDEN = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|HTTP status 403")
-_S3_MISSING = re.compile(r"NO_SUCH_KEY|NoSuchKey|NO_SUCH_BUCKET|NoSuchBucket|RESOURCE_NOT_FOUND|HTTP status 404")
-
-
-def read_failure_reason(exc: BaseException) -> str:
-    """The reason code for an input that could not be read or decoded. Only a failure that may pass is ``io_error``
-    (an S3 5xx or timeout after the retries, EIO, ESTALE, a stream cut in the middle…): its shard stays
-    unfinished so that a re-run retries it. Everything else is terminal: not there (``missing``), not allowed
-    (``forbidden``), not a file, or the decoder's refusal."""
-    if isinstance(exc, ImageRefused):
-        return exc.reason
-    if isinstance(exc, tarfile.TarError):
-        return CORRUPT
-    if isinstance(exc, PermissionError):
-        return FORBIDDEN
-    if isinstance(exc, IsADirectoryError):
-        return NOT_A_FILE
-    if isinstance(exc, OSError):
-        if isinstance(exc, FileNotFoundError) or exc.errno in _MISSING_ERRNOS:
-            return MISSING
-        if _S3_FORBIDDEN.search(str(exc)):
-            return FORBIDDEN
-        if _S3_MISSING.search(str(exc)):
-            return MISSING
-    return IO_ERROR
-
-
-def _failure_message(exc: BaseException) -> str:
-    """One line for an error row: the OS's words for a local failure (not the path: the row has it)."""
-    if isinstance(exc, ImageRefused):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno})" if exc.errno else exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
-
-
-def open_local(path: str):
-    """A local regular file, opened for reading (``path`` is real: :func:`kdray.storage.within_roots`); returns
-    (file, size). Anything else is refused (``not_a_file``) without reading from it: it is checked with lstat
-    before it is opened (opening some devices has effects), opened without blocking (a FIFO would wait for a
-    writer forever) and without following a last link (one swapped in since the check), and checked again."""
-    mode = os.lstat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise ImageRefused(NOT_A_FILE, f"{_file_kind(mode)}, not a regular file; not read")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageRefused(NOT_A_FILE, f"{_file_kind(st.st_mode)}, not a regular file; not read")
-        return os.fdopen(fd, "rb"), st.st_size
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_local(path: str, limits: ImageLimits) -> bytes:
-    """A local input's bytes (:func:`open_local`): a file over the byte limit is refused from its size, and no more
-    than the limit + 1 bytes are ever read (it may grow meanwhile)."""
-    fh, size = open_local(path)
-    with fh:
-        check_file_size(size, limits)
-        data = fh.read(size + 1)  # (sized by the file, not by the limit: a read allocates what it asks for)
-        if len(data) > size:  # it grew since
-            data += fh.read(limits.max_bytes + 1 - len(data))
-    check_file_size(len(data), limits)
-    return data
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that reads no more of the headers than a member's refusal needs: an extended header (pax, GNU
-    long name or link) over :data:`MAX_TAR_HEADER_BYTES` is refused (tarfile reads one whole, before it returns
-    the member it describes), and a sparse member's map is passed over unread (tarfile keeps it as a list that
-    grows with the archive; the member is refused as ``sparse_member`` anyway)."""
-
-    def _proc_member(self, tar):
-        if self.type in _EXTENDED_TAR_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
-            raise TarHeaderTooLarge(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER_BYTES:,} "
-                                    "are read)")
-        return super()._proc_member(tar)
-
-    def _proc_sparse(self, tar):
-        """A GNU sparse ('S') member: its extension blocks are skipped one at a time instead of collected."""
-        _, extended, real_size = self._sparse_structs
-        del self._sparse_structs
-        while extended:
-            block = tar.fileobj.read(tarfile.BLOCKSIZE)
-            if len(block) < tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("unexpected end of data in a sparse member's map")
-            extended = bool(block[504])  # the last extension block says so
-        self.sparse = []
-        self.offset_data = tar.fileobj.tell()
-        tar.offset = self.offset_data + self._block(self.size)
-        self.size = real_size
-        return self
-
-    def _proc_gnusparse_10(self, next, pax_headers, tar):  # noqa: A002 - tarfile's name for the member
-        """A pax GNU sparse 1.0 member: its map, at the start of its data, is left unread with the data."""
-        next.sparse = []
-
-
-def open_tar(fileobj) -> tarfile.TarFile:
-    """A tar stream for :func:`tar_members` (reads the first header)."""
-    return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedTarInfo)
-
-
-def tar_members(tar: tarfile.TarFile, tar_uri: str, limits: ImageLimits, max_tar_bytes: int):
-    """``(name, read)`` for each input member of a tar stream, one member at a time: ``read()`` returns that
-    member's bytes, and must be called before the next member is asked for. No member's data is read until then,
-    and none that is refused: a sparse member (``sparse_member``: tarfile would expand its holes), a link,
-    device or FIFO (``not_a_file``), a member over the byte limit (``file_too_large``), and every member once
-    those read have passed ``max_tar_bytes`` (``too_large``). Folders, hidden and metadata members are skipped.
-    A failure in the stream ends it with a row for the tar itself (``corrupt`` or, if it may pass, ``io_error``);
-    the rows before it stand."""
-    read_total = 0
-    while True:
-        try:
-            member = tar.next()
-        except Exception as exc:  # noqa: BLE001 - tarfile's parser also raises ValueError & co. on bad headers
-            yield _shard_failure(tar_uri, exc)
-            return
-        if member is None:
-            return
-        tar.members.clear()  # a stream needs no index of the members passed (their headers would pile up)
-        if member.isdir() or _is_hidden(member.name) or member.name.lower().endswith(METADATA_SUFFIXES):
-            continue
-        name = f"{tar_uri}#{member.name}"
-        if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
-            yield name, _raiser(SPARSE_MEMBER, f"a sparse member of {member.size:,} bytes expanded; not read")
-        elif not member.isfile():
-            yield name, _raiser(NOT_A_FILE, f"{_member_kind(member)}, not a file; not read")
-        elif member.size > limits.max_bytes:
-            yield name, _raiser(FILE_TOO_LARGE, f"member is {member.size:,} bytes; at most {limits.max_bytes:,} "
-                                                "are accepted")
-        elif read_total > max_tar_bytes:
-            yield name, _raiser(TOO_LARGE, f"the tar shard's members passed {max_tar_bytes:,} bytes read; "
-                                           "not read")
-        else:
-            read_total += member.size
-            yield name, lambda member=member: tar.extractfile(member).read()
-
-
-def _shard_failure(tar_uri: str, exc: Exception):
-    """The row for a tar shard that cannot be read (on): ``corrupt``, or ``io_error`` when the failure may pass."""
-    reason = read_failure_reason(exc) if isinstance(exc, (OSError, KdrayError, tarfile.TarError)) else CORRUPT
-    return tar_uri, _raiser(reason, f"cannot read the tar shard: {_failure_message(exc)}")
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    kinds = (("issym", "a symbolic link"), ("islnk", "a hard link"), ("ischr", "a character device"),
-             ("isblk", "a block device"), ("isfifo", "a FIFO"))
-    return next((name for test, name in kinds if getattr(member, test)()), f"a member of type {member.type!r}")
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -458,18 +275,7 @@ class ShardScorer:
         return real
 
     def _read(self, uri: str) -> bytes:
-        real = self._inside(uri)
-        if not real.startswith("s3://"):
-            return read_local(real, self.limits)
-        loc = self._location(real)
-
-        def read() -> bytes:  # one request per file: no separate stat (a HEAD on S3) before the GET
-            with loc.fs.open_input_stream(loc.path) as fh:
-                data = fh.read(self.limits.max_bytes + 1)  # never more than the byte limit, whatever the file's size
-            check_file_size(len(data), self.limits)
-            return data
-
-        return storage.retrying(read, uri, "reading")
+        return read_location(self._location(self._inside(uri)), self.limits)
 
     def _tar_inputs(self, tar_uri: str):
         """The members of one tar shard (:func:`tar_members`); a shard that cannot be opened is one row."""
@@ -491,7 +297,7 @@ class ShardScorer:
         except storage.S3Unavailable:
             raise  # stops the job (_score_shard): S3 is away, not this shard
         except Exception as exc:  # noqa: BLE001 - tarfile's parser also raises ValueError & co. on bad headers
-            yield _shard_failure(tar_uri, exc)
+            yield tar_failure(tar_uri, exc)
             return
         with stream, tar:
             yield from tar_members(tar, tar_uri, self.limits, self.policy.max_tar_bytes)
@@ -518,7 +324,7 @@ class ShardScorer:
                 raise  # S3 is away after the retry budget: the job stops, this input is not an io_error row
             except (OSError, KdrayError, tarfile.TarError) as exc:
                 reason = read_failure_reason(exc)
-                errors.append({"path": name, "reason": reason, "message": _failure_message(exc)})
+                errors.append({"path": name, "reason": reason, "message": failure_message(exc)})
                 self._count_read_failure(reason, name, errors[-1]["message"])
                 continue
             self.consecutive_io_errors = 0
@@ -636,13 +442,6 @@ def explanation_path(part: str, name: str) -> str:
     """Where a row's overlay goes, relative to the output: the shard's folder and a hash of the input's name
     (the prediction row's ``path``), so that the names are stable across re-runs and never collide."""
     return f"{EXPLANATIONS_DIR}/{part}/{hashlib.sha256(name.encode()).hexdigest()[:20]}.png"
-
-
-def _raiser(reason: str, message: str):
-    """A ``read`` for an input refused before reading: it raises the refusal."""
-    def read():
-        raise ImageRefused(reason, message)
-    return read
 
 
 def _errors_table(errors: list[dict]) -> pa.Table:

@@ -30,6 +30,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -136,6 +137,11 @@ def _pillow(array: np.ndarray, fmt: str, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+def noise_png(side: int = 64, seed: int = 0) -> bytes:
+    """A small valid gray PNG of noise (a regular input beside the hostile ones)."""
+    return _pillow(np.random.default_rng(seed).integers(0, 255, (side, side), dtype=np.uint8), "PNG")
 
 
 def _texture(height: int, width: int, dtype=np.uint8, top: int = 255, seed: int = 0) -> np.ndarray:
@@ -284,6 +290,48 @@ def deep_sequences(depth: int) -> bytes:
     base = dicom(64, 64, bytes(64 * 64 * 2))
     insert = base.find(b"\xe0\x7f\x10\x00")  # before Pixel Data, where a tag of group 0x0040 fits
     return base[:insert] + item + base[insert:]
+
+
+# ----------------------------------------------------------------------------- builders: tar shards
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def gnu_sparse_member(name: str, stored: bytes, real_size: int, extension_blocks: int = 0) -> bytes:
+    """A GNU sparse ('S') member: ``stored`` bytes in the archive that declare ``real_size`` bytes expanded, with
+    ``extension_blocks`` more blocks of its map (21 regions each) after the header."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(stored)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = b"%011o\0%011o\0" % (0, len(stored))  # one region: offset 0, the stored bytes
+    header[482] = 1 if extension_blocks else 0
+    header[483:495] = b"%011o\0" % real_size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    block = bytearray(b"%011o\0%011o\0" % (1, 1) * 21 + bytes(8))
+    extensions = b"".join(bytes(block[:504]) + bytes([i < extension_blocks - 1]) + bytes(7)
+                          for i in range(extension_blocks))
+    return bytes(header) + extensions + stored + b"\0" * (-len(stored) % tarfile.BLOCKSIZE)
+
+
+def hostile_tar(path: Path, ok: bytes) -> None:
+    """``ok`` as ok.png, then a sparse member declaring 64 MiB, a symlink, a FIFO, a member of 60 kB and a
+    folder."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "ok.png", ok)
+        sparse = gnu_sparse_member("sparse.png", b"\x89PNG" * 2500, 64 * 2**20)
+        tar.fileobj.write(sparse)
+        tar.offset += len(sparse)
+        add_member(tar, "link.png", kind=tarfile.SYMTYPE, linkname="/etc/hostname")
+        add_member(tar, "pipe.png", kind=tarfile.FIFOTYPE)
+        add_member(tar, "big.png", os.urandom(60_000))
+        add_member(tar, "folder", kind=tarfile.DIRTYPE)
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -20,7 +20,7 @@ PACKAGES = ("kdray", "jobs", "serve")
 #: Bottom to top. Keep in step with the drawing in docs/architecture.md.
 LAYERS: list[tuple[str, set[str]]] = [
     ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas", "kdray.ray_private"}),
-    ("core", {"kdray.images", "kdray.codestreams", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
+    ("core", {"kdray.images", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
               "kdray.raycluster", "kdray.local_cluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
               "kdray.train"}),
     ("predictor", {"kdray.predictor"}),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"jobs.*", "serve.*"}),
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
-NO_RAY = {"kdray.images", "kdray.codestreams", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
+NO_RAY = {"kdray.images", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
           "kdray.explain"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}

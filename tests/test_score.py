@@ -13,7 +13,6 @@ import sys
 import tarfile
 import threading
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,12 @@ from PIL import Image
 
 from kdray import KdrayError, storage
 from kdray.data import sample_images
-from kdray import score
-from kdray.images import ImageLimits, ImageRefused
+from kdray import inputs, score
+from kdray.images import ImageLimits
 from kdray.score import ReadPolicy, score_archive
 from kdray.synthetic import dicom_bytes
+import hostile
+from hostile import add_member, hostile_tar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,6 +296,31 @@ def test_a_manifest_reads_only_inside_its_roots_and_always_finishes(tmp_path, ex
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_the_hostile_corpus_in_a_folder_scores_each_file_once_with_its_reason(tmp_path, exported_student,
+                                                                              ray_local):
+    """tests/hostile.py's corpus mixed with good PNGs, a FIFO and a link loop: the run finishes, every input once,
+    each corpus file refused with the reason load_image gives it (under the serving budget, to keep it small)."""
+    from kdray.images import SERVING_LIMITS
+
+    root = tmp_path / "in"
+    write_tree(root, {f"good/{i}.png": (png(seed=i), None) for i in range(8)})
+    for case in hostile.CASES:
+        (root / "corpus" / case.name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "corpus" / case.name).write_bytes(case.make())
+    os.mkfifo(root / "pipe.png")
+    os.symlink("..", root / "good" / "loop")
+    out = str(tmp_path / "out")
+    summary = score_archive(exported_student, str(root), out, limits=SERVING_LIMITS)
+    expected = {str(root / "corpus" / c.name): c.expect["serving"] for c in hostile.CASES}
+    expected |= {str(root / "good" / f"{i}.png"): hostile.OK for i in range(8)} | {str(root / "pipe.png"): "not_a_file"}
+    predictions, errors = assert_exactly_once(out, set(expected))
+    outcome = dict.fromkeys(predictions["path"].to_pylist(), hostile.OK)
+    outcome |= dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist()))
+    assert outcome == expected and summary["images"] == len(expected)
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_folder_with_link_loops_scores_each_real_file_once_and_finishes(tmp_path, exported_student, ray_local):
     root, elsewhere = _hostile_tree(tmp_path)
@@ -321,7 +347,7 @@ def test_tar_shards_refuse_hostile_members_without_reading_them(tmp_path, export
     shards = tmp_path / "shards"
     shards.mkdir()
     limits = dataclasses.replace(LIMITS, max_bytes=50_000)
-    hostile_tar(shards / "a.tar")
+    hostile_tar(shards / "a.tar", png())
     with tarfile.open(shards / "b.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         add_member(tar, "first.png", png(seed=5))
         add_member(tar, "commented.png", png(seed=6), pax_headers={"comment": "x" * (2 * 2**20)})
@@ -365,160 +391,7 @@ def test_two_runs_on_one_output_the_second_is_refused(tmp_path, exported_student
     assert not (out / "_lock.json").exists()
 
 
-# ----------------------------------------------------------------------------- hostile inputs, no Ray
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, **fields) -> None:
-    info = tarfile.TarInfo(name)
-    info.type, info.size = kind, len(data)
-    for key, value in fields.items():
-        setattr(info, key, value)
-    tar.addfile(info, io.BytesIO(data) if data else None)
-
-
-def gnu_sparse_member(name: str, stored: bytes, real_size: int, extension_blocks: int = 0) -> bytes:
-    """A GNU sparse ('S') member: ``stored`` bytes in the archive that declare ``real_size`` bytes expanded, with
-    ``extension_blocks`` more blocks of its map (21 regions each) after the header."""
-    info = tarfile.TarInfo(name)
-    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(stored)
-    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
-    header[386:410] = b"%011o\0%011o\0" % (0, len(stored))  # one region: offset 0, the stored bytes
-    header[482] = 1 if extension_blocks else 0
-    header[483:495] = b"%011o\0" % real_size
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
-    block = bytearray(b"%011o\0%011o\0" % (1, 1) * 21 + bytes(8))
-    extensions = b"".join(bytes(block[:504]) + bytes([i < extension_blocks - 1]) + bytes(7)
-                          for i in range(extension_blocks))
-    return bytes(header) + extensions + stored + b"\0" * (-len(stored) % tarfile.BLOCKSIZE)
-
-
-def hostile_tar(path: Path) -> None:
-    """ok.png, then a sparse member declaring 64 MiB, a symlink, a FIFO, a member over 50 kB and a folder."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        add_member(tar, "ok.png", png())
-        sparse = gnu_sparse_member("sparse.png", b"\x89PNG" * 2500, 64 * 2**20)
-        tar.fileobj.write(sparse)
-        tar.offset += len(sparse)
-        add_member(tar, "link.png", kind=tarfile.SYMTYPE, linkname="/etc/hostname")
-        add_member(tar, "pipe.png", kind=tarfile.FIFOTYPE)
-        add_member(tar, "big.png", os.urandom(60_000))
-        add_member(tar, "folder", kind=tarfile.DIRTYPE)
-
-
-def tar_outcomes(fileobj, limits: ImageLimits, max_tar_bytes: int = 2**30) -> dict[str, object]:
-    """member (or "<tar>") → bytes read, or the reason code, as a scoring actor would see them."""
-    outcomes = {}
-    with score.open_tar(fileobj) as tar:
-        for name, read in score.tar_members(tar, "shard.tar", limits, max_tar_bytes):
-            key = name.partition("#")[2] or "<tar>"
-            try:
-                outcomes[key] = len(read())
-            except (ImageRefused, OSError, tarfile.TarError) as exc:
-                outcomes[key] = score.read_failure_reason(exc)
-    return outcomes
-
-
-def test_tar_members_are_streamed_and_refused_without_reading_them(tmp_path):
-    """A 10 kB shard whose sparse member declares 64 MiB: refused, and nothing read it (the peak stays small)."""
-    hostile_tar(tmp_path / "a.tar")
-    assert (tmp_path / "a.tar").stat().st_size < 100_000
-    tracemalloc.start()
-    try:
-        with open(tmp_path / "a.tar", "rb") as fh:
-            outcomes = tar_outcomes(fh, ImageLimits(max_bytes=50_000))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert outcomes == {"ok.png": len(png()), "sparse.png": "sparse_member", "link.png": "not_a_file",
-                        "pipe.png": "not_a_file", "big.png": "file_too_large"}
-    assert peak < 2 * 2**20, peak
-    with open(tmp_path / "a.tar", "rb") as fh:  # once the members read pass the shard's cap, the rest are not read
-        assert tar_outcomes(fh, ImageLimits(), max_tar_bytes=100) == {
-            "ok.png": len(png()), "sparse.png": "sparse_member", "link.png": "not_a_file", "pipe.png": "not_a_file",
-            "big.png": "too_large"}
-
-
-def test_a_sparse_members_map_is_not_read_either(tmp_path):
-    """tarfile would keep a sparse member's map as a list that grows with the archive (GNU extension blocks, a pax
-    GNU.sparse 1.0 map): both are passed over, and the member after them is read from the right offset."""
-    with tarfile.open(tmp_path / "maps.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        sparse = gnu_sparse_member("gnu.png", b"x" * 1000, 64 * 2**20, extension_blocks=4000)
-        tar.fileobj.write(sparse)
-        tar.offset += len(sparse)
-        regions = 200_000
-        sparse_map = b"%d\n" % regions + b"1024\n1024\n" * regions
-        sparse_map += b"\0" * (-len(sparse_map) % tarfile.BLOCKSIZE)
-        add_member(tar, "GNUSparseFile.0/pax.png", sparse_map + b"x" * 1000, pax_headers={
-            "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "pax.png",
-            "GNU.sparse.realsize": str(64 * 2**20)})
-        add_member(tar, "after.png", png())
-    tracemalloc.start()
-    try:
-        with open(tmp_path / "maps.tar", "rb") as fh:
-            outcomes = tar_outcomes(fh, ImageLimits())
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert outcomes == {"gnu.png": "sparse_member", "pax.png": "sparse_member", "after.png": len(png())}
-    assert peak < 2**20, peak
-
-
-def test_an_extended_tar_header_over_1_mib_is_refused_before_it_is_read(tmp_path):
-    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        add_member(tar, "first.png", png())
-        add_member(tar, "second.png", png(seed=1), pax_headers={"comment": "x" * (8 * 2**20)})
-    with tarfile.open(tmp_path / "long.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        add_member(tar, "d/" * (2**20) + "x.png", png())  # a GNU long name of 2 MiB, first in the shard
-    tracemalloc.start()
-    try:
-        with open(tmp_path / "pax.tar", "rb") as fh:
-            assert tar_outcomes(fh, ImageLimits()) == {"first.png": len(png()), "<tar>": "corrupt"}
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 2**20, peak
-    with open(tmp_path / "long.tar", "rb") as fh, pytest.raises(score.TarHeaderTooLarge, match="2,097,"):
-        score.open_tar(fh)
-
-
-def test_a_tar_failing_in_mid_stream_keeps_the_rows_before(tmp_path):
-    with tarfile.open(tmp_path / "a.tar", "w") as tar:
-        add_member(tar, "first.png", png())
-        add_member(tar, "second.png", os.urandom(40_000))
-        add_member(tar, "third.png", png(seed=2))
-
-    class FailingDisk(io.FileIO):  # EIO once the reads pass 20 kB
-        def read(self, size=-1):
-            if self.tell() > 20_000:
-                raise OSError(errno.EIO, "Input/output error")
-            return super().read(size)
-
-    with FailingDisk(tmp_path / "a.tar") as fh:
-        outcomes = tar_outcomes(fh, ImageLimits())
-    assert outcomes["first.png"] == len(png()) and outcomes["<tar>"] == "io_error"
-    data = (tmp_path / "a.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[:30_000])  # cut in the middle of second.png: corrupt, and so is the tar
-    with open(tmp_path / "cut.tar", "rb") as fh:
-        assert tar_outcomes(fh, ImageLimits()) == {"first.png": len(png()), "second.png": "corrupt", "<tar>": "corrupt"}
-
-
-@pytest.mark.parametrize("error, reason", [
-    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "missing"),
-    (OSError(errno.ELOOP, "Too many levels of symbolic links"), "missing"),
-    (PermissionError(errno.EACCES, "Permission denied"), "forbidden"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory"), "not_a_file"),
-    (OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"), "forbidden"),
-    (OSError("AWS Error NO_SUCH_BUCKET during GetObject operation: The specified bucket does not exist"), "missing"),
-    (OSError(errno.EIO, "Input/output error"), "io_error"),
-    (OSError(errno.ESTALE, "Stale file handle"), "io_error"),
-    (OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 18, Transferred a partial file"),
-     "io_error"),
-    (tarfile.ReadError("unexpected end of data"), "corrupt"),
-    (ImageRefused("truncated", "cut short"), "truncated"),
-], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
-def test_read_failures_are_terminal_except_transient_ones(error, reason):
-    assert score.read_failure_reason(error) == reason
+# ----------------------------------------------------------------------------- planning and the lock, no Ray
 
 
 @pytest.mark.parametrize("row", ["/etc/hostname", "file:///etc/hostname", "../outside.png", "s3://other-bucket/x.png",
@@ -549,14 +422,14 @@ def test_only_io_errors_count_toward_the_stop_and_leave_the_shard_for_a_rerun(tm
 
     missing = shard(0, [f"{root}/gone-{i}.png" for i in range(12)])
     assert missing["done"] and not missing["fatal"] and json.loads(missing["errors"]) == {"missing": 12}
-    real_read, failing = score.read_local, {f"{root}/in/1.png"}
+    real_read, failing = inputs.read_local, {f"{root}/in/1.png"}
 
     def flaky_read(path, limits):
         if path in failing:
             raise OSError(errno.EIO, "Input/output error")
         return real_read(path, limits)
 
-    monkeypatch.setattr(score, "read_local", flaky_read)
+    monkeypatch.setattr(inputs, "read_local", flaky_read)
     entries = [f"{root}/in/{i}.png" for i in range(3)]
     first = shard(1, entries)
     assert not first["done"] and first["io_errors"] == 1 and not (root / "out" / "_done" / "part-00001.json").exists()
