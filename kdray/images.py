@@ -131,8 +131,9 @@ class ImageLimits:
 
 #: Scoring, training and ``kdray predict``: archives of large radiographs, a few decodes at a time per node.
 DEFAULT_LIMITS = ImageLimits()
-#: Serving: many requests decode at once on one replica, and the body is capped anyway (serve/options.py).
-SERVING_LIMITS = ImageLimits(max_bytes=32 * 2**20, max_decode_bytes=256 * 2**20, max_frames=16)
+#: Serving: several requests decode at once on one replica; a 43 cm detector's 4300×4300 16-bit DICOM (37 MB,
+#: about 300 MiB to decode) still passes.
+SERVING_LIMITS = ImageLimits(max_bytes=64 * 2**20, max_decode_bytes=512 * 2**20, max_frames=16)
 #: A progressive JPEG pays a pass over every coefficient per scan; encoders write about 10.
 MAX_JPEG_SCANS = 100
 

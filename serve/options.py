@@ -27,12 +27,13 @@ CALLBACK = "serve.admission:replica_middlewares"
 #: its first image arrives (images that arrive while a batch runs join the next one anyway).
 BATCHING = {"enabled": "auto", "max_batch_size": 16, "batch_wait_timeout_s": 0.002}
 
-#: Bytes a request body may have (checked from Content-Length before reading; chunked bodies as they stream).
-MAX_BODY_BYTES = 32 * 1024 * 1024
-
-#: What each image of a request may be and cost (kdray.images): the serving decode budget is a quarter of
-#: scoring's, since a replica decodes WORKER_THREADS images at once beside its model and explanations.
+#: What each image of a request may be and cost (kdray.images): the serving decode budget is half of scoring's,
+#: since a replica decodes WORKER_THREADS images at once beside its model and explanations.
 IMAGE_LIMITS = SERVING_LIMITS
+
+#: Bytes a request body may have (checked from Content-Length before reading; chunked bodies as they stream):
+#: one image at the size limit, and room for a multipart envelope around it.
+MAX_BODY_BYTES = IMAGE_LIMITS.max_bytes + 2**20
 
 #: Threads per replica that decode (and, on a CPU, classify) images off the event loop, each one image at a
 #: time with single-threaded inference.
