@@ -2,7 +2,7 @@
 
     python bench/images.py [--n 200] [--side 1024] [--size 224] [--rounds 5] [--quality 90] [--rgb]
 
-Generates ``--n`` chest-X-ray-like JPEGs of ``--side`` px (kdray.synthetic) in memory and
+Generates ``--n`` chest-X-ray-like JPEGs of ``--side`` px (cluster.local.demo_data) in memory and
 decodes them to ``--size`` px through the one loader, with draft (what ``load_image`` does) and
 without it (full-scale decode, the pre-draft behaviour). The two variants are interleaved round by
 round, alternating which goes first, so that load from other processes on a shared machine falls on
@@ -30,8 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_flags, cpu_model  # noqa: E402
+from cluster.local.demo_data import CLASSES, make_image  # noqa: E402
 from kdray.images import DEFAULT_LIMITS, _load_image  # noqa: E402
-from kdray.synthetic import CLASSES, make_image  # noqa: E402
 
 
 def make_jpegs(n: int, side: int, rgb: bool, quality: int = 90, seed: int = 0) -> list[bytes]:

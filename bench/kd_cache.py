@@ -31,7 +31,7 @@ from kdray.models import build_model  # noqa: E402
 def images_for(args) -> tuple[np.ndarray, np.ndarray]:
     if args.data:
         return sample_images(args.data, "train", args.size, args.images)
-    from kdray.synthetic import CLASSES, make_image
+    from cluster.local.demo_data import CLASSES, make_image
 
     rng = np.random.default_rng(0)
     labels = np.arange(args.images) % len(CLASSES)

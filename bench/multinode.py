@@ -107,7 +107,7 @@ def bench_training(address: str, nodes: int, limit: int, workdir: Path) -> dict:
 def bench_listing(keys: int, workdir: Path) -> dict:
     import boto3
 
-    from kdray.local_s3 import LocalS3
+    from cluster.local.s3 import LocalS3
     from kdray.score import plan_inputs
 
     with LocalS3(str(workdir / "s3")) as s3:

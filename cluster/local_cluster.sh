@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A multi-node Ray cluster on this machine, on loopback only (kdray/local_cluster.py holds it).
+# A multi-node Ray cluster on this machine, on loopback only (cluster/local/ray_cluster.py holds it).
 #
 # Usage:  cluster/local_cluster.sh start [--nodes N] [--cpus-per-node C] | stop | status
 #
@@ -29,7 +29,7 @@ case "${1:-}" in
     if [[ "${RAY_AUTH_MODE:-token}" == "token" ]]; then
       "$(dirname "${PYTHON}")/ray" get-auth-token --generate >/dev/null  # creates ~/.ray/auth_token once
     fi
-    nohup "${PYTHON}" -m kdray.local_cluster --state-dir "${DIR}" --port "${KDRAY_RAY_PORT:-6390}" \
+    nohup "${PYTHON}" -m cluster.local.ray_cluster --state-dir "${DIR}" --port "${KDRAY_RAY_PORT:-6390}" \
       --dashboard-port "${KDRAY_DASHBOARD_PORT:-8275}" "$@" > "${DIR}/holder.log" 2>&1 &
     echo $! > "${PID_FILE}"
     for _ in $(seq 1 180); do

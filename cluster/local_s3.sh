@@ -39,10 +39,10 @@ case "${cmd}" in
         for bucket in ${KDRAY_S3_BUCKETS-kdray}; do
             args+=(--bucket "${bucket}")
         done
-        exec "${PYTHON}" -m kdray.local_s3 -v "${args[@]}"
+        exec "${PYTHON}" -m cluster.local.s3 -v "${args[@]}"
         ;;
     stop)
-        exec "${PYTHON}" -m kdray.local_s3 -v stop --dir "${dir}"
+        exec "${PYTHON}" -m cluster.local.s3 -v stop --dir "${dir}"
         ;;
     *)
         echo "usage: $0 {start|stop} [DIR]" >&2

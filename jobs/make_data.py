@@ -5,8 +5,8 @@
 
 import argparse
 
+from cluster.local.demo_data import make_dataset
 from kdray.runner import run_job
-from kdray.synthetic import make_dataset
 
 
 def main(argv: list[str]) -> dict:

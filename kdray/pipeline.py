@@ -1,13 +1,15 @@
 """The whole pipeline, end to end: data → teacher → logit cache → students (KD and no-KD) → evaluation
 → export → Serve (one real HTTP request) → offline scoring → summary table.
 
-Without ``--data`` it runs on the embedded default: a local SeaweedFS S3 on loopback, holding a
-generated 3-class data set, and a local Ray. Everything it starts is shut down at the end.
+The data and the output are given: the entry point (jobs.pipeline) chooses them, and for its embedded
+default starts the local S3 and generates the data before calling :func:`run_pipeline`. The Ray it starts
+is shut down at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,9 +23,8 @@ from kdray.data import list_split, sample_images
 from kdray.evaluate import evaluate_model, split_logits
 from kdray.export import export_student
 from kdray.models import build_model, model_cost
-from kdray.predictor import Predictor, measure_throughput, model_info
+from kdray.predictor import load_predictor, measure_throughput, model_info
 from kdray.raycluster import free_loopback_port, init_ray
-from kdray.runner import local_state_path
 from kdray.schemas import ModelCard, RunSummary
 from kdray.score import score_archive
 from kdray.train import METRIC, fit, load_training_data
@@ -33,60 +34,31 @@ from kdray.train import METRIC, fit, load_training_data
 DeployFn = Callable[..., str]
 
 log = logging.getLogger(__name__)
-DEMO_BUCKET = "kdray-demo"
 SUMMARY_COLUMNS = ["model", "accuracy", "macro_f1", "covid_sensitivity", "params_M", "gflops", "img_per_s",
                    "runtime", "train_s"]
 
 
-@contextlib.contextmanager
-def demo_storage(cfg: PipelineConfig):
-    """Yield (data root, output root): the user's, or a local S3 with generated data."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if cfg.data.root:
-        yield cfg.data.root, cfg.run.output or local_state_path(os.path.join("runs", f"pipeline-{stamp}"))
-        return
-    from kdray.local_s3 import LocalS3
-    from kdray.synthetic import make_dataset
-
-    s3_dir = local_state_path(cfg.demo.s3_dir)
-    with LocalS3(s3_dir) as s3:
-        s3.create_bucket(DEMO_BUCKET)
-        saved = {k: os.environ.get(k) for k in s3.env()}
-        os.environ.update(s3.env())
-        try:
-            counts = {"train": cfg.demo.train_per_class, "val": cfg.demo.val_per_class}
-            data = f"s3://{DEMO_BUCKET}/data/synthetic-{cfg.demo.source_size}px-" + "-".join(map(str, counts.values()))
-            if storage.exists(f"{data}/val"):
-                log.info("using the generated data already in %s", data)
-            else:
-                make_dataset(data, counts, cfg.demo.source_size)
-            log.info("local S3 at %s (data in %s); generated data in %s", s3.endpoint_url, s3_dir, data)
-            yield data, cfg.run.output or f"s3://{DEMO_BUCKET}/runs/pipeline-{stamp}"
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def run_pipeline(cfg: PipelineConfig, deploy: DeployFn | None = None) -> dict:
-    """Run every stage; ``deploy`` (Ray Serve) is needed when ``demo.serve`` is on."""
+def run_pipeline(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None = None) -> dict:
+    """Run every stage on the data root ``data``, writing under ``out``; ``deploy`` (Ray Serve) is needed when
+    ``demo.serve`` is on. ``cfg`` is left as it was: the stages get a copy that names ``data`` and ``out``."""
     import ray
 
     if cfg.demo.serve and deploy is None:
         raise ValueError("run_pipeline: demo.serve is on but no deploy function was given")
     started = time.time()
-    with demo_storage(cfg) as (data, out):
-        cfg.data.root, cfg.run.output = data, out
-        storage.makedirs(out)
-        storage.write_text(storage.join(out, "args.yaml"), dump_yaml(cfg))
-        log.info("pipeline: data %s → outputs %s", data, out)
-        init_ray()
-        try:
-            summary = _stages(cfg, data, out, deploy)
-        finally:
-            _stop_serve()
-            ray.shutdown()
-        summary["wall_s"] = round(time.time() - started, 1)
-        storage.write_json(storage.join(out, "summary.json"), summary)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data),
+                              run=dataclasses.replace(cfg.run, output=out))
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "args.yaml"), dump_yaml(cfg))
+    log.info("pipeline: data %s → outputs %s", data, out)
+    init_ray()
+    try:
+        summary = _stages(cfg, data, out, deploy)
+    finally:
+        _stop_serve()
+        ray.shutdown()
+    summary["wall_s"] = round(time.time() - started, 1)
+    storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
 
 
@@ -136,7 +108,7 @@ def _stages(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None) -
                      for k, v in runs.items()},
             "kd_sweep": [{k: v for k, v in entry.items() if k != "summary"} for entry in sweep],
             "table": rows, "export": export.model_dump(mode="json") if export else None, "serve_reply": reply,
-            "score": scored}
+            "score": scored.model_dump(mode="json") if scored else None}
 
 
 class _StageCounter:
@@ -235,7 +207,7 @@ def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: 
     for name, run in runs.items():
         m = metrics[name]
         model = served_model if name == "student_kd" else run.best_checkpoint
-        predictor = Predictor.load(model, threads=os.cpu_count())
+        predictor = load_predictor(model, threads=os.cpu_count())
         images, _ = sample_images(data, cfg.data.val_split, predictor.image_size, 64)
         covid = m.get("covid") or {}
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],

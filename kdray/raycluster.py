@@ -7,7 +7,9 @@ import os
 import sys
 import time
 
-from kdray import LOOPBACK_ENV, KdrayError, keep_ray_on_loopback
+from kdray import KdrayError
+from kdray.ray_private import refresh_loopback_constant
+from kdray.runner import log_settings
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
@@ -15,7 +17,7 @@ PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "KDRAY_LOG_LEVEL", "KDRAY_VERBOSE", "KDRAY_FAULT_WRITE_DELAY_S", "KDRAY_S3_RETRY_S",
+                 "KDRAY_LOG_LEVEL", "KDRAY_S3_RETRY_S",
                  "RAY_TRAIN_ENABLE_PRINT_PATCH")
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
 # to the original print: every progress line reached the driver twice. kdray's workers print plain progress
@@ -34,6 +36,23 @@ def worker_env_vars() -> dict[str, str]:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
+#: A local Ray binds to 127.0.0.1 only while this is 0; unset, Ray binds the machine's address.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_ray_on_loopback() -> None:
+    """Right before a local Ray starts: the loopback setting in the environment (unless the caller chose one),
+    and in Ray's own copy of it.
+
+    Ray 2.60 reads :data:`LOOPBACK_ENV` once, as it is imported, into ``ENABLE_RAY_CLUSTER``; a script that ran
+    ``from ray import serve`` first keeps True there, and ``ray.init`` turns ``127.0.0.1`` into the machine's
+    address (``services.resolve_ip_for_localhost``). The processes Ray starts import Ray afresh and inherit the
+    environment, so only this process's copy can be stale: :func:`kdray.ray_private.refresh_loopback_constant`
+    sets it to what Ray would have read. Done here rather than when kdray is imported, so that importing kdray
+    changes nothing."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    refresh_loopback_constant(LOOPBACK_ENV)
+
 
 #: Environment of a Ray node kdray starts (the same as cluster/local_head.sh and the KubeRay pods set).
 #: Direct ingress: Serve replicas answer HTTP on their own port (127.0.0.1:30000 and up here), one Python
@@ -67,15 +86,15 @@ def ray_started_here() -> bool:
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Start or join Ray once per process. Local clusters bind to 127.0.0.1 and nothing else.
 
-    Unless ``KDRAY_VERBOSE`` is set, worker output goes to the log and only kdray's own progress
-    lines reach the console (:func:`quiet_worker_output`)."""
+    Unless the job runs ``--verbose`` (:func:`kdray.runner.log_settings`), worker output goes to the log and
+    only kdray's own progress lines reach the console (:func:`quiet_worker_output`)."""
     import ray
 
     if ray.is_initialized():
         return ray
     runtime_env = {"env_vars": worker_env_vars()}
     address = address or os.environ.get("RAY_ADDRESS")
-    keep_ray_on_loopback()  # done when kdray is imported; again here, right before ray.init
+    keep_ray_on_loopback()
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -91,17 +110,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         node_ip = ray.util.get_node_ip_address()
         if node_ip not in LOOPBACK_HOSTS:  # a future Ray that reads the setting elsewhere: refuse, do not serve
             ray.shutdown()
-            raise KdrayError(f"the local Ray started on {node_ip}, not 127.0.0.1: import kdray before ray, or set "
-                             f"{LOOPBACK_ENV}=0 in the environment before Python starts")
+            raise KdrayError(f"the local Ray started on {node_ip}, not 127.0.0.1: unset {LOOPBACK_ENV} or set it "
+                             f"to 0 in the environment before Python starts")
         global _STARTED_HERE
         _STARTED_HERE = True
-    _quiet_ray_data()
-    if not _verbose():
+    settings = log_settings()
+    _quiet_ray_data(settings.verbose)
+    if not settings.verbose:
         quiet_worker_output()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "Started Serve ..." lines
-        log_file = os.environ.get("KDRAY_LOG_FILE")
         progress_log.info("Ray %s; worker output and Ray's progress go to %s (--verbose prints them here)",
-                          "joined" if address else "started on 127.0.0.1", log_file or "the 'kdray.workers' logger")
+                          "joined" if address else "started on 127.0.0.1",
+                          settings.log_file or "the 'kdray.workers' logger")
     return ray
 
 
@@ -112,10 +132,6 @@ def local_system_config() -> dict:
     if os.environ.get("RAY_enable_metrics_collection"):
         return {}
     return {"enable_metrics_collection": False}
-
-
-def _verbose() -> bool:
-    return os.environ.get("KDRAY_VERBOSE", "") not in ("", "0")
 
 
 class _ProgressThrottle:
@@ -183,14 +199,14 @@ def drop_state_api_warnings() -> None:
         logger.addFilter(_unless_state_api_warning)
 
 
-def _quiet_ray_data() -> None:
+def _quiet_ray_data(verbose: bool) -> None:
     """Ray Data's progress bars and per-operator log lines only with ``--verbose``; they go to the log otherwise."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = _verbose()
+    ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = False
-    if not _verbose():
+    if not verbose:
         from ray.util.debug import log_once
 
         log_once("ray_data_progress_manager_disabled")  # marks Ray Data's "Progress bars disabled" as said

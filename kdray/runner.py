@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from kdray import KdrayError
 
@@ -29,8 +30,22 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.startswith(CONSOLE_LOGGERS)
 
 
-def is_verbose() -> bool:
-    return os.environ.get("KDRAY_VERBOSE", "") not in ("", "0")
+@dataclass(frozen=True)
+class LogSettings:
+    """How this process's logging was set up: Ray's setup follows it (``kdray.raycluster.init_ray`` reroutes worker
+    output to the log file unless verbose). The default, for a process that never called :func:`setup_logging`
+    (a test, a notebook), is quiet with no file of kdray's own."""
+
+    verbose: bool = False
+    log_file: str | None = None
+
+
+_LOG_SETTINGS = LogSettings()
+
+
+def log_settings() -> LogSettings:
+    """What the last :func:`setup_logging` of this process chose."""
+    return _LOG_SETTINGS
 
 
 #: Set by Ray in the environment of a submitted job's driver (ray.dashboard.modules.job.job_supervisor).
@@ -53,11 +68,13 @@ def setup_logging(verbose: bool = False, job: str = "kdray") -> str | None:
 
     Quiet: the console gets warnings, errors, stage headers and progress; Ray's per-operator
     progress, worker output and every INFO record go to ``.kdray/logs/<job>-<time>.log`` (or
-    ``$KDRAY_LOG_DIR``; ``~/.kdray/logs`` in a submitted Ray job, :func:`local_state_path`). ``--verbose`` (or ``KDRAY_VERBOSE=1``) prints everything, as Ray does.
+    ``$KDRAY_LOG_DIR``; ``~/.kdray/logs`` in a submitted Ray job, :func:`local_state_path`). ``--verbose`` prints
+    everything, as Ray does. The choice is kept in :func:`log_settings` for Ray's setup to follow.
     """
+    global _LOG_SETTINGS
     level = os.environ.get("KDRAY_LOG_LEVEL", "INFO").upper()
-    if verbose or is_verbose():
-        os.environ["KDRAY_VERBOSE"] = "1"  # Ray setup reads it (kdray.raycluster)
+    if verbose:
+        _LOG_SETTINGS = LogSettings(verbose=True)
         logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
         for noisy in ("ray", *NOISY_LIBRARIES):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
@@ -65,7 +82,7 @@ def setup_logging(verbose: bool = False, job: str = "kdray") -> str | None:
     folder = os.environ.get("KDRAY_LOG_DIR") or local_state_path(os.path.join(".kdray", "logs"))
     os.makedirs(folder, exist_ok=True)
     path = os.path.abspath(os.path.join(folder, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
-    os.environ["KDRAY_LOG_FILE"] = path
+    _LOG_SETTINGS = LogSettings(log_file=path)
     root = logging.getLogger()
     root.setLevel(level)
     to_file = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file for a job that logs nothing

@@ -43,10 +43,6 @@ from kdray import KdrayError
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait between writing a local file's temporary copy and renaming it (tests only: it lets a test
-#: kill a job in the middle of a write). Read once, at import, from KDRAY_FAULT_WRITE_DELAY_S.
-_WRITE_DELAY_S = float(os.environ.get("KDRAY_FAULT_WRITE_DELAY_S", "0") or 0)
-
 #: How long (seconds) an S3 request that cannot get through is retried before the job stops; read at each call.
 RETRY_ENV = "KDRAY_S3_RETRY_S"
 DEFAULT_RETRY_S = 120.0
@@ -243,6 +239,12 @@ def read_bytes(uri: str | Location) -> bytes:
         raise KdrayError(f"{loc.uri}: no such file") from None
 
 
+def _move_into_place(fs: pafs.FileSystem, tmp: str, path: str) -> None:
+    """The last step of a local atomic write: the finished temporary file takes its final name. A function of its
+    own so that a test can stop a job between the two steps (tests/fault_hooks.py slows it down)."""
+    fs.move(tmp, path)
+
+
 def write_bytes(uri: str | Location, data: bytes) -> None:
     """Write atomically: a reader sees the old object or the whole new one, never a part."""
     loc = resolve(uri) if isinstance(uri, str) else uri
@@ -257,9 +259,7 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
         with loc.fs.open_output_stream(tmp) as fh:
             fh.write(data)
-        if _WRITE_DELAY_S:  # fault injection for the kill-during-a-write tests
-            time.sleep(_WRITE_DELAY_S)
-        loc.fs.move(tmp, loc.path)
+        _move_into_place(loc.fs, tmp, loc.path)
 
     if loc.is_s3:
         check_bucket(loc)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kdray.local_s3 import LocalS3, LocalS3Error, find_weed
+from cluster.local.s3 import LocalS3, LocalS3Error, find_weed
 
 # Serve's direct ingress keeps a stopping replica draining for 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S,
 # so that load balancers stop sending to it first). Every serve.delete / serve.shutdown in the tests waited that
@@ -196,7 +196,7 @@ def checkpoint_factory(tmp_path):
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> str:
     """A generated ImageFolder set (train 40/class, val 20/class, 64 px) on local disk."""
-    from kdray.synthetic import make_dataset
+    from cluster.local.demo_data import make_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     make_dataset(str(root), {"train": 40, "val": 20}, size=64, seed=1)
@@ -221,7 +221,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory):
     import numpy as np
 
     from kdray.export import export_student
-    from kdray.synthetic import CLASSES, make_image
+    from cluster.local.demo_data import CLASSES, make_image
 
     root = tmp_path_factory.mktemp("tiny-export")
     checkpoint = make_checkpoint(root / "checkpoint", "tiny_student", image_size=32, covid_threshold=0.3)

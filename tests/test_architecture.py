@@ -15,23 +15,25 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kdray", "jobs", "serve")
+PACKAGES = ("kdray", "cluster", "jobs", "serve")
 
 #: Bottom to top. Keep in step with the drawing in docs/architecture.md.
 LAYERS: list[tuple[str, set[str]]] = [
     ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas", "kdray.ray_private"}),
     ("core", {"kdray.images", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
-              "kdray.raycluster", "kdray.local_cluster", "kdray.local_s3", "kdray.synthetic", "kdray.uncertainty", "kdray.runner",
-              "kdray.train"}),
-    ("predictor", {"kdray.predictor"}),
-    ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch"}),
+              "kdray.raycluster", "kdray.uncertainty", "kdray.runner", "kdray.train"}),
+    ("predictor", {"kdray.predictor_base", "kdray.torch_predictor", "kdray.predictor"}),
+    ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch", "kdray.shard_scorer",
+                                                   "kdray.scoring_engines"}),
     ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score"}),
     ("pipeline", {"kdray.pipeline"}),
+    # Above the library: the local S3, the local multi-node Ray and the demo data are for entry points and tests.
+    ("local services", {"cluster.*"}),
     ("entry points", {"jobs.*", "serve.*"}),
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
 NO_RAY = {"kdray.images", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
-          "kdray.explain"}
+          "kdray.predictor_base", "kdray.torch_predictor", "kdray.explain"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
 
@@ -138,6 +140,36 @@ def test_no_upward_or_forbidden_import(graph):
     assert layer_violations(graph) == []
 
 
+def test_the_library_never_imports_the_local_services(graph):
+    """The local S3, the local multi-node Ray and the demo data serve entry points and tests, not the product."""
+    found = sorted(f"{m} imports {d}" for m, deps in graph.items() if m.split(".")[0] == "kdray"
+                   for d in deps if d.split(".")[0] == "cluster")
+    assert not found, found
+
+
+IMPORT_CHANGES_NOTHING = """
+import os, sys
+before = dict(os.environ)
+import kdray, kdray.images, kdray.config, kdray.storage, kdray.runner, kdray.raycluster
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+assert not changed, f"importing kdray changed the environment: {changed}"
+assert "ray" not in sys.modules, "importing kdray imported Ray"
+"""
+
+
+def test_importing_kdray_changes_nothing():
+    """No environment variable set and Ray not imported (so no Ray setting touched): the loopback setting is
+    made by init_ray, right before a local Ray starts. Run without that setting, which kdray once set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_CHANGES_NOTHING], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_architecture_doc_draws_every_module():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     drawing = doc[doc.index("## Layers"):doc.index("Never:")]
@@ -172,6 +204,8 @@ def test_checker_finds_upward_imports_ray_in_pure_modules_and_relative_imports(t
         "kdray/__init__.py": "",
         "kdray/pipeline.py": "def f():\n    from serve.app import deploy\n",
         "kdray/metrics.py": "import ray.data\n",
+        "kdray/storage.py": "from cluster.local.s3 import LocalS3\n",
+        "cluster/__init__.py": "", "cluster/local/__init__.py": "", "cluster/local/s3.py": "from kdray import KdrayError\n",
         "kdray/train.py": "from . import logit_cache\n",
         "kdray/logit_cache.py": "",
         "jobs/__init__.py": "", "serve/__init__.py": "", "serve/app.py": "",
@@ -179,5 +213,6 @@ def test_checker_finds_upward_imports_ray_in_pure_modules_and_relative_imports(t
     problems = layer_violations(graph)
     assert any(p.startswith("kdray.pipeline (pipeline) imports serve.app") for p in problems)
     assert any(p.startswith("kdray.metrics imports ray.data") for p in problems)
+    assert any(p.startswith("kdray.storage (contracts) imports cluster.local.s3 (local services)") for p in problems)
     assert any(p.startswith("kdray.train (core) imports kdray.logit_cache (stages)") for p in problems)
     assert find_cycle(graph) is None

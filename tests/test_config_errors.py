@@ -180,8 +180,8 @@ def tripwire(what):
 
 import ray
 ray.init = tripwire("RAY")
-import kdray.local_s3
-kdray.local_s3.LocalS3.start = tripwire("S3")
+import cluster.local.s3
+cluster.local.s3.LocalS3.start = tripwire("S3")
 
 import runpy
 module, argv = sys.argv[1], sys.argv[2:]

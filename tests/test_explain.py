@@ -156,7 +156,7 @@ def test_overlay_is_the_image_under_the_map() -> None:
 def export_dir(tmp_path_factory) -> str:
     from conftest import make_checkpoint
     from kdray.export import export_student
-    from kdray.synthetic import make_image
+    from cluster.local.demo_data import make_image
 
     root = tmp_path_factory.mktemp("explain-export")
     checkpoint = make_checkpoint(root / "checkpoint", "tiny_student", image_size=32)
@@ -203,7 +203,7 @@ def test_tampered_or_missing_torch_weights_are_refused(export_dir, tmp_path) -> 
 def test_cli_writes_one_overlay_per_image_for_the_served_label(export_dir, tmp_path, capsys) -> None:
     from jobs import explain as explain_job
     from jobs import predict as predict_job
-    from kdray.synthetic import make_image
+    from cluster.local.demo_data import make_image
 
     rng = np.random.default_rng(6)
     paths = []

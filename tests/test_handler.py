@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cluster.local.demo_data import dicom_bytes
 from kdray.images import ImageRefused
-from kdray.synthetic import dicom_bytes
 from serve import oip
 from serve.explaining import ExplainBusy
 from serve.handler import StudentHandler

@@ -47,12 +47,31 @@ def test_train_teacher_bad_input(tmp_path, args, message):
 def test_s3_bad_input(local_s3, tmp_path):
     proc = run_job("jobs.train_teacher", "--data", "s3://no-such-bucket/xrays")
     assert_one_line_error(proc, "S3 bucket 'no-such-bucket' does not exist")
-    from kdray.local_s3 import port_is_free
+    from cluster.local.s3 import port_is_free
 
     port = next(p for p in range(23100, 23200) if port_is_free(p))
     proc = run_job("jobs.score", "--model", str(tmp_path), "--input", "s3://kdray-test/x", "--output", str(tmp_path),
                    env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "KDRAY_S3_RETRY_S": "1"})
     assert proc.returncode == 2 and "error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+LOG_SETTINGS = """
+import os, sys
+from kdray.runner import log_settings, setup_logging
+before = dict(os.environ)
+path = setup_logging(verbose=sys.argv[1] == "verbose", job="t")
+assert dict(os.environ) == before, "setup_logging changed the environment"
+print(log_settings().verbose, log_settings().log_file == path, path is None)
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [("verbose", "True True True"), ("quiet", "False True False")])
+def test_logging_choice_is_state_not_an_environment_variable(tmp_path, mode, expected):
+    """--verbose and the log file reach init_ray through kdray.runner.log_settings, not through os.environ."""
+    proc = subprocess.run([sys.executable, "-c", LOG_SETTINGS, mode], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "KDRAY_LOG_DIR": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == expected.split()
 
 
 def test_kdray_command_lists_stages():

@@ -1,4 +1,4 @@
-"""cluster/local_cluster.sh (kdray/local_cluster.py): two real raylets on one machine, loopback only, token auth.
+"""cluster/local_cluster.sh (cluster/local/ray_cluster.py): two real raylets on one machine, loopback only, token auth.
 
 e2e: the script starts its own Ray cluster (a holder around ``ray.cluster_utils.Cluster``); a driver in a
 subprocess runs one task pinned to each node; ``ss -ltnp`` lists every listening socket of the cluster's
@@ -23,7 +23,7 @@ SCRIPT = REPO / "cluster" / "local_cluster.sh"
 
 DRIVER = """
 import json, os, sys
-import kdray  # loopback first
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback: before Ray is imported
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init(address=sys.argv[1], logging_level="ERROR")

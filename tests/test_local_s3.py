@@ -1,4 +1,4 @@
-"""kdray.local_s3: a real SeaweedFS server on loopback (about 15 s in all)."""
+"""cluster.local.s3: a real SeaweedFS server on loopback (about 15 s in all)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kdray import local_s3 as local_s3_mod
-from kdray.local_s3 import LocalS3, LocalS3Error
+from cluster.local import s3 as local_s3_mod
+from cluster.local.s3 import LocalS3, LocalS3Error
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,7 @@ def test_not_ready_within_timeout_stops_the_server(tmp_path: Path) -> None:
 
 def test_cli_start_detaches_and_stop_kills(tmp_path: Path) -> None:
     data_dir = tmp_path / "s3"
-    cmd = [sys.executable, "-m", "kdray.local_s3"]
+    cmd = [sys.executable, "-m", "cluster.local.s3"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     started = subprocess.run(
         [*cmd, "start", "--dir", str(data_dir), "--bucket", "cli-bucket"],

@@ -14,6 +14,7 @@ workers ran comes from the training run's ``workers/`` records and the scoring s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_hooks import slow_writes_env
 from test_score import exported_student  # noqa: F401  (a module-scoped fixture: a tiny exported student)
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TRAINING_DRIVER = r"""
 import json, os, sys, threading, time
-import kdray  # loopback first
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback: before Ray is imported
 import pyarrow.fs as pafs
 import ray
 from ray.cluster_utils import Cluster
@@ -134,15 +136,18 @@ def test_training_survives_a_killed_worker_node_and_continues_its_epochs(synthet
 SCRIPT = REPO / "cluster" / "local_cluster.sh"
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    """A running ``cluster/local_cluster.sh start --nodes 2 --cpus-per-node 1``: (state, env for its clients)."""
+@contextlib.contextmanager
+def _two_nodes(tmp_path, write_delay_s: float = 0.0):
+    """A running ``cluster/local_cluster.sh start --nodes 2 --cpus-per-node 1``: (state, env for its clients).
+    With ``write_delay_s``, every process of the cluster and its clients writes slowly (tests/fault_hooks.py)."""
     from kdray.raycluster import free_loopback_port
 
     env = {**os.environ, "KDRAY_CLUSTER_DIR": str(tmp_path / "cluster"), "RAY_AUTH_MODE": "token",
            "KDRAY_RAY_PORT": str(free_loopback_port()), "KDRAY_DASHBOARD_PORT": str(free_loopback_port()),
            "KDRAY_LOG_DIR": str(tmp_path / "logs")}
     env.pop("RAY_ADDRESS", None)
+    if write_delay_s:
+        env = slow_writes_env(env, tmp_path / "slow-writes", write_delay_s)
     started = subprocess.run(["bash", str(SCRIPT), "start", "--nodes", "2", "--cpus-per-node", "1"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -152,23 +157,37 @@ def two_nodes(tmp_path):
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture
+def two_nodes(tmp_path):
+    with _two_nodes(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def two_nodes_writing_slowly(tmp_path):
+    """As ``two_nodes``, its scoring actors slower per shard, so that a node dies with shards still to do."""
+    with _two_nodes(tmp_path, write_delay_s=0.3) as cluster:
+        yield cluster
+
+
 def _markers(out: Path) -> list[dict]:
     done = out / "_done"
     return [json.loads(p.read_text()) for p in done.glob("part-*.json")] if done.exists() else []
 
 
-def test_scoring_survives_a_killed_node_exactly_once(two_nodes, exported_student, tmp_path):  # noqa: F811
+def test_scoring_survives_a_killed_node_exactly_once(two_nodes_writing_slowly, exported_student,  # noqa: F811
+                                                     tmp_path):
     """Scoring actors on both nodes; the worker node's raylet is killed once it has finished a shard. The job
     completes, or its re-run (same command) does; every input is in predictions ∪ errors exactly once."""
     from test_score import assert_exactly_once, png, write_tree
 
-    state, env = two_nodes
+    state, env = two_nodes_writing_slowly
     head, victim = state["node_ids"]
     inputs, out = tmp_path / "in", tmp_path / "out"
     write_tree(inputs, {f"d/{i:03d}.png": (png(seed=i), None) for i in range(96)})
     cmd = [sys.executable, "-m", "jobs.score", "--model", exported_student, "--input", str(inputs),
            "--output", str(out), "--shard_size", "4"]
-    job_env = {**env, "RAY_ADDRESS": state["gcs_address"], "KDRAY_FAULT_WRITE_DELAY_S": "0.3"}  # slower shards
+    job_env = {**env, "RAY_ADDRESS": state["gcs_address"]}
     job = subprocess.Popen(cmd, cwd=REPO, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not any(m.get("node") == victim for m in _markers(out)) and job.poll() is None and time.time() < deadline:
@@ -194,7 +213,7 @@ def test_ray_job_submit_of_the_pipeline_to_two_nodes(two_nodes, tmp_path, monkey
     the job's embedded S3 (kept in ``--demo.s3_dir`` here, to read them back). Teacher and student training
     put a worker on each node; the served student scores the val images."""
     from kdray import storage
-    from kdray.local_s3 import LocalS3
+    from cluster.local.s3 import LocalS3
 
     state, env = two_nodes
     s3_dir = tmp_path / "s3"

@@ -79,7 +79,7 @@ def test_local_ray_workers_run_the_hook(ray_local):
 
 LOOPBACK_DRIVER = """
 import sys
-from ray import serve  # Ray first: it reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER now, before kdray sets it
+from ray import serve  # Ray first: it reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER now, before init_ray sets it
 import ray
 from ray._private import ray_constants
 assert ray_constants.ENABLE_RAY_CLUSTER, "Ray saw the loopback setting at import: this run proves nothing"

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from test_score import assert_exactly_once, exported_student, png  # noqa: F401 - exported_student is a fixture
 
+from cluster.local.s3 import LocalS3
 from kdray import storage
-from kdray.local_s3 import LocalS3
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def s3(outage_s3):
 @pytest.fixture(scope="module")
 def s3_data(outage_s3, tmp_path_factory) -> str:
     """A small ImageFolder set (3 classes, train 8 and val 6 per class, 32 px) on the private S3."""
-    from kdray.synthetic import make_dataset
+    from cluster.local.demo_data import make_dataset
 
     outage_s3.start()  # (module fixtures come before the function-scoped `s3`: an earlier test may have left it down)
     local = tmp_path_factory.mktemp("outage-data")

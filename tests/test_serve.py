@@ -179,7 +179,7 @@ def _raw(url: str, data, content_type: str = "image/png", path: str = "/predict"
 
 
 def _dicom(side: int = 64, **attributes) -> bytes:
-    from kdray.synthetic import dicom_bytes
+    from cluster.local.demo_data import dicom_bytes
 
     pixels = np.random.default_rng(side).integers(0, 4095, (side, side), dtype=np.uint16)
     return dicom_bytes(pixels, **attributes)

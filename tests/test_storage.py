@@ -17,6 +17,42 @@ def test_local_round_trip_is_atomic(tmp_path):
     assert storage.read_parquet(str(target.parent / "c.parquet")).to_pydict() == {"id": ["a"], "p": [0.5]}
 
 
+def test_a_write_stopped_before_its_rename_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    """A job killed between a local write's two steps: the final name still holds the previous content."""
+    target = tmp_path / "b.json"
+    storage.write_json(str(target), {"x": 1})
+
+    def killed(fs, tmp, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "_move_into_place", killed)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_json(str(target), {"x": 2})
+    assert storage.read_json(str(target)) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # the temporary copy, unrenamed
+
+
+def test_the_slow_write_hook_reaches_a_fresh_interpreter(tmp_path):
+    """tests/fault_hooks.py: a process started with its environment waits before each rename; one without,
+    and kdray.storage in this process, do not."""
+    import subprocess
+    import sys
+
+    from fault_hooks import slow_writes_env
+
+    script = ("import sys, time; from kdray import storage; t = time.monotonic(); "
+              "storage.write_bytes(sys.argv[1], b'x'); print(time.monotonic() - t)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    slow = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slow")], capture_output=True, text=True,
+                          env=slow_writes_env(env, tmp_path / "hook", 0.4), timeout=60)
+    plain = subprocess.run([sys.executable, "-c", script, str(tmp_path / "plain")], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert slow.returncode == plain.returncode == 0, slow.stderr + plain.stderr
+    assert float(slow.stdout) >= 0.4 > float(plain.stdout)
+    assert (tmp_path / "slow").read_bytes() == b"x"
+    assert storage._move_into_place.__module__ == "kdray.storage"
+
+
 @pytest.mark.parametrize("uri, message", [("", "empty"), ("gs://bucket/x", "unsupported URI scheme"),
                                           ("s3://", "needs a bucket")])
 def test_resolve_rejects_bad_uris(uri, message):
@@ -54,7 +90,7 @@ def test_s3_missing_bucket_is_named(local_s3):
 
 @pytest.mark.integration
 def test_s3_unreachable_endpoint(monkeypatch, local_s3):
-    from kdray.local_s3 import port_is_free
+    from cluster.local.s3 import port_is_free
 
     port = next(p for p in range(23000, 23100) if port_is_free(p))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")

@@ -26,7 +26,7 @@ def _epoch_losses(text: str) -> dict[int, float]:
 
 
 def _worker_output(caplog, capfd) -> str:
-    """The workers' lines so far: in the log (quiet, the default), or on the console with KDRAY_VERBOSE."""
+    """The workers' lines so far: in the log (quiet, the default), or on the console with --verbose."""
     captured = capfd.readouterr()
     return caplog.text + captured.out + captured.err
 

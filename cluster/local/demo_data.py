@@ -1,4 +1,4 @@
-"""A small, learnable, 3-class synthetic chest-X-ray-like data set for tests and the demo.
+"""A small, learnable, 3-class synthetic chest-X-ray-like data set for tests, benchmarks and the embedded demo.
 
 Each image is a dark frame with a bright body, two darker lung fields, ribs and noise.
 - ``normal``: clear lungs.
@@ -70,6 +70,18 @@ def make_dataset(output: str, per_class: dict[str, int] | None = None, size: int
             counts[f"{split}/{label}"] = n
     log.info("wrote synthetic chest X-rays to %s: %s", output, counts)
     return counts
+
+
+def demo_dataset(prefix: str, train_per_class: int, val_per_class: int, size: int) -> str:
+    """The URI of the generated set of these settings under ``prefix``, written first unless an earlier run left
+    one there (its ``val`` split, written after ``train``, is what is looked for)."""
+    counts = {"train": train_per_class, "val": val_per_class}
+    data = f"{prefix.rstrip('/')}/synthetic-{size}px-" + "-".join(map(str, counts.values()))
+    if storage.exists(f"{data}/val"):
+        log.info("using the generated data already in %s", data)
+    else:
+        make_dataset(data, counts, size)
+    return data
 
 
 def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", modality: str = "CR", bits_stored: int = 12,

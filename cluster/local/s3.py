@@ -8,8 +8,8 @@ Library use::
 
 Command line (the server keeps running after ``start`` returns)::
 
-    eval "$(python -m kdray.local_s3 start --dir .kdray/s3 --bucket kdray)"
-    python -m kdray.local_s3 stop --dir .kdray/s3
+    eval "$(python -m cluster.local.s3 start --dir .kdray/s3 --bucket kdray)"
+    python -m cluster.local.s3 stop --dir .kdray/s3
 
 Files kept in the data directory: ``weed.log`` (server log, appended to), ``weed.pid``,
 ``s3.env`` (``export K=V`` lines, present while the server runs), ``s3.json`` (the identity
@@ -61,7 +61,7 @@ from typing import Any
 
 from kdray import KdrayError
 
-logger = logging.getLogger("kdray.local_s3")
+logger = logging.getLogger("cluster.local.s3")
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -345,7 +345,7 @@ class LocalS3:
         logger.info("starting SeaweedFS in %s (S3 port %d, log %s)", self.data_dir, self._ports.s3, self.log_path)
         logger.debug("command: %s", shlex.join(cmd))
         with open(self.log_path, "ab") as log:
-            log.write(f"\n===== kdray.local_s3 start {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n".encode())
+            log.write(f"\n===== cluster.local.s3 start {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n".encode())
             log.flush()
             self._log_offset = log.tell()
             self._proc = subprocess.Popen(
@@ -565,7 +565,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdray.local_s3", description="Run a local SeaweedFS S3 endpoint.")
+    parser = argparse.ArgumentParser(prog="python -m cluster.local.s3", description="Run a local SeaweedFS S3 endpoint.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on one machine, on loopback only: ``python -m kdray.local_cluster``.
+"""A real multi-node Ray cluster on one machine, on loopback only: ``python -m cluster.local.ray_cluster``.
 
 One holder process starts a head and ``nodes - 1`` worker nodes with ``ray.cluster_utils.Cluster``: separate
 raylets, each with its own CPUs and object store, every one at 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
@@ -20,16 +20,17 @@ import sys
 import threading
 import time
 
-from kdray import LOOPBACK_ENV  # (importing kdray keeps Ray on loopback: it sets the variable before Ray loads)
+from kdray.ray_private import refresh_loopback_constant
+from kdray.raycluster import LOOPBACK_ENV, NODE_ENV
 
 STATE_FILE = "state.json"
 
 
 def _prepare_environment() -> None:
-    """What every node inherits: loopback, token auth, direct ingress, and this environment's python first."""
-    from kdray.raycluster import NODE_ENV
-
+    """What every node inherits: loopback, token auth, direct ingress, and this environment's python first.
+    Set before Ray starts; Ray's cached copy of the loopback setting is refreshed in case it was imported first."""
     os.environ[LOOPBACK_ENV] = "0"
+    refresh_loopback_constant(LOOPBACK_ENV)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     for key, value in NODE_ENV.items():
         os.environ.setdefault(key, value)
