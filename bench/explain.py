@@ -36,7 +36,7 @@ from bench.machine import cpu_flags, machine  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
 from kdray.explain import BORDER, Explainer, border_mask, border_mass  # noqa: E402
 from kdray.images import load_image  # noqa: E402
-from kdray.predictor import Predictor, read_model_card  # noqa: E402
+from kdray.predictor import load_predictor, read_model_card  # noqa: E402
 
 REDISTRIBUTABLE = ("CC BY 3.0", "CC BY 4.0")  # attribution only: no NC/SA/ND terms to carry along
 BATCH = 16
@@ -49,7 +49,7 @@ def read_manifest(data: str, split: str) -> list[dict]:
 
 def measure(model: str, data: str, rows: list[dict], border: float) -> list[dict]:
     """Per image: prediction, explained class and the border share of its Grad-CAM mass."""
-    predictor = Predictor.load(model)
+    predictor = load_predictor(model)
     explainer = Explainer.load(model)
     size = predictor.image_size
     out = []

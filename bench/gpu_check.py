@@ -7,7 +7,7 @@ It needs no Ray and no data set, so it runs on a bare GPU machine with torch, to
 Pillow and scikit-learn. For the teacher (ResNet50V2 + VGG19-BN) and the MobileNetV2 student, at
 the paper's 224 px by default, it runs the library's own pieces, not copies:
 ``kdray.train.train_step`` (the step of the Ray Train loop), ``_make_optimizer``, ``_make_ema`` and
-``_recalibrate_batchnorm``, and ``kdray.predictor.TorchPredictor``. It checks and reports:
+``_recalibrate_batchnorm``, and ``kdray.torch_predictor.TorchPredictor``. It checks and reports:
 
 - the layout and precision the code promises on a GPU: weights and inputs in channels_last, the
   forward pass in bf16 under autocast, the loss in float32;
@@ -106,7 +106,7 @@ def check_inference(model: torch.nn.Module, trained_on: np.ndarray, device) -> d
     CPU (fp32), on the images it was trained on and on fresh random ones (256 in all)."""
     import copy
 
-    from kdray.predictor import TorchPredictor
+    from kdray.torch_predictor import TorchPredictor
 
     size = trained_on.shape[-1]
     meta = {"classes": ["covid", "normal", "pneumonia"], "image_size": size}

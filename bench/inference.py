@@ -38,8 +38,8 @@ from kdray.export import FP32_FILE, INT8_FILE, export_student  # noqa: E402
 from kdray.predictor import OrtPredictor, ort_session, read_model_card  # noqa: E402
 from kdray.models import build_model, count_params, model_cost  # noqa: E402
 from bench.machine import cpu_seconds, machine, others_share  # noqa: E402
-from kdray.predictor import TorchPredictor  # noqa: E402
-from kdray.synthetic import CLASSES, make_image  # noqa: E402
+from kdray.torch_predictor import TorchPredictor  # noqa: E402
+from cluster.local.demo_data import CLASSES, make_image  # noqa: E402
 
 log = logging.getLogger("bench.inference")
 COLUMNS = ["engine", "img/s (batch 1)", "img/s (batch 32)", "p50 ms (batch 1)", "p99 ms (batch 1)", "size MB",
@@ -164,7 +164,7 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
                    for b in (1, 32)})
     return {"rows": rows, "ratios": ratios, "size": size, "threads": threads, "export_s": export_s,
             "parity": {k: v.model_dump() for k, v in card.parity.items()}, "parity_note": parity_note, "calibration": len(calib),
-            "calibration_source": data or "synthetic (kdray.synthetic)", "total_s": time.perf_counter() - started,
+            "calibration_source": data or "synthetic (cluster.local.demo_data)", "total_s": time.perf_counter() - started,
             "others_cpu_share": others_share(cpu_start, time.perf_counter() - started)}
 
 

@@ -14,9 +14,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from kdray.images import ImageRefused, load_image
-from kdray.predictor import Predictor
+from kdray.predictor import load_predictor
 
-predictor = Predictor.load(os.environ["KDRAY_ANCHOR_MODEL"], threads=1)
+predictor = load_predictor(os.environ["KDRAY_ANCHOR_MODEL"], threads=1)
 app = FastAPI()
 
 

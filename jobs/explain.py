@@ -20,7 +20,7 @@ import numpy as np
 
 from kdray import KdrayError, storage
 from kdray.explain import Explainer
-from kdray.predictor import BACKENDS, Predictor
+from kdray.predictor import BACKENDS, load_predictor
 from kdray.runner import run_job
 from jobs.predict import load_all
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> list[dict]:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     a = p.parse_args(argv)
 
-    predictor = Predictor.load(a.model, backend=a.backend, threads=a.threads)
+    predictor = load_predictor(a.model, backend=a.backend, threads=a.threads)
     explainer = Explainer.load(a.model, threads=a.threads)
     if explainer.classes != predictor.classes:
         raise KdrayError(f"{a.model}: the torch weights' classes {explainer.classes} differ from the served "

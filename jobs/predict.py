@@ -19,7 +19,7 @@ from kdray import KdrayError
 from kdray.runner import run_job
 from kdray.images import DEFAULT_LIMITS, ImageRefused, load_image
 from kdray.inputs import failure_message, read_failure_reason, read_named
-from kdray.predictor import BACKENDS, Predictor
+from kdray.predictor import BACKENDS, load_predictor
 
 BATCH = 32
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> list[dict]:
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all available CPUs)")
     a = p.parse_args(argv)
 
-    predictor = Predictor.load(a.model, backend=a.backend, threads=a.threads)
+    predictor = load_predictor(a.model, backend=a.backend, threads=a.threads)
     good, images, errors = load_all(a.images, predictor.image_size)
 
     results = []

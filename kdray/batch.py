@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from kdray.config import AugmentConfig, from_dict
 from kdray.data import view_seeds
-from kdray.predictor import Predictor
+from kdray.predictor import load_predictor
 from kdray.raycluster import cluster_cpus, cluster_gpus
 from kdray.runner import kdray_errors_from_ray
 
@@ -24,7 +24,7 @@ class LogitsActor:
 
     def __init__(self, model_uri: str, views: int = 1, augment: dict | None = None, threads: int = 1,
                  backend: str = "auto"):
-        self.predictor = Predictor.load(model_uri, backend=backend, threads=threads)
+        self.predictor = load_predictor(model_uri, backend=backend, threads=threads)
         self.views = views
         self.augment = from_dict(AugmentConfig, augment) if augment else AugmentConfig()
 

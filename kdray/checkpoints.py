@@ -9,18 +9,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from kdray import KdrayError, storage
-from kdray.models import build_model
 from kdray.schemas import CheckpointMeta, RunSummary, dump, parse
+
+if TYPE_CHECKING:  # torch loads only where weights are read or written
+    import torch
 
 MODEL_FILE, STATE_FILE, META_FILE, RESULT_FILE = "model.pt", "train_state.pt", "meta.json", "result.json"
 
 
 def save_checkpoint(folder: str, model_state: dict, meta: CheckpointMeta | dict,
                     train_state: dict | None = None) -> None:
+    import torch
+
     meta = meta if isinstance(meta, CheckpointMeta) else parse(CheckpointMeta, meta, folder)
     os.makedirs(folder, exist_ok=True)
     torch.save(model_state, os.path.join(folder, MODEL_FILE))
@@ -30,6 +33,8 @@ def save_checkpoint(folder: str, model_state: dict, meta: CheckpointMeta | dict,
 
 
 def _torch_load(data: bytes, what: str) -> dict:
+    import torch
+
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -58,6 +63,8 @@ def write_checkpoint_meta(folder: str, meta: CheckpointMeta) -> None:
 
 def load_model(uri: str) -> tuple[torch.nn.Module, CheckpointMeta]:
     """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
+    from kdray.models import build_model
+
     folder = resolve_checkpoint(uri)
     meta = read_checkpoint_meta(folder)
     state = _torch_load(storage.read_bytes(storage.join(folder, MODEL_FILE)), folder)

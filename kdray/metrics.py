@@ -22,18 +22,6 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.model_selection import StratifiedKFold
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
 log = logging.getLogger(__name__)
 COVID_CLASS = "covid"
 
@@ -90,6 +78,8 @@ def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     Classes that neither occur nor are predicted have an undefined F1 and are
     left out rather than counted as 0.
     """
+    from sklearn.metrics import f1_score
+
     labels = np.union1d(y, pred)
     return float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
 
@@ -133,6 +123,9 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     The search is over ``log T`` in ``[-5, 5]`` (T in ~[0.0067, 148]) with
     scipy's bounded Brent method; the result is returned as a float.
     """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
     z = np.asarray(logits, dtype=np.float64)
     y, _ = check_predictions(y_true, z)
     rows = np.arange(len(y))
@@ -158,6 +151,9 @@ def covid_threshold_for_sensitivity(
 
     Raises ValueError if there is no ``covid`` class or no covid positives.
     """
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
+
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     ci = covid_index(classes)
@@ -177,6 +173,8 @@ def covid_threshold_for_sensitivity(
 
 def _covid_metrics(y: np.ndarray, p: np.ndarray, ci: int, threshold: float | None) -> dict:
     """Sensitivity / specificity / PPV of the binary covid-vs-rest decision."""
+    from sklearn.metrics import confusion_matrix
+
     actual = y == ci
     decided = p.argmax(axis=1) == ci if threshold is None else p[:, ci] >= threshold
     tn, fp, fn, tp = confusion_matrix(actual, decided, labels=[False, True]).ravel()
@@ -214,6 +212,8 @@ def classification_metrics(
     ``covid_threshold`` when given); ``per_source`` {source: n, accuracy,
     macro_f1} when ``sources`` is given.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
     classes = [str(c) for c in classes]
     y, p = check_predictions(y_true, probs, classes)
     n_classes = len(classes)
@@ -298,6 +298,8 @@ def _covid_rates(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold
 def calibration_report(y: np.ndarray, logits: np.ndarray, classes: list[str], target_sensitivity: float = 0.95,
                        seed: int = 0) -> dict:
     """Temperature, covid threshold and ECE before/after, in-sample and 2-fold cross-fitted."""
+    from sklearn.model_selection import StratifiedKFold
+
     y, logits = np.asarray(y, dtype=np.int64), np.asarray(logits, dtype=np.float64)
     temperature = fit_temperature(logits, y)
     calibrated = softmax(logits, temperature)

@@ -1,6 +1,6 @@
 """One predictor over ONNX Runtime or torch, and the read side of an export: the model card.
 
-``Predictor.load(uri)`` accepts a training checkpoint (or run folder), served with torch, or an
+``load_predictor(uri)`` accepts a training checkpoint (or run folder), served with torch, or an
 export folder (``metadata.json`` plus ONNX files), served with ONNX Runtime: by default the
 artifact the card names as served (int8 when it passed its parity checks, else fp32). Each
 predictor carries the temperature and covid threshold fitted for exactly what it runs: an ONNX
@@ -19,13 +19,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kdray import KdrayError, storage
-from kdray.checkpoints import load_model, read_checkpoint_meta, resolve_checkpoint
+from kdray.checkpoints import read_checkpoint_meta
 from kdray.config import AugmentConfig
-from kdray.data import to_model_input
-from kdray.metrics import covid_suspect, softmax
+from kdray.predictor_base import Predictor
 from kdray.schemas import ModelCard, parse
 
 log = logging.getLogger(__name__)
@@ -85,69 +83,19 @@ def ort_session(path: str, threads: int | None = None):
 # ----------------------------------------------------------------------------- predictors
 
 
-class Predictor:
-    """Maps uint8 [N, S, S] grayscale images to logits / probabilities for ``classes``."""
+def load_predictor(uri: str, backend: str = "auto", threads: int | None = None,
+                   device: str | None = None) -> Predictor:
+    """The predictor for an export folder (its served artifact, or the one ``backend`` names) or a training
+    checkpoint (torch)."""
+    if backend not in BACKENDS:
+        raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if is_export(uri):
+        return load_exported(uri, backend, threads)
+    if backend.startswith("onnx"):
+        raise KdrayError(f"{uri}: backend {backend} needs an exported model folder (run jobs.export)")
+    from kdray.torch_predictor import TorchPredictor  # torch loads only for the torch backend
 
-    def __init__(self, classes: list[str], image_size: int, backend: str, temperature: float = 1.0,
-                 covid_threshold: float | None = None, model_id: str = ""):
-        self.classes, self.image_size, self.backend = list(classes), int(image_size), backend
-        self.temperature, self.covid_threshold, self.model_id = float(temperature), covid_threshold, model_id
-
-    @staticmethod
-    def load(uri: str, backend: str = "auto", threads: int | None = None, device: str | None = None) -> "Predictor":
-        if backend not in BACKENDS:
-            raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if is_export(uri):
-            return load_exported(uri, backend, threads)
-        if backend.startswith("onnx"):
-            raise KdrayError(f"{uri}: backend {backend} needs an exported model folder (run jobs.export)")
-        return TorchPredictor.from_checkpoint(uri, threads, device)
-
-    def logits(self, images: np.ndarray, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:
-        raise NotImplementedError
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(images), self.temperature)
-
-    def covid_suspect(self, probs: np.ndarray) -> np.ndarray | None:
-        """P(covid) >= this predictor's threshold, per row; None without a covid class or a threshold."""
-        return covid_suspect(probs, self.classes, self.covid_threshold)
-
-    def check_input(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
-            raise KdrayError(f"expected uint8 images of shape [N, {self.image_size}, {self.image_size}], "
-                             f"got {images.shape}")
-        return images
-
-
-class TorchPredictor(Predictor):
-    """A training checkpoint in torch: channels_last and bf16 autocast on a GPU, fp32 on the CPU."""
-
-    def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, temperature: float = 1.0,
-                 covid_threshold: float | None = None, threads: int | None = None, device: str | None = None,
-                 model_id: str = ""):
-        super().__init__(classes, image_size, "torch", temperature, covid_threshold, model_id)
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    @classmethod
-    def from_checkpoint(cls, uri: str, threads: int | None = None, device: str | None = None) -> "TorchPredictor":
-        model, meta = load_model(uri)
-        return cls(model, meta.classes, meta.image_size, meta.temperature, meta.covid_threshold, threads, device,
-                   model_id=resolve_checkpoint(uri))
-
-    @torch.no_grad()
-    def logits(self, images, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:
-        x = to_model_input(self.check_input(images), augment, seeds, self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.model(x).float().cpu().numpy()
+    return TorchPredictor.from_checkpoint(uri, threads, device)
 
 
 class OrtPredictor(Predictor):
@@ -209,7 +157,7 @@ class ModelInfo:
 
     classes: list[str]
     image_size: int
-    backend: str  # what Predictor.load(uri, backend) will run: torch, onnx-fp32 or onnx-int8
+    backend: str  # what load_predictor(uri, backend) will run: torch, onnx-fp32 or onnx-int8
     temperature: float
     covid_threshold: float | None
     calibration: dict | None = None
@@ -285,6 +233,8 @@ def load_exported(uri: str, backend: str = "auto", threads: int | None = None) -
 
 
 def _torch_fallback(uri: str, card: ModelCard, threads: int | None) -> Predictor:
+    from kdray.torch_predictor import TorchPredictor
+
     try:
         predictor = TorchPredictor.from_checkpoint(card.source_checkpoint, threads)
     except KdrayError as exc:

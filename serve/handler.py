@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kdray.images import ImageLimits, ImageRefused, load_image
-from kdray.predictor import Predictor, is_export, model_info, read_model_card
+from kdray.predictor import is_export, load_predictor, model_info, read_model_card
 from serve import oip
 from serve.explaining import ExplainGate
-from serve.options import BATCHING, EXPLAIN, IMAGE_LIMITS, WORKER_THREADS
+from serve.options import EXPLAIN, IMAGE_LIMITS, WORKER_THREADS
 from serve.schemas import Health, Prediction
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ BatchClassifier = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
 def runs_on_gpu(model_dir: str, backend: str) -> bool:
-    """Whether Predictor.load(model_dir, backend) will run on a GPU: the torch backend with CUDA present."""
+    """Whether load_predictor(model_dir, backend) will run on a GPU: the torch backend with CUDA present."""
     import torch
 
     return model_info(model_dir, backend).backend == "torch" and torch.cuda.is_available()
@@ -57,7 +57,7 @@ class StudentHandler:
                  limits: ImageLimits = IMAGE_LIMITS, worker_threads: int = WORKER_THREADS,
                  explain: dict = EXPLAIN):
         self.batching, self.threads, self.limits = bool(batching), max(1, int(threads)), limits
-        self.predictor = Predictor.load(model_dir, backend=backend, threads=self.threads)
+        self.predictor = load_predictor(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
         if is_export(model_dir):
             card = read_model_card(model_dir)

@@ -27,9 +27,10 @@ from kdray.config import AugmentConfig
 from kdray.data import decode_image, preprocess_config
 from kdray.metrics import calibration_report, softmax
 from kdray.models import build_model
-from kdray.predictor import OrtPredictor, Predictor, TorchPredictor, model_info, read_model_card, sha256_file
+from kdray.predictor import OrtPredictor, load_predictor, model_info, read_model_card, sha256_file
+from kdray.torch_predictor import TorchPredictor
 from kdray.schemas import MODEL_CARD_SCHEMA_VERSION, ModelCard, OperatingPoint
-from kdray.synthetic import CLASSES, make_image
+from cluster.local.demo_data import CLASSES, make_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -168,7 +169,7 @@ def test_export_writes_artifacts_and_a_consistent_model_card(exported, checkpoin
 
 def test_each_artifact_runs_with_its_own_operating_point(exported, checkpoint):
     out, card = exported
-    fp32 = Predictor.load(out, backend="onnx-fp32", threads=1)
+    fp32 = load_predictor(out, backend="onnx-fp32", threads=1)
     assert isinstance(fp32, OrtPredictor) and fp32.backend == "onnx-fp32" and fp32.classes == list(CLASSES)
     op = card.operating_points["fp32"]
     assert (fp32.temperature, fp32.covid_threshold) == (op.temperature, op.covid_threshold)
@@ -181,7 +182,7 @@ def test_each_artifact_runs_with_its_own_operating_point(exported, checkpoint):
     reference = _torch_logits(checkpoint, TRAIN[0])
     assert np.allclose(softmax(logits), softmax(reference), atol=1e-4)
 
-    served = Predictor.load(out)
+    served = load_predictor(out)
     op = card.operating_points[card.served_artifact]
     assert served.backend == f"onnx-{card.served_artifact}"
     assert (served.temperature, served.covid_threshold) == (op.temperature, op.covid_threshold)
@@ -192,10 +193,10 @@ def test_each_artifact_runs_with_its_own_operating_point(exported, checkpoint):
     assert probs.shape == (96, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     if not card.artifacts["int8"].validated:
         with pytest.raises(KdrayError, match="failed its parity check"):
-            Predictor.load(out, backend="onnx-int8")
+            load_predictor(out, backend="onnx-int8")
 
     # the torch backend runs the source checkpoint with the checkpoint's own calibration
-    via_torch = Predictor.load(out, backend="torch")
+    via_torch = load_predictor(out, backend="torch")
     assert isinstance(via_torch, TorchPredictor)
     assert (via_torch.temperature, via_torch.covid_threshold) == (TORCH_T, TORCH_THRESHOLD)
     info = model_info(out, "torch")
@@ -204,9 +205,9 @@ def test_each_artifact_runs_with_its_own_operating_point(exported, checkpoint):
 
 def test_ort_predictor_chunks_large_batches_without_changing_results(exported):
     out, _ = exported
-    whole = Predictor.load(out, backend="onnx-fp32", threads=1)
+    whole = load_predictor(out, backend="onnx-fp32", threads=1)
     whole.chunk = 1000
-    chunked = Predictor.load(out, backend="onnx-fp32", threads=1)
+    chunked = load_predictor(out, backend="onnx-fp32", threads=1)
     chunked.chunk = 7  # 96 images: 13 full chunks and a remainder of 5
     assert np.allclose(chunked.logits(TRAIN[0]), whole.logits(TRAIN[0]), atol=1e-5)
     with pytest.raises(KdrayError, match="augmented views need the torch backend"):
@@ -217,7 +218,7 @@ def test_missing_artifact_is_an_error(exported, tmp_path):
     folder = _copy(exported[0], tmp_path)
     os.remove(os.path.join(folder, "model.fp32.onnx"))
     with pytest.raises(KdrayError, match="model.fp32.onnx.*missing"):
-        Predictor.load(folder)
+        load_predictor(folder)
 
 
 def test_tampered_classes_are_an_error(exported, tmp_path):
@@ -226,21 +227,21 @@ def test_tampered_classes_are_an_error(exported, tmp_path):
     card["classes"] = ["covid", "normal", "pneumonia", "lung_opacity"]
     Path(folder, "metadata.json").write_text(json.dumps(card))
     with pytest.raises(KdrayError, match="outputs 3 scores but the model card lists 4 classes"):
-        Predictor.load(folder, backend="onnx-fp32")
+        load_predictor(folder, backend="onnx-fp32")
 
 
 def test_corrupt_onnx_is_an_error(exported, tmp_path):
     folder = _copy(exported[0], tmp_path)
     Path(folder, "model.fp32.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(KdrayError, match="sha256 .* does not match"):
-        Predictor.load(folder, backend="onnx-fp32")
+        load_predictor(folder, backend="onnx-fp32")
 
 
 def test_missing_or_corrupt_metadata_is_an_error(exported, tmp_path):
     folder = _copy(exported[0], tmp_path)
     Path(folder, "metadata.json").write_text("{not json")
     with pytest.raises(KdrayError, match="corrupt model card"):
-        Predictor.load(folder)
+        load_predictor(folder)
     os.remove(os.path.join(folder, "metadata.json"))
     with pytest.raises(KdrayError, match="metadata.json missing"):
         read_model_card(folder)
@@ -256,7 +257,7 @@ def test_int8_that_passes_every_check_is_served_with_its_own_operating_point(che
     assert card.served_artifact == "int8" and all(a.validated for a in card.artifacts.values())
     assert set(card.operating_points) == {"fp32", "int8"}
     assert card.parity["int8"].covid_suspect_agreement == 1.0
-    predictor = Predictor.load(str(tmp_path / "exp"))
+    predictor = load_predictor(str(tmp_path / "exp"))
     op = card.operating_points["int8"]
     assert predictor.backend == "onnx-int8"
     assert (predictor.temperature, predictor.covid_threshold) == (op.temperature, op.covid_threshold)
@@ -270,9 +271,9 @@ def _assert_fp32_served(card: ModelCard, out: str) -> None:
     assert card.artifacts["int8"].validated is False and card.artifacts["fp32"].validated is True
     assert card.served_artifact == "fp32" and set(card.operating_points) == {"fp32"}
     assert read_model_card(out) == card
-    assert Predictor.load(out).backend == "onnx-fp32"
+    assert load_predictor(out).backend == "onnx-fp32"
     with pytest.raises(KdrayError, match="failed its parity check"):
-        Predictor.load(out, backend="onnx-int8")
+        load_predictor(out, backend="onnx-int8")
 
 
 def test_int8_failing_top1_parity_is_kept_unvalidated_and_fp32_is_served(checkpoint, tmp_path, monkeypatch):
@@ -446,7 +447,7 @@ def test_predict_cli_prints_one_line_per_image_and_one_line_errors(exported, tmp
     assert run.returncode == 2, run.stderr[-2000:]
     path, label, *probs = run.stdout.strip().split("\t")
     assert path == good and label in CLASSES and probs[0].startswith("p(covid)=")
-    expected = Predictor.load(out).probabilities(decode_image(Path(good).read_bytes(), SIZE)[None])[0]
+    expected = load_predictor(out).probabilities(decode_image(Path(good).read_bytes(), SIZE)[None])[0]
     assert label == CLASSES[int(expected.argmax())]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: cannot decode image (")
@@ -458,7 +459,7 @@ def test_export_to_and_load_from_s3(checkpoint_factory, s3_bucket):
     uri = f"s3://{s3_bucket}/exports/tiny-student"
     card = _export(checkpoint_factory("student"), uri, strict=False)  # untrained: int8 may fail its checks
     assert read_model_card(uri) == card
-    predictor = Predictor.load(uri)
+    predictor = load_predictor(uri)
     assert predictor.backend == f"onnx-{card.served_artifact}"
     assert predictor.model_id.startswith(f"{uri}#onnx-{card.served_artifact}:")
     assert predictor.probabilities(_images(5, 6)[0]).shape == (5, 3)

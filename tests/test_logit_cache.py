@@ -10,7 +10,7 @@ import pytest
 from kdray import KdrayError, logit_cache, storage
 from kdray.config import AugmentConfig
 from kdray.data import decode_image, list_split
-from kdray.predictor import Predictor
+from kdray.predictor import load_predictor
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_build_reuse_and_invalidate(synthetic_dir, teacher, tmp_path, ray_local,
     cache = logit_cache.open_cache(uri, listing, 32)
     lookup = cache.lookup()
     images = np.stack([decode_image(open(p, "rb").read(), 32) for p in listing.paths[:2]])
-    direct = Predictor.load(teacher).logits(images)
+    direct = load_predictor(teacher).logits(images)
     assert np.allclose(direct[0], lookup[listing.image_ids[0]][0], atol=0.05)
 
     # same teacher, data and preprocessing: reused, no teacher forward pass, file untouched
