@@ -51,7 +51,7 @@ from bench.machine import cpu_flags, cpu_ticks, machine, steal_share  # noqa: E4
 from kdray import storage  # noqa: E402
 from kdray.evaluate import format_table  # noqa: E402
 from kdray.images import load_image  # noqa: E402
-from kdray.predictor import Predictor, available_cpus  # noqa: E402
+from kdray.predictor import available_cpus, load_predictor  # noqa: E402
 
 CXR = REPO.parent / "shared" / "datasets" / "cxr"
 BATCH = 32
@@ -84,7 +84,7 @@ def make_png_set(root: Path, n: int) -> list[str]:
 def make_jpeg_set(root: Path, n: int, side: int = 1024) -> list[str]:
     from PIL import Image
 
-    from kdray.synthetic import CLASSES, make_image
+    from cluster.local.demo_data import CLASSES, make_image
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def make_jpeg_set(root: Path, n: int, side: int = 1024) -> list[str]:
 
 def make_dicom_set(root: Path, n: int, side: int = 1024) -> list[str]:
     """16-bit CR DICOMs (12 bits stored), every third one MONOCHROME1."""
-    from kdray.synthetic import CLASSES, dicom_bytes, make_image
+    from cluster.local.demo_data import CLASSES, dicom_bytes, make_image
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -150,7 +150,7 @@ def decode_core_seconds(files: list[str], size: int, n: int = 200) -> float:
 
 
 def infer_core_seconds(model: str, images: np.ndarray) -> float:
-    predictor = Predictor.load(model, threads=1)
+    predictor = load_predictor(model, threads=1)
     predictor.probabilities(images[:BATCH])
     started, done = time.process_time(), 0
     while done < 4 * len(images):
@@ -160,7 +160,7 @@ def infer_core_seconds(model: str, images: np.ndarray) -> float:
 
 
 def raw_model(model: str, images: np.ndarray, seconds: float = 5.0) -> float:
-    predictor = Predictor.load(model)
+    predictor = load_predictor(model)
     predictor.probabilities(images[:BATCH])
     started, done = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
@@ -171,7 +171,7 @@ def raw_model(model: str, images: np.ndarray, seconds: float = 5.0) -> float:
 
 def plain_loop(model: str, files: list[str]) -> float:
     """The hand-written baseline: one process, read + decode + predict in batches of 32."""
-    predictor = Predictor.load(model)
+    predictor = load_predictor(model)
     started = time.perf_counter()
     batch = []
     for f in files:
@@ -205,7 +205,7 @@ def jobs_score(model: str, input_uri: str, output: str, env: dict | None = None,
 
 
 def bench_set(name: str, files: list[str], model: str, input_uri: str, workdir: Path, env: dict | None = None) -> dict:
-    size = Predictor.load(model).image_size
+    size = load_predictor(model).image_size
     print(f"[{name}] {len(files)} files", flush=True)
     decoded = np.stack([load_image(read(f), size).pixels for f in files[:256]])
     decode_cs = decode_core_seconds(files, size)
@@ -363,7 +363,7 @@ def export_random_student(workdir: Path, size: int) -> str:
     from kdray.checkpoints import save_checkpoint
     from kdray.export import export_student
     from kdray.models import build_model
-    from kdray.synthetic import CLASSES, make_image
+    from cluster.local.demo_data import CLASSES, make_image
 
     out = workdir / f"student-{size}"
     if (out / "metadata.json").exists() and "torch_weights" in json.loads((out / "metadata.json").read_text()):
@@ -395,7 +395,7 @@ def main() -> None:
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = export_random_student(workdir, a.size)
-    backend = Predictor.load(model).backend
+    backend = load_predictor(model).backend
     started = dt.datetime.now(dt.timezone.utc)
     rows, memory = [], []
     sets = [s for s in a.sets.split(",") if s]
@@ -410,7 +410,7 @@ def main() -> None:
         dicom = make_dicom_set(workdir / "dicom", a.dicoms)
         rows.append(bench_set("dicom 1024 px, 12-bit", dicom, model, str(workdir / "dicom"), workdir))
     if "png-s3" in sets:
-        from kdray.local_s3 import LocalS3
+        from cluster.local.s3 import LocalS3
 
         with LocalS3(workdir / "s3") as s3:
             s3.create_bucket("bench")

@@ -18,24 +18,26 @@ from kdray import storage
 from kdray.config import ScoreJobConfig, dump_yaml, load_config
 from kdray.images import ImageLimits
 from kdray.runner import run_job
+from kdray.schemas import ScoreSummary
 from kdray.score import score_archive
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> ScoreSummary:
     cfg = load_config(ScoreJobConfig, argv)
     limits = ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
                          modalities=tuple(cfg.modalities) or None, max_decode_bytes=cfg.max_decode_bytes,
                          max_frames=cfg.max_frames)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
-                            cfg.shard_size, limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots)
+                            cfg.shard_size, limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots,
+                            engine=cfg.engine)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
-    reasons = ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()) or "none"
-    print(f"scored {summary['scored']} of {summary['images']} input(s) with {summary['backend']}; "
-          f"refused {summary['errors']} ({reasons}); {summary['hidden_skipped']} hidden file(s) skipped\n"
-          f"this run: {summary['images_this_run']} in {summary['wall_s']} s ({summary['img_per_s']} img/s, "
-          f"steady {summary['steady_img_per_s']} img/s); {summary['shards_resumed']} shard(s) were already done\n"
+    reasons = ", ".join(f"{k} {v}" for k, v in summary.errors_by_reason.items()) or "none"
+    print(f"scored {summary.scored} of {summary.images} input(s) with {summary.backend} ({summary.engine} engine); "
+          f"refused {summary.errors} ({reasons}); {summary.hidden_skipped} hidden file(s) skipped\n"
+          f"this run: {summary.images_this_run} in {summary.wall_s} s ({summary.img_per_s} img/s, "
+          f"steady {summary.steady_img_per_s} img/s); {summary.shards_resumed} shard(s) were already done\n"
           f"predictions: {storage.join(cfg.output, 'predictions')}  errors: {storage.join(cfg.output, 'errors')}"
-          + (f"\nexplained {summary['explained']} row(s) ({cfg.explain}): "
+          + (f"\nexplained {summary.explained} row(s) ({cfg.explain}): "
              f"{storage.join(cfg.output, 'explanations')}" if cfg.explain != "none" else ""))
     return summary
 

@@ -34,6 +34,7 @@ Optimizer = Literal["adamw", "sgd"]
 UseGpu = Literal["auto", "true", "false"]  # YAML true/false (bools) are read as "true"/"false"
 Backend = Literal["auto", "torch", "onnx-fp32", "onnx-int8"]  # kdray.predictor.BACKENDS
 ExplainMode = Literal["none", "covid_suspect", "all"]  # kdray.explain.EXPLAIN_MODES
+ScoringEngine = Literal["auto", "local", "ray"]  # kdray.scoring_engines.ENGINES
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -538,6 +539,7 @@ class ScoreJobConfig:
     max_frames: int = 64  # DICOMs with more frames are refused (too_large); of the others the first frame is scored
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality allowed ([] = any)
     explain: ExplainMode = "none"  # Grad-CAM overlays under explanations/ for: none | covid_suspect | all rows
+    engine: ScoringEngine = "auto"  # ray: Ray Data actors; local: threads of this process; auto: ray on a cluster
     allowed_roots: list[str] = field(default_factory=list)  # folders or s3:// prefixes inputs may also be read from;
     #                      by default only the input's own (a manifest's folder): rows elsewhere are outside_roots
 

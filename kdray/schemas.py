@@ -92,6 +92,34 @@ class RunSummary(Contract):
     cost: dict[str, Any]
 
 
+class ScoreSummary(Contract):
+    """``summary.json`` of a finished scoring run (written last: it marks the run finished), and what
+    :func:`kdray.score.score_archive` returns."""
+
+    model: str
+    input: str
+    output: str
+    kind: Literal["folder", "manifest", "tar"]
+    backend: str
+    engine: Literal["local", "ray"]
+    images: int
+    scored: int
+    explained: int
+    explain: str
+    errors: int
+    errors_by_reason: dict[str, int]
+    hidden_skipped: int
+    manifest_duplicates: int
+    roots: list[str]
+    shards: int
+    shards_resumed: int
+    images_this_run: int
+    nodes: int
+    wall_s: float
+    img_per_s: float
+    steady_img_per_s: float | None
+
+
 # ----------------------------------------------------------------------------- the model card
 
 

@@ -26,7 +26,9 @@ from kdray.data import sample_images
 from kdray import inputs, score
 from kdray.images import ImageLimits
 from kdray.score import ReadPolicy, score_archive
-from kdray.synthetic import dicom_bytes
+from kdray.shard_scorer import ShardScorer
+from cluster.local.demo_data import dicom_bytes
+from fault_hooks import slow_writes_env
 import hostile
 from hostile import add_member, hostile_tar
 
@@ -135,8 +137,8 @@ def test_mixed_folder_every_file_scored_or_refused_with_its_reason(tmp_path, exp
     reasons = dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist()))
     expected = {str(tmp_path / "in" / n): r for n, (_, r) in files.items() if r}
     assert reasons == expected
-    assert summary["images"] == len(files) and summary["scored"] == predictions.num_rows
-    assert summary["hidden_skipped"] == 1 and summary["errors_by_reason"]["not_an_image"] == 4
+    assert summary.images == len(files) and summary.scored == predictions.num_rows
+    assert summary.hidden_skipped == 1 and summary.errors_by_reason["not_an_image"] == 4
     assert not any("Doe" in m for m in errors["message"].to_pylist())
     rows = {Path(p).name: r for p, r in zip(predictions["path"].to_pylist(), predictions.to_pylist())}
     assert rows["mono1.dcm"]["format"] == "dicom" and rows["dicom-named.png"]["format"] == "dicom"
@@ -152,9 +154,9 @@ def test_mixed_folder_every_file_scored_or_refused_with_its_reason(tmp_path, exp
 def test_s3_prefix_and_the_served_artifact(synthetic_s3, s3_bucket, exported_student, ray_local):
     out = f"s3://{s3_bucket}/scored-{time.time_ns()}"
     summary = score_archive(exported_student, f"{synthetic_s3}/train/covid", out)
-    assert summary["images"] == 41 and summary["scored"] == 40 and summary["errors_by_reason"] == {"corrupt": 1}  # a PNG signature, then junk
+    assert summary.images == 41 and summary.scored == 40 and summary.errors_by_reason == {"corrupt": 1}  # a PNG signature, then junk
     card = json.loads(Path(exported_student, "metadata.json").read_text())
-    assert summary["backend"] == f"onnx-{card['served_artifact']}"
+    assert summary.backend == f"onnx-{card['served_artifact']}"
 
 
 @pytest.mark.integration
@@ -163,7 +165,7 @@ def test_manifest_scores_a_duplicate_once(tmp_path, exported_student, ray_local)
     manifest = tmp_path / "in" / "list.csv"
     manifest.write_text(f"path\nx/1.png\nx/2.png\nx/1.png\n{tmp_path / 'in' / 'x' / '2.png'}\n")
     summary = score_archive(exported_student, str(manifest), str(tmp_path / "out"), limits=LIMITS)
-    assert summary["manifest_duplicates"] == 2 and summary["images"] == 2  # x/2.png named relative and absolute
+    assert summary.manifest_duplicates == 2 and summary.images == 2  # x/2.png named relative and absolute
     predictions, _ = assert_exactly_once(str(tmp_path / "out"), {
         str(tmp_path / "in" / "x" / "1.png"), str(tmp_path / "in" / "x" / "2.png")})
     assert predictions.num_rows == 2
@@ -184,7 +186,7 @@ def test_webdataset_tar_shards(tmp_path, exported_student, ray_local):
     summary = score_archive(exported_student, str(shards), out, limits=LIMITS)
     expected = {f"{shards}/shard-{t:04d}.tar#{t}{k}" for t in range(2) for k in ("000.png", "001.dcm", "002.png")}
     predictions, errors = assert_exactly_once(out, expected)
-    assert predictions.num_rows == 4 and errors.num_rows == 2 and summary["kind"] == "tar"
+    assert predictions.num_rows == 4 and errors.num_rows == 2 and summary.kind == "tar"
 
 
 @pytest.mark.integration
@@ -193,7 +195,7 @@ def test_resume_skips_finished_shards_and_counts_exactly_once(tmp_path, exported
     write_tree(tmp_path / "in", files)
     out = tmp_path / "out"
     first = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=2, limits=LIMITS)
-    assert first["images_this_run"] == 10
+    assert first.images_this_run == 10
     # as if killed: no summary, two shards without their marker, one of them without its predictions
     (out / "summary.json").unlink()
     (out / "_done" / "part-00001.json").unlink()
@@ -202,7 +204,7 @@ def test_resume_skips_finished_shards_and_counts_exactly_once(tmp_path, exported
     # and a marker whose part file is gone: not trusted, its shard is scored again
     (out / "predictions" / "part-00004.parquet").unlink()
     second = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=2, limits=LIMITS)
-    assert second["images_this_run"] == 6 and second["shards_resumed"] == 2 and second["images"] == 10
+    assert second.images_this_run == 6 and second.shards_resumed == 2 and second.images == 10
     assert_exactly_once(str(out), {str(tmp_path / "in" / n) for n in files})
     marker = json.loads((out / "_done" / "part-00004.json").read_text())
     assert marker["parts"]["predictions"]["bytes"] == (out / "predictions" / "part-00004.parquet").stat().st_size
@@ -223,7 +225,7 @@ def test_explain_writes_overlays_that_join_their_rows_and_resumes(tmp_path, expo
     for column in ("path", "label", "p_covid", "p_normal", "p_pneumonia"):  # explaining changes no prediction
         assert predictions[column].to_pylist() == plain[column].to_pylist()
     overlays = predictions["explanation"].to_pylist()
-    assert summary["explained"] == len(overlays) == 6 and len(set(overlays)) == 6
+    assert summary.explained == len(overlays) == 6 and len(set(overlays)) == 6
     for path, overlay in zip(predictions["path"].to_pylist(), overlays):
         assert overlay.startswith("explanations/part-") and Image.open(out / overlay).format == "PNG"
     assert sorted(str(p.relative_to(out)) for p in (out / "explanations").rglob("*.png")) == sorted(overlays)
@@ -232,7 +234,7 @@ def test_explain_writes_overlays_that_join_their_rows_and_resumes(tmp_path, expo
     (out / "_done" / "part-00001.json").unlink()
     again = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
                           explain="all")
-    assert again["images_this_run"] == 3 and again["explained"] == 6
+    assert again.images_this_run == 3 and again.explained == 6
     assert sorted(read_rows(str(out), "predictions")["explanation"].to_pylist()) == sorted(overlays)
     (out / "summary.json").unlink()
     with pytest.raises(KdrayError, match="unfinished scoring run"):
@@ -291,7 +293,7 @@ def test_a_manifest_reads_only_inside_its_roots_and_always_finishes(tmp_path, ex
     predictions, errors = assert_exactly_once(out, set(named.values()))
     reasons = dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist()))
     assert reasons == {named[row]: reason for row, reason in rows.items() if reason}
-    assert summary["scored"] == 2 and summary["errors_by_reason"]["outside_roots"] == 5
+    assert summary.scored == 2 and summary.errors_by_reason["outside_roots"] == 5
     assert not any(str(elsewhere) in m or "hostname" in m for m in errors["message"].to_pylist())
 
 
@@ -317,7 +319,7 @@ def test_the_hostile_corpus_in_a_folder_scores_each_file_once_with_its_reason(tm
     predictions, errors = assert_exactly_once(out, set(expected))
     outcome = dict.fromkeys(predictions["path"].to_pylist(), hostile.OK)
     outcome |= dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist()))
-    assert outcome == expected and summary["images"] == len(expected)
+    assert outcome == expected and summary.images == len(expected)
 
 
 @pytest.mark.integration
@@ -359,7 +361,7 @@ def test_tar_shards_refuse_hostile_members_without_reading_them(tmp_path, export
     predictions, errors = assert_exactly_once(out, {f"{shards}/{name}" for name in expected})
     assert dict(zip(errors["path"].to_pylist(), errors["reason"].to_pylist())) == {
         f"{shards}/{name}": reason for name, reason in expected.items() if reason}
-    assert summary["kind"] == "tar" and summary["scored"] == 2
+    assert summary.kind == "tar" and summary.scored == 2
 
 
 @pytest.mark.integration
@@ -386,7 +388,7 @@ def test_two_runs_on_one_output_the_second_is_refused(tmp_path, exported_student
             assert json.loads((out / "_lock.json").read_text())["run"] in message
     finally:
         thread.join(180)
-    assert "error" not in first and first["summary"]["images"] == 4
+    assert "error" not in first and first["summary"].images == 4
     assert_exactly_once(str(out), {str(tmp_path / "in" / f"{i}.png") for i in range(4)})
     assert not (out / "_lock.json").exists()
 
@@ -413,7 +415,7 @@ def test_only_io_errors_count_toward_the_stop_and_leave_the_shard_for_a_rerun(tm
     marker, and the next attempt (a re-run) scores it; five EIOs in a row stop the job."""
     root = tmp_path.resolve()
     write_tree(root / "in", {f"{i}.png": (png(seed=i), None) for i in range(6)})
-    scorer = score.ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
+    scorer = ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
                                policy=dataclasses.asdict(ReadPolicy(max_consecutive_io_errors=5)),
                                roots=[str(root)], fingerprint="f")
 
@@ -447,7 +449,7 @@ def test_a_run_that_was_taken_over_marks_no_shard_done(tmp_path, exported_studen
     root = tmp_path.resolve()
     write_tree(root / "in", {"a.png": (png(), None)})
     storage.write_json(str(root / "out" / "_lock.json"), {"run": "the-new-run", "host": "h", "heartbeat": time.time()})
-    scorer = score.ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
+    scorer = ShardScorer(exported_student, str(root / "out"), limits=dataclasses.asdict(LIMITS),
                                roots=[str(root)], run_id="the-old-run", fingerprint="f")
     row = scorer({"shard": [0], "entries": [[f"{root}/in/a.png"]]})
     assert "another run took over" in row["fatal"][0] and "the-new-run" in row["fatal"][0]
@@ -510,10 +512,10 @@ def _wait_for(predicate, timeout: float = 240.0) -> bool:
 def test_kill_9_then_rerun_finishes_exactly_once(tmp_path, exported_student, moment):
     write_tree(tmp_path / "in", {f"d/{i:03d}.png": (png(seed=i), None) for i in range(96)})
     out = tmp_path / "out"
-    env = {**os.environ, "KDRAY_LOG_DIR": str(tmp_path / "logs"),
-           "KDRAY_FAULT_WRITE_DELAY_S": "0.5" if moment == "during_a_write" else "0"}
+    env = {**os.environ, "KDRAY_LOG_DIR": str(tmp_path / "logs")}
     cmd = _score_command(exported_student, str(tmp_path / "in"), str(out))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+    first_env = slow_writes_env(env, tmp_path / "slow-writes", 0.5) if moment == "during_a_write" else env
+    proc = subprocess.Popen(cmd, cwd=REPO, env=first_env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     done = out / "_done"
     if moment == "after_a_shard":
@@ -527,8 +529,7 @@ def test_kill_9_then_rerun_finishes_exactly_once(tmp_path, exported_student, mom
     proc.wait()
     assert not (out / "summary.json").exists()
     shards_done_before = len([p for p in done.iterdir() if p.name.startswith("part-")]) if done.exists() else 0
-    rerun = subprocess.run(cmd, cwd=REPO, env={**env, "KDRAY_FAULT_WRITE_DELAY_S": "0"}, capture_output=True,
-                           text=True, timeout=600)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     # a worker of the killed job may still finish the write it was in: at least the shards seen done are skipped
@@ -544,14 +545,15 @@ def test_kill_9_then_rerun_finishes_exactly_once(tmp_path, exported_student, mom
                                                    (2, 16, ({"num_gpus": 1, "num_cpus": 1}, 2))])
 def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cpus, expected):
     """Checked with fake cluster resources only: no GPU here. With GPUs, one actor per GPU runs torch."""
-    import kdray.score as score
+    from kdray import raycluster
+    from kdray.scoring_engines import scoring_pool
 
-    monkeypatch.setattr(score, "cluster_gpus", lambda: float(gpus))
-    monkeypatch.setattr(score, "cluster_cpus", lambda: float(cpus))
-    compute, resources, threads = score.scoring_pool(use_gpu=True)
+    monkeypatch.setattr(raycluster, "cluster_gpus", lambda: float(gpus))
+    monkeypatch.setattr(raycluster, "cluster_cpus", lambda: float(cpus))
+    compute, resources, threads = scoring_pool(use_gpu=True)
     assert (resources, compute.max_size) == expected and threads == 1
     assert compute.min_size == compute.max_size  # the whole pool from the start
-    assert score.scoring_pool(use_gpu=True, shards=1)[0].max_size == 1  # never more actors than shards
+    assert scoring_pool(use_gpu=True, shards=1)[0].max_size == 1  # never more actors than shards
 
 
 @pytest.mark.unit
