@@ -347,8 +347,8 @@ def on_driver_node() -> dict:
 
     A decoded split is materialised once and read for every epoch. Blocks spread over the cluster die with
     their node, and after a lost node Ray cannot rebuild them: their decode tasks would need CPUs that the
-    restarted training workers hold, so the run hung in its first batch (measured: 2 one-CPU nodes, one
-    killed). Kept on the driver's node (the head, for a submitted job), they outlive any worker node. Where
+    restarted training workers hold, so the run hung in its first batch (docs/scaling.md). Kept on the driver's
+    node (the head, for a submitted job), they outlive any worker node. Where
     that node offers no CPU (a ``num-cpus: 0`` head), the blocks spread as before, and a warning says so."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -374,7 +374,7 @@ def _recalibrate_batchnorm(model: torch.nn.Module, batches: list[np.ndarray], de
 
     With short schedules and high learning rates the exponential running averages lag behind the
     weights, and a from-scratch MobileNetV2 can then predict one class in eval mode while it is
-    fine in train mode (measured on the demo data). Runs on the unwrapped module (no DDP collectives),
+    fine in train mode (docs/recipe.md). Runs on the unwrapped module (no DDP collectives),
     then pools the statistics over the workers: every worker must call it, with or without batches.
     """
     norms = [m for m in model.modules()

@@ -7,12 +7,11 @@ milliseconds, the 503 is still fast. Health and metadata routes are never held b
 
 Where it sits: with direct ingress a replica answers HTTP itself, through Serve's ASGI entry point
 (request metadata, Serve's own queue limits, then a hop to the thread that runs the FastAPI app). A refusal
-made inside the FastAPI app pays all of that, about 0.8 ms of CPU here, and a storm of immediate retries then
-eats the replica's cores. So each replica also puts :class:`Admission` in front of Serve's entry point, at the
+made inside the FastAPI app pays all of that, and a storm of immediate retries then eats the replica's cores. So each replica also puts :class:`Admission` in front of Serve's entry point, at the
 uvicorn server of its direct ingress, through Serve's HTTP callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
 naming :func:`replica_middlewares`, set in the replica's own environment by ``serve/options.py``; never
-node-wide, where Serve's proxy would call it too). A refusal there skips Serve's entry point: at 128 clients
-the replica answered 1,893 refusals a second instead of 841 (bench/results/serve-front.md).
+node-wide, where Serve's proxy would call it too). A refusal there skips Serve's entry point and costs a
+fraction as much (docs/architecture.md, "Measured choices").
 The copy inside the FastAPI app stays as the fallback when requests arrive another way (Serve's proxy, or
 direct ingress turned off); behind the front one it never refuses, since both count the same requests.
 Refusals say which copy made them in ``x-kdray-refused-by`` (``front`` or ``app``).

@@ -63,8 +63,8 @@ def _replicas_that_fit(num_cpus: float) -> int:
     """The autoscaling bound on a Ray that kdray started here: no more replicas than its CPUs can ever hold.
 
     Such a Ray has one node and no autoscaler, so a replica past that bound never starts; it only waits, and
-    while it waits the running replica's tail latency grows (p99 at half the peak rate 42-47 ms against
-    14-22 ms with one fixed replica, bench/results/serve-pending-replica.md). On a cluster the bound stays
+    while it waits the running replica's tail latency grows (docs/architecture.md, "Measured choices"). On a
+    cluster the bound stays
     :data:`serve.options.DEPLOYMENT`'s, because a waiting replica is what asks the cluster for a node."""
     import ray
 
