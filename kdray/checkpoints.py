@@ -11,7 +11,7 @@ import io
 import os
 from typing import TYPE_CHECKING
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, first_line, storage
 from kdray.schemas import CheckpointMeta, RunSummary, dump, parse
 
 if TYPE_CHECKING:  # torch loads only where weights are read or written
@@ -38,7 +38,7 @@ def _torch_load(data: bytes, what: str) -> dict:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise KdrayError(f"{what}: corrupt or unreadable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise KdrayError(f"{what}: corrupt or unreadable checkpoint ({first_line(exc, 160)})") from None
 
 
 def resolve_checkpoint(uri: str) -> str:

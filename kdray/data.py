@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -82,16 +80,6 @@ class Listing:
 
 def _is_manifest(uri: str) -> bool:
     return uri.lower().endswith((".csv", ".parquet"))
-
-
-def _read_table(loc: storage.Location) -> pa.Table:
-    data = storage.read_bytes(loc)
-    try:
-        if loc.path.lower().endswith(".parquet"):
-            return pq.read_table(pa.BufferReader(data))
-        return pacsv.read_csv(pa.BufferReader(data))
-    except pa.ArrowInvalid as exc:
-        raise KdrayError(f"{loc.uri}: cannot read manifest ({exc})") from None
 
 
 def _source_column(table: pa.Table) -> str | None:
@@ -161,7 +149,7 @@ def _sources_from_manifest(loc: storage.Location, image_ids: list[str]) -> list[
     manifest = loc.join("manifest.csv")
     if not storage.exists(manifest):
         return None
-    table = _read_table(manifest)
+    table = storage.read_table(manifest, "manifest")
     column = _source_column(table)
     if column is None or "path" not in table.column_names:
         return None
@@ -170,7 +158,7 @@ def _sources_from_manifest(loc: storage.Location, image_ids: list[str]) -> list[
 
 
 def _list_manifest(loc: storage.Location, split: str, classes: list[str] | None) -> Listing:
-    table = _read_table(loc)
+    table = storage.read_table(loc, "manifest")
     for col in ("path", "label"):
         if col not in table.column_names:
             raise KdrayError(f"{loc.uri}: manifest needs columns path,label[,split]; found {table.column_names}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, first_line, storage
 from kdray.checkpoints import load_model
 from kdray.data import to_model_input
 from kdray.models import build_model
@@ -94,7 +94,7 @@ class Explainer:
             model.load_state_dict(state)
         except (RuntimeError, ValueError, EOFError) as exc:
             raise KdrayError(f"{storage.join(uri, weights.file)}: cannot load the torch weights for "
-                             f"{card.model_name} ({str(exc).splitlines()[0][:160]})") from None
+                             f"{card.model_name} ({first_line(exc, 160)})") from None
         log.info("explainer: %s torch weights from %s", card.model_name, uri)
         return cls(model, card.classes, card.image_size, uri, threads)
 

@@ -92,8 +92,9 @@ REASONS = (NOT_AN_IMAGE, TRUNCATED, TOO_SMALL, TOO_LARGE, FILE_TOO_LARGE, UNSUPP
 #: format name → the Pillow plugin allowed to open it (DICOM goes to pydicom).
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP", "dicom": None}
 _NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WebP", "dicom": "DICOM"}
-DICOM_IDENTIFIERS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "BodyPartExamined",
-                     "ViewPosition")
+#: The DICOM attributes a load reports (LoadedImage.dicom), by keyword, with the column name scoring stores each in.
+DICOM_IDENTIFIERS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid",
+                     "Modality": "modality", "BodyPartExamined": "body_part", "ViewPosition": "view_position"}
 _DEFLATED = b"1.2.840.10008.1.2.1.99"
 _TIFF_PAGE_CAP = 1000
 

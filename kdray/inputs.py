@@ -21,7 +21,7 @@ import tarfile
 
 import pyarrow.fs as pafs
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, first_line, storage
 from kdray.images import (CORRUPT, FILE_TOO_LARGE, FORBIDDEN, IO_ERROR, MISSING, NOT_A_FILE, SPARSE_MEMBER,
                           TOO_LARGE, ImageLimits, ImageRefused, check_file_size)
 
@@ -80,8 +80,7 @@ def failure_message(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} (errno {exc.errno})" if exc.errno else exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
+    return first_line(exc, 300)
 
 
 def _file_kind(mode: int) -> str:

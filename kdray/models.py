@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import typing
 
 import torch
 import torch.nn as nn
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, first_line, storage
+from kdray.schemas import ModelName
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("teacher", "student", "tiny_teacher", "tiny_student")
+MODEL_NAMES = typing.get_args(ModelName)
 TINY_VGG_CFG = [8, "M", 16, "M", 32, "M", 32, "M", 32, "M"]
 
 
@@ -123,7 +125,7 @@ def _torchvision_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tens
     except KeyError:
         raise KdrayError(f"unknown weights name {name!r}: use DEFAULT/IMAGENET1K_V1/imagenet, or a file path/URI") from None
     except (OSError, RuntimeError) as exc:
-        raise KdrayError(f"cannot download ImageNet weights {name!r} ({str(exc).splitlines()[0][:120]}); "
+        raise KdrayError(f"cannot download ImageNet weights {name!r} ({first_line(exc, 120)}); "
                          "put the file in the torch hub cache or pass a local path/URI") from None
     out = {f"resnet.{k}": v for k, v in resnet.items()}
     out.update({k.replace("features.", "vgg.", 1): v for k, v in vgg.items() if k.startswith("features.")})
@@ -143,7 +145,7 @@ def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise KdrayError(f"{uri}: not a loadable weights file ({str(exc).splitlines()[0][:160]})") from None
+            raise KdrayError(f"{uri}: not a loadable weights file ({first_line(exc, 160)})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict):

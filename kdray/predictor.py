@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, first_line, storage
 from kdray.checkpoints import read_checkpoint_meta
 from kdray.config import AugmentConfig
 from kdray.predictor_base import Predictor
@@ -77,7 +77,7 @@ def ort_session(path: str, threads: int | None = None):
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise KdrayError(f"{path}: cannot load ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raise KdrayError(f"{path}: cannot load ONNX model ({first_line(exc)})") from None
 
 
 # ----------------------------------------------------------------------------- predictors

@@ -23,6 +23,10 @@ ArtifactKind = Literal["fp32", "int8", "torchscript"]
 M = TypeVar("M", bound=BaseModel)
 
 
+#: The networks kdray builds (kdray.models.build_model); config, checkpoints and model cards name one of these.
+ModelName = Literal["teacher", "student", "tiny_teacher", "tiny_student"]
+
+
 class Contract(BaseModel):
     """Base of every contract: unknown fields are an error, values are checked on assignment too."""
 
@@ -58,7 +62,7 @@ def dump(obj: BaseModel) -> dict:
 class CheckpointMeta(Contract):
     """``meta.json`` of a training checkpoint folder (next to ``model.pt``)."""
 
-    model_name: Literal["teacher", "student", "tiny_teacher", "tiny_student"]
+    model_name: ModelName
     classes: list[str] = Field(min_length=2)
     image_size: int = Field(ge=8)
     dropout: float = 0.3

@@ -153,7 +153,7 @@ def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0, allowed_roo
 
 
 def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int, extra: list[str]) -> Plan:
-    table = _read_manifest(loc)
+    table = storage.read_table(loc, "manifest")
     if "path" not in table.column_names:
         raise KdrayError(f"{loc.uri}: a scoring manifest needs a 'path' column (has {', '.join(table.column_names)})")
     base = loc.uri.rsplit("/", 1)[0] if "/" in loc.uri else "."
@@ -177,20 +177,6 @@ def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int, extra
     size, shards = _cut(entries, shard_size)
     return Plan(loc.uri, model_uri, "manifest", "", size, shards, len(entries), 0, duplicates, roots=roots,
                 allowed_roots=extra, outside_roots=outside)
-
-
-def _read_manifest(loc: storage.Location) -> pa.Table:
-    import pyarrow.csv as pacsv
-
-    import pyarrow.parquet as pq
-
-    data = storage.read_bytes(loc)
-    try:
-        if loc.path.lower().endswith(".parquet"):
-            return pq.read_table(pa.BufferReader(data))
-        return pacsv.read_csv(pa.BufferReader(data))
-    except pa.ArrowInvalid as exc:
-        raise KdrayError(f"{loc.uri}: cannot read the manifest ({str(exc).splitlines()[0][:200]})") from None
 
 
 # ----------------------------------------------------------------------------- the actor

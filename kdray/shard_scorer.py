@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from kdray import KdrayError, storage
-from kdray.images import IO_ERROR, OUTSIDE_ROOTS, ImageLimits, ImageRefused, load_image
+from kdray import KdrayError, first_line, storage
+from kdray.images import DICOM_IDENTIFIERS, IO_ERROR, OUTSIDE_ROOTS, ImageLimits, ImageRefused, load_image
 from kdray.inputs import (failure_message, open_local, open_tar, read_failure_reason, read_location, tar_failure,
                           tar_members)
 from kdray.predictor import load_predictor
@@ -34,8 +34,6 @@ LOCK_FILE = "_lock.json"
 PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR = "predictions", "errors", "_done"
 EXPLANATIONS_DIR = "explanations"
 EXPLAIN_CHUNK = 8  # images per Grad-CAM call
-DICOM_FIELDS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid",
-                "Modality": "modality", "BodyPartExamined": "body_part", "ViewPosition": "view_position"}
 
 
 class ScoringAborted(KdrayError):
@@ -261,7 +259,7 @@ class ShardScorer:
         columns["format"] = pa.array([m.format for m in loaded], pa.string())
         columns["width"] = pa.array([m.width for m in loaded], pa.int32())
         columns["height"] = pa.array([m.height for m in loaded], pa.int32())
-        for tag, column in DICOM_FIELDS.items():
+        for tag, column in DICOM_IDENTIFIERS.items():
             columns[column] = pa.array([m.dicom.get(tag) for m in loaded], pa.string())
         if self.explainer is not None:
             columns.update(self._explain(names, images, probs, suspect, part))
@@ -302,7 +300,7 @@ class ShardScorer:
         except storage.S3Unavailable:
             raise
         except (OSError, KdrayError) as exc:
-            raise ScoringAborted(f"cannot write {loc.uri}: {str(exc).splitlines()[0][:200]}") from None
+            raise ScoringAborted(f"cannot write {loc.uri}: {first_line(exc)}") from None
 
 
 def node_id() -> str:

@@ -35,11 +35,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from kdray import KdrayError
+from kdray import KdrayError, first_line
+
+if TYPE_CHECKING:
+    import pyarrow
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +128,7 @@ def _endpoint() -> str:
 
 def _cause(exc: BaseException) -> str:
     """The short reason inside one of pyarrow's S3 messages (``curlCode: 7, Could not connect to server``)."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split(" operation: ", 1)[-1].split(";", 1)[0].strip()[:120]
+    return first_line(exc, 10_000).split(" operation: ", 1)[-1].split(";", 1)[0].strip()[:120]
 
 
 def retrying(fn: Callable[[], object], uri: str, what: str = "accessing", budget_s: float | None = None):
@@ -193,7 +196,7 @@ def _explain(loc: Location, exc: Exception) -> KdrayError:
             return KdrayError(f"{loc.uri}: S3 bucket {bucket!r} does not exist")
         if "AccessDenied" in text or "InvalidAccessKeyId" in text or "403" in text:
             return KdrayError(f"{loc.uri}: S3 refused access; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    return KdrayError(f"{loc.uri}: {text.splitlines()[0][:200] if text else type(exc).__name__}")
+    return KdrayError(f"{loc.uri}: {first_line(exc)}")
 
 
 def info(loc: Location) -> pafs.FileInfo:
@@ -226,17 +229,42 @@ def check_bucket(loc: Location) -> None:
         raise KdrayError(f"{loc.uri}: S3 bucket {bucket!r} does not exist")
 
 
-def read_bytes(uri: str | Location) -> bytes:
+def read_bytes(uri: str | Location, limit: int | None = None) -> bytes:
+    """A file's bytes; with ``limit``, a file larger than that is refused after reading at most ``limit`` + 1."""
     loc = resolve(uri) if isinstance(uri, str) else uri
 
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as fh:
-            return fh.read()
+            return fh.read() if limit is None else fh.read(limit + 1)
 
     try:
-        return _call(loc, read, "reading")
+        data = _call(loc, read, "reading")
     except FileNotFoundError:
         raise KdrayError(f"{loc.uri}: no such file") from None
+    if limit is not None and len(data) > limit:
+        raise KdrayError(f"{loc.uri}: larger than {limit:,} bytes, the most read for it")
+    return data
+
+
+#: A manifest (CSV or Parquet) is read whole: 10 million rows of paths fit well under this.
+MAX_TABLE_BYTES = 2 * 2**30
+
+
+def read_table(uri: str | Location, what: str = "table") -> "pyarrow.Table":
+    """A CSV or Parquet file (by its name) as a pyarrow Table, at most :data:`MAX_TABLE_BYTES`; a file that is
+    neither is one line naming it and ``what`` it was read as."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    loc = resolve(uri) if isinstance(uri, str) else uri
+    data = read_bytes(loc, MAX_TABLE_BYTES)
+    try:
+        if loc.path.lower().endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(data))
+        return pacsv.read_csv(pa.BufferReader(data))
+    except pa.ArrowInvalid as exc:
+        raise KdrayError(f"{loc.uri}: cannot read the {what} ({first_line(exc)})") from None
 
 
 def _move_into_place(fs: pafs.FileSystem, tmp: str, path: str) -> None:
@@ -628,7 +656,7 @@ class OutputLock:
             _call(self.loc, delete, "deleting", RELEASE_BUDGET_S)
         except (OSError, KdrayError) as exc:
             log.warning("could not remove %s (%s); the next run takes it over", self.loc.uri,
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                        first_line(exc))
         finally:
             self._mutex.release()
 
@@ -662,4 +690,4 @@ class OutputLock:
                     self._write()
                 except Exception as exc:  # noqa: BLE001 - keep beating: the next renewal may get through
                     log.warning("could not renew %s (%s); trying again in %.0f s", self.loc.uri,
-                                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, self.heartbeat_s)
+                                first_line(exc), self.heartbeat_s)
