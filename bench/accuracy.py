@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_for(args.mode, args.data, output, overrides)
     log.info("accuracy benchmark, %s mode:\n%s", args.mode, dump_yaml(cfg))
     started = time.time()
-    summary = run_pipeline(cfg, args.data, output)
+    summary = run_pipeline(cfg, args.data, output).model_dump(mode="json")  # as summary.json holds it
     wall = time.time() - started
     run = {"mode": args.mode, "wall_s": round(wall, 1), "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])}

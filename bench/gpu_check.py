@@ -6,7 +6,7 @@
 It needs no Ray and no data set, so it runs on a bare GPU machine with torch, torchvision, pyarrow,
 Pillow and scikit-learn. For the teacher (ResNet50V2 + VGG19-BN) and the MobileNetV2 student, at
 the paper's 224 px by default, it runs the library's own pieces, not copies:
-``kdray.train.train_step`` (the step of the Ray Train loop), ``_make_optimizer``, ``_make_ema`` and
+``kdray.train.train_step`` (the step of the Ray Train loop), ``make_optimizer``, ``_make_ema`` and
 ``_recalibrate_batchnorm``, and ``kdray.torch_predictor.TorchPredictor``. It checks and reports:
 
 - the layout and precision the code promises on a GPU: weights and inputs in channels_last, the
@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdray.config import TrainJobConfig  # noqa: E402
+from kdray.config import TrainJobConfig, from_dict  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.train import (  # noqa: E402
     _channels_last_input,
     _make_ema,
-    _make_optimizer,
+    make_optimizer,
     _recalibrate_batchnorm,
     train_step,
 )
@@ -45,9 +45,8 @@ CLASSES = 3
 
 
 def _config(alpha: float, lr: float) -> TrainJobConfig:
-    cfg = TrainJobConfig()
-    cfg.kd.alpha, cfg.kd.temperature, cfg.optim.lr, cfg.optim.label_smoothing = alpha, 4.0, lr, 0.0
-    return cfg
+    return from_dict(TrainJobConfig, {"kd": {"alpha": alpha, "temperature": 4.0},
+                                      "optim": {"lr": lr, "label_smoothing": 0.0}})
 
 
 def _batch(n: int, size: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -69,7 +68,7 @@ def check_model(name: str, size: int, batch: int, steps: int, device,
     use_amp = device.type == "cuda"
     model = build_model(name, CLASSES).to(device).to(memory_format=torch.channels_last).train()
     cfg = _config(alpha, lr=1e-3)
-    optimizer, ema = _make_optimizer(cfg, model), _make_ema(model, 0.99)
+    (optimizer, _), ema = make_optimizer(cfg, model, steps), _make_ema(model, 0.99)
     x, y, images = _batch(batch, size, device, seed=1)
     teacher = None  # KD row: teacher logits that agree with the labels, plus noise
     if alpha:

@@ -20,6 +20,7 @@ from kdray.runner import local_state_path, run_job
 from kdray.config import PipelineConfig, load_config
 from kdray.evaluate import format_table
 from kdray.pipeline import SUMMARY_COLUMNS, run_pipeline
+from kdray.schemas import PipelineSummary
 
 DEMO_BUCKET = "kdray-demo"
 log = logging.getLogger("kdray.pipeline")  # the pipeline's own logger: its lines reach the quiet console
@@ -47,28 +48,27 @@ def data_and_output(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
         yield data, cfg.run.output or f"s3://{DEMO_BUCKET}/runs/pipeline-{stamp}"
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> PipelineSummary:
     cfg = load_config(PipelineConfig, argv)
     from serve.deploy import deploy  # imported here: Ray Serve loads only when the pipeline runs
 
     with data_and_output(cfg) as (data, out):
         summary = run_pipeline(cfg, data, out, deploy=deploy)
-    print("\n" + format_table(summary["table"], SUMMARY_COLUMNS))
-    card = summary.get("export")
+    print("\n" + format_table([row.model_dump() for row in summary.table], SUMMARY_COLUMNS))
+    card = summary.export
     if card:
-        op = card["operating_points"][card["served_artifact"]]
-        print(f"\nexported KD student, served as {card['served_artifact']}: temperature {op['temperature']:.3f} "
-              f"(ECE on {op['split']} {op['ece_before']:.4f} -> {op['ece_after']:.4f}), covid threshold "
-              f"{op['covid_threshold']} for sensitivity {op['target_sensitivity']:.0%}, fitted on its own logits")
-    if summary.get("serve_reply"):
-        print(f"\nServe answered: {json.dumps(summary['serve_reply']['response'])}")
-    if summary.get("score"):
-        s = summary["score"]
-        print(f"offline scoring: {s['scored']} images, {s['errors']} unreadable, {s['img_per_s']} img/s")
-    print(f"logit cache: {summary['logit_cache']} ({'reused' if summary['logit_cache_reused'] else 'built'})")
-    print(f"pipeline finished in {summary['wall_s']:.0f} s; summary: {storage.join(summary['output'], 'summary.json')}")
+        op = card.operating_point(card.served_artifact)
+        print(f"\nexported KD student, served as {card.served_artifact}: temperature {op.temperature:.3f} "
+              f"(ECE on {op.split} {op.ece_before:.4f} -> {op.ece_after:.4f}), covid threshold "
+              f"{op.covid_threshold} for sensitivity {op.target_sensitivity:.0%}, fitted on its own logits")
+    if summary.serve_reply:
+        print(f"\nServe answered: {json.dumps(summary.serve_reply.response)}")
+    if summary.score:
+        s = summary.score
+        print(f"offline scoring: {s.scored} images, {s.errors} unreadable, {s.img_per_s} img/s")
+    print(f"logit cache: {summary.logit_cache} ({'reused' if summary.logit_cache_reused else 'built'})")
+    print(f"pipeline finished in {summary.wall_s:.0f} s; summary: {storage.join(summary.output, 'summary.json')}")
     return summary
-
 
 if __name__ == "__main__":
     run_job(main)

@@ -18,32 +18,43 @@ import logging
 
 from kdray import KdrayError
 from kdray.checkpoints import read_checkpoint_meta, resolve_checkpoint, write_checkpoint_meta
-from kdray.evaluate import split_logits
+from kdray.evaluate import SplitLogits, split_logits
 from kdray.metrics import calibration_report, classification_metrics, softmax, validation_summary
 
 log = logging.getLogger(__name__)
 
 def calibrate_checkpoint(model_uri: str, data_root: str, split: str = "val", target_sensitivity: float = 0.95,
-                         limit: int = 0, logits: dict | None = None) -> dict:
-    """Fit T and the covid threshold on ``split`` and write them (with the reports) into the checkpoint.
+                         limit: int = 0) -> dict:
+    """Fit T and the covid threshold on ``split`` (listed and decoded here) and write them into the checkpoint:
+    :func:`calibrate_on_logits` of the raw model's :func:`kdray.evaluate.split_logits`."""
+    _check_target(target_sensitivity)
+    folder = resolve_checkpoint(model_uri)
+    # the raw model: a previous calibration must not feed into this one
+    return calibrate_on_logits(folder, split_logits(folder, data_root, split, backend="torch", limit=limit),
+                               target_sensitivity)
 
-    ``logits``: the checkpoint's :func:`kdray.evaluate.split_logits` on ``split``, if already run."""
-    if not 0 < target_sensitivity <= 1:
-        raise KdrayError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+
+def calibrate_on_logits(model_uri: str, out: SplitLogits, target_sensitivity: float = 0.95) -> dict:
+    """Fit T and the covid threshold on the checkpoint's torch logits over a held-out split and write them, with
+    the reports, into its meta.json. Returns the calibration report."""
+    _check_target(target_sensitivity)
     folder = resolve_checkpoint(model_uri)
     meta = read_checkpoint_meta(folder)
-    # the raw model: a previous calibration must not feed into this one
-    out = logits or split_logits(folder, data_root, split, backend="torch", limit=limit)
-    classes = out["classes"]
-    report = calibration_report(out["y"], out["logits"], classes, target_sensitivity)
-    report.update({"split": split, "data": data_root})
-    metrics = classification_metrics(out["y"], softmax(out["logits"], report["temperature"]), classes,
-                                     out["sources"], report["covid_threshold"])
+    classes = out.classes
+    report = calibration_report(out.y, out.logits, classes, target_sensitivity)
+    report.update({"split": out.split, "data": out.data_root})
+    metrics = classification_metrics(out.y, softmax(out.logits, report["temperature"]), classes,
+                                     out.sources, report["covid_threshold"])
     meta = meta.model_copy(update={"temperature": report["temperature"], "covid_threshold": report["covid_threshold"],
                                    "calibration": report,
-                                   "validation": {"split": split, **validation_summary(metrics)}})
+                                   "validation": {"split": out.split, **validation_summary(metrics)}})
     write_checkpoint_meta(folder, meta)
     log.info("calibrated %s on %s (%d images): T=%.3f, ECE %.4f -> %.4f, covid threshold %s for sensitivity %.2f",
-             folder, split, report["n"], report["temperature"], report["ece_before"], report["ece_after"],
+             folder, out.split, report["n"], report["temperature"], report["ece_before"], report["ece_after"],
              report["covid_threshold"], target_sensitivity)
     return report
+
+
+def _check_target(target_sensitivity: float) -> None:
+    if not 0 < target_sensitivity <= 1:
+        raise KdrayError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")

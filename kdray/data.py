@@ -19,6 +19,7 @@ import posixpath
 import re
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdray import KdrayError, storage
-from kdray.config import AugmentConfig
+from kdray.config import AugmentConfig, DataConfig
 from kdray.images import DECODER_VERSION, DEFAULT_LIMITS, IO_ERROR, ImageRefused, load_image
 from kdray.inputs import read_named
 from kdray.runner import kdray_errors_from_ray
@@ -369,6 +370,64 @@ def load_split(listing: Listing, size: int, shuffle_seed: int | None = None):
     if good.count() == 0:
         raise KdrayError(f"{listing.root}/{listing.split}: none of the {len(listing)} images could be read")
     return good, skipped
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The decoded train and val splits at one image size, with their listings.
+
+    For distillation the caller adds a ``teacher_logits`` column to ``train`` (see
+    :func:`kdray.logit_cache.with_teacher_logits`); training itself never opens the cache.
+    """
+
+    train_listing: Listing
+    val_listing: Listing
+    image_size: int
+    train: Any  # ray.data.Dataset: image_id, label, image, [source]
+    val: Any
+    skipped_train: list = field(default_factory=list)  # files that could not be decoded: {"path", "reason"}
+    skipped_val: list = field(default_factory=list)
+
+    @property
+    def has_teacher_logits(self) -> bool:
+        return "teacher_logits" in self.train.schema().names
+
+
+def list_training_splits(data: DataConfig) -> tuple[Listing, Listing]:
+    """The train and val listings of a run; val is labelled with train's classes."""
+    train = list_split(data.root, data.train_split, data.classes, data.limit)
+    return train, list_split(data.root, data.val_split, train.classes, data.limit)
+
+
+class TrainingSplits:
+    """A run's train and val splits, listed once and decoded once per image size, for every stage to share."""
+
+    def __init__(self, train_listing: Listing, val_listing: Listing, seed: int = 0):
+        self.train_listing, self.val_listing, self.seed = train_listing, val_listing, seed
+        self._decoded: dict[int, TrainingData] = {}
+
+    def at(self, size: int) -> TrainingData:
+        if size not in self._decoded:
+            from kdray.raycluster import init_ray
+
+            init_ray()
+            train, skipped = load_split(self.train_listing, size, shuffle_seed=self.seed)
+            val, skipped_val = load_split(self.val_listing, size)
+            self._decoded[size] = TrainingData(self.train_listing, self.val_listing, size, train, val,
+                                               skipped, skipped_val)
+        return self._decoded[size]
+
+
+def load_training_data(data: DataConfig, seed: int = 0) -> TrainingData:
+    """List and decode the train and val splits of ``data`` at ``data.image_size`` (starting or joining Ray)."""
+    return TrainingSplits(*list_training_splits(data), seed).at(data.image_size)
+
+
+def take_images(ds, n: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` (0: all) images and labels of a decoded dataset: (uint8 [n, S, S], int64 [n])."""
+    columns = ds.select_columns(["image", "label"])
+    rows = columns.take(n) if n else columns.take_all()
+    return np.stack([r["image"] for r in rows]), np.asarray([r["label"] for r in rows], dtype=np.int64)
 
 
 def class_weights(counts: list[int]) -> list[float]:

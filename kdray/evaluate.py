@@ -9,6 +9,7 @@ import math
 import numbers
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,9 +18,9 @@ from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
 from kdray import storage
 from kdray.batch import run_logits
-from kdray.data import list_split, load_split
+from kdray.data import Listing, list_split, load_split
 from kdray.metrics import check_predictions, classification_metrics, expected_calibration_error, softmax
-from kdray.predictor import model_info
+from kdray.predictor import ModelInfo, model_info
 from kdray.raycluster import init_ray
 
 PREDICTIONS_FILE = "predictions.parquet"
@@ -115,21 +116,47 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 # --------------------------------------------------------------------------- #
 # evaluating a model on a split (Ray Data)
 # --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class SplitLogits:
+    """A model's logits over one split, with the labels and what is known about each image."""
+
+    info: ModelInfo  # the model's classes, image size, temperature and covid threshold
+    data_root: str
+    split: str
+    y: np.ndarray  # int labels [N]
+    logits: np.ndarray  # float64 [N, classes]
+    image_ids: list[str]
+    sources: list[str] | None
+    skipped: list  # {"path", "reason"} of the split's unreadable files
+    seconds: float
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+
 def split_logits(model_uri: str, data_root: str, split: str, backend: str = "auto", batch_size: int = 64,
-                 limit: int = 0) -> dict:
-    """Run a model over a split with a Ray Data actor pool: labels, logits, sources and timings."""
+                 limit: int = 0) -> SplitLogits:
+    """Run a model over a split (listed and decoded here) with a Ray Data actor pool."""
     init_ray()
     info = model_info(model_uri, backend)
-    classes, size = info.classes, info.image_size
-    listing = list_split(data_root, split, classes, limit)
+    listing = list_split(data_root, split, info.classes, limit)
     started = time.time()
-    ds, skipped = load_split(listing, size)
+    ds, skipped = load_split(listing, info.image_size)
+    return decoded_logits(model_uri, listing, ds, skipped, backend, batch_size, info, started)
+
+
+def decoded_logits(model_uri: str, listing: Listing, ds, skipped: list, backend: str = "auto", batch_size: int = 64,
+                   info: ModelInfo | None = None, started: float | None = None) -> SplitLogits:
+    """Run a model over ``listing`` already decoded (:func:`kdray.data.load_split` at the model's image size)."""
+    started = started or time.time()
+    info = info or model_info(model_uri, backend)
     table = run_logits(ds, model_uri, views=1, batch_size=batch_size, backend=backend)
-    return {"info": info, "classes": classes, "image_size": size, "skipped": skipped,
-            "seconds": time.time() - started, "y": np.asarray(table["label"].to_numpy()),
-            "logits": np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64),
-            "sources": table["source"].to_pylist() if "source" in table.column_names else None,
-            "image_ids": table["image_id"].to_pylist()}
+    return SplitLogits(info=info, data_root=listing.root, split=listing.split, y=np.asarray(table["label"].to_numpy()),
+                       logits=np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float64),
+                       image_ids=table["image_id"].to_pylist(),
+                       sources=table["source"].to_pylist() if "source" in table.column_names else None,
+                       skipped=skipped, seconds=time.time() - started)
 
 
 def predictions_table(image_ids: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str],
@@ -148,19 +175,24 @@ def predictions_table(image_ids: list[str], y: np.ndarray, probs: np.ndarray, cl
 
 
 def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
-                   batch_size: int = 64, name: str = "", limit: int = 0, logits: dict | None = None) -> dict:
-    """Metrics of a model on a split (with its stored temperature and covid threshold); writes metrics.json,
-    predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and roc.png.
-    ``logits``: this model's :func:`split_logits` on ``split``, if already run."""
-    out = logits or split_logits(model_uri, data_root, split, backend, batch_size, limit)
-    info, classes, y = out["info"], out["classes"], out["y"]
-    probs = softmax(out["logits"], info.temperature)
-    metrics = classification_metrics(y, probs, classes, out["sources"], info.covid_threshold)
-    metrics.update({"model": model_uri, "name": name or model_uri, "data": data_root, "split": split,
-                    "image_size": out["image_size"], "skipped_images": out["skipped"],
-                    "eval_s": round(out["seconds"], 1), "eval_img_per_s": round(len(y) / max(out["seconds"], 1e-9), 2),
+                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
+    """Metrics of a model on a split, listed and decoded here: :func:`evaluate_logits` of :func:`split_logits`."""
+    return evaluate_logits(model_uri, split_logits(model_uri, data_root, split, backend, batch_size, limit), output,
+                           name)
+
+
+def evaluate_logits(model_uri: str, out: SplitLogits, output: str, name: str = "") -> dict:
+    """Metrics of a model from its logits on a split (with its stored temperature and covid threshold); writes
+    metrics.json, predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and
+    roc.png under ``output``. Returns the metrics as written to metrics.json."""
+    info, classes, y, split = out.info, out.classes, out.y, out.split
+    probs = softmax(out.logits, info.temperature)
+    metrics = classification_metrics(y, probs, classes, out.sources, info.covid_threshold)
+    metrics.update({"model": model_uri, "name": name or model_uri, "data": out.data_root, "split": split,
+                    "image_size": info.image_size, "skipped_images": out.skipped,
+                    "eval_s": round(out.seconds, 1), "eval_img_per_s": round(len(y) / max(out.seconds, 1e-9), 2),
                     "backend": info.backend, "temperature": info.temperature,
-                    "ece_uncalibrated": expected_calibration_error(softmax(out["logits"]), y),
+                    "ece_uncalibrated": expected_calibration_error(softmax(out.logits), y),
                     "calibration": info.calibration})
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{name or 'model'} — {split}"
@@ -171,6 +203,6 @@ def evaluate_model(model_uri: str, data_root: str, split: str, output: str, back
             draw(local)
             storage.write_bytes(storage.join(output, fname), Path(local).read_bytes())
     storage.write_parquet(storage.join(output, PREDICTIONS_FILE),
-                          predictions_table(out["image_ids"], y, probs, classes, out["sources"]))
+                          predictions_table(out.image_ids, y, probs, classes, out.sources))
     storage.write_json(storage.join(output, "metrics.json"), metrics)
     return metrics

@@ -27,10 +27,9 @@ from kdray import KdrayError, storage
 from kdray.batch import run_logits
 from kdray.checkpoints import resolve_checkpoint, weights_digest
 from kdray.config import AugmentConfig, KDConfig, to_dict
-from kdray.data import Listing, load_split
+from kdray.data import Listing, TrainingData, load_split
 from kdray.images import DECODER_VERSION
 from kdray.raycluster import init_ray
-from kdray.train import TrainingData
 
 log = logging.getLogger(__name__)
 DATA_FILE, SIDECAR_FILE = "logits.parquet", "cache.json"
@@ -75,8 +74,10 @@ class LogitCache:
 
 
 def build(teacher_uri: str, listing: Listing, image_size: int, output: str, views: int = 1,
-          augment: AugmentConfig | None = None, batch_size: int = 32) -> tuple[str, bool]:
-    """Build (or reuse) the cache for ``listing``; returns (cache URI, reused?)."""
+          augment: AugmentConfig | None = None, batch_size: int = 32, decoded=None) -> tuple[str, bool]:
+    """Build (or reuse) the cache for ``listing``; returns (cache URI, reused?).
+
+    ``decoded``: ``(dataset, skipped)`` of ``listing`` already decoded at ``image_size`` (else it is decoded here)."""
     augment = augment or AugmentConfig()
     if views < 1:
         raise KdrayError(f"views must be >= 1, got {views}")
@@ -92,7 +93,7 @@ def build(teacher_uri: str, listing: Listing, image_size: int, output: str, view
     log.info("building logit cache %s: teacher %s over %d images x %d view(s)", uri, teacher_uri, len(listing), views)
     started = time.time()
     init_ray()
-    ds, skipped = load_split(listing, image_size)
+    ds, skipped = decoded or load_split(listing, image_size)
     table = run_logits(ds, teacher_uri, views, to_dict(augment), batch_size, backend="torch")
     if table is None:
         raise KdrayError("the teacher produced no logits")

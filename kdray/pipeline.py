@@ -16,18 +16,18 @@ import time
 from collections.abc import Callable
 
 from kdray import logit_cache, storage
-from kdray.calibrate import calibrate_checkpoint
+from kdray.calibrate import calibrate_checkpoint, calibrate_on_logits
 from kdray.checkpoints import RESULT_FILE, read_checkpoint_meta, read_run_summary, resolve_checkpoint
 from kdray.config import PipelineConfig, dump_yaml
-from kdray.data import list_split, sample_images
-from kdray.evaluate import evaluate_model, split_logits
+from kdray.data import Listing, TrainingData, TrainingSplits, list_training_splits, take_images
+from kdray.evaluate import decoded_logits, evaluate_logits
 from kdray.export import export_student
 from kdray.models import build_model, model_cost
 from kdray.predictor import load_predictor, measure_throughput, model_info
 from kdray.raycluster import free_loopback_port, init_ray
-from kdray.schemas import ModelCard, RunSummary
+from kdray.schemas import KDSweepEntry, ModelCard, PipelineSummary, RunSummary, ServeReply, SummaryRow, TrainedRun
 from kdray.score import score_archive
-from kdray.train import METRIC, fit, load_training_data
+from kdray.train import METRIC, fit
 
 #: Deploys an export with Ray Serve and returns its base URL: ``deploy(model_dir, port=...)``.
 #: The entry point (jobs.pipeline) hands in ``serve.app.deploy``; the library never imports serve/.
@@ -38,7 +38,7 @@ SUMMARY_COLUMNS = ["model", "accuracy", "macro_f1", "covid_sensitivity", "params
                    "runtime", "train_s"]
 
 
-def run_pipeline(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None = None) -> dict:
+def run_pipeline(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None = None) -> PipelineSummary:
     """Run every stage on the data root ``data``, writing under ``out``; ``deploy`` (Ray Serve) is needed when
     ``demo.serve`` is on. ``cfg`` is left as it was: the stages get a copy that names ``data`` and ``out``."""
     import ray
@@ -53,62 +53,63 @@ def run_pipeline(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | No
     log.info("pipeline: data %s → outputs %s", data, out)
     init_ray()
     try:
-        summary = _stages(cfg, data, out, deploy)
+        summary = _stages(cfg, TrainingSplits(*list_training_splits(cfg.data), cfg.run.seed), out, deploy)
     finally:
         _stop_serve()
         ray.shutdown()
-    summary["wall_s"] = round(time.time() - started, 1)
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    summary = summary.model_copy(update={"wall_s": round(time.time() - started, 1)})
+    storage.write_json(storage.join(out, "summary.json"), summary.model_dump(mode="json"))
     return summary
 
 
-def _stages(cfg: PipelineConfig, data: str, out: str, deploy: DeployFn | None) -> dict:
+def _stages(cfg: PipelineConfig, splits: TrainingSplits, out: str, deploy: DeployFn | None) -> PipelineSummary:
+    """The stages in order; every one reads the splits listed once and decoded once per image size."""
     tiny = "tiny-" if cfg.teacher.model.name.startswith("tiny_") else ""
     stage = _StageCounter(8)
     stage("train the ResNet50V2+VGG19 teacher" if not cfg.teacher_run else f"reuse the teacher {cfg.teacher_run}")
+    teacher_data = splits.at(cfg.image_size("teacher"))
     teacher = (existing_run(cfg.teacher_run) if cfg.teacher_run
-               else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19")))
+               else fit(cfg.stage("teacher", 0.0, f"{tiny}teacher-resnet50v2-vgg19"), teacher_data))
     _log_run("teacher", teacher)
     stage("cache the teacher's logits (Parquet)")
-    listing = list_split(data, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     settings = cfg.kd_settings()
-    cache_uri, reused = logit_cache.build(teacher.best_checkpoint, listing, cfg.image_size("teacher"), out,
-                                          max(kd.views for kd in settings), cfg.augment)
+    cache_uri, reused = logit_cache.build(teacher.best_checkpoint, splits.train_listing, teacher_data.image_size, out,
+                                          max(kd.views for kd in settings), cfg.augment,
+                                          decoded=(teacher_data.train, teacher_data.skipped_train))
     log.info("logit cache %s: %s", cache_uri, "reused" if reused else "built")
     stage("distil the MobileNetV2 student from the cached logits")
-    sweep = _train_kd_students(cfg, settings, cache_uri, f"{tiny}mobilenetv2_from_resnet50v2-vgg19")
+    student_data = splits.at(cfg.image_size("student"))
+    sweep, students = _train_kd_students(cfg, settings, cache_uri, f"{tiny}mobilenetv2_from_resnet50v2-vgg19",
+                                         student_data)
     stage("train the no-KD student (the baseline)")
-    nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"))
+    nokd = fit(cfg.stage("student", 0.0, f"{tiny}mobilenetv2-nokd"), student_data)
     _log_run("student_nokd", nokd)
-    kd = next(entry["summary"] for entry in sweep if entry["selected"])
+    kd = next(students[entry.model] for entry in sweep if entry.selected)
     runs = {"teacher": teacher, "student_kd": kd, "student_nokd": nokd,
-            **{entry["model"]: entry["summary"] for entry in sweep if not entry["selected"]}}
+            **{entry.model: students[entry.model] for entry in sweep if not entry.selected}}
     stage(f"calibrate and evaluate {len(runs)} models on {cfg.data.val_split}")
-    metrics = {name: _calibrate_and_evaluate(r.best_checkpoint, data, cfg, storage.join(out, "eval", name), name)
+    metrics = {name: _calibrate_and_evaluate(r.best_checkpoint, splits, cfg, storage.join(out, "eval", name), name)
                for name, r in runs.items()}
     served_model = kd.best_checkpoint
     export = None
     if cfg.demo.export:
         stage("export the KD student: ONNX fp32 + int8, parity, served operating point")
         served_model = storage.join(out, "export", "student")
-        export = _export(kd.best_checkpoint, data, cfg, served_model)
+        export = _export(kd.best_checkpoint, student_data, cfg.calibrate.target_sensitivity, served_model)
     if cfg.demo.serve:
         stage("serve it with Ray Serve and send one request")
-    reply = _serve_once(deploy, served_model, data, cfg) if cfg.demo.serve else None
+    reply = _serve_once(deploy, served_model, splits.val_listing, cfg.demo.serve_port) if cfg.demo.serve else None
     scored = None
     if cfg.demo.score:
         stage(f"score the {cfg.data.val_split} images offline (Ray Data)")
-        scored = score_archive(served_model, storage.join(data, cfg.data.val_split), storage.join(out, "score"))
-    rows = _summary_rows(runs, metrics, served_model, data, cfg)
-    for entry in sweep:
-        row = next(r for r in rows if r["model"] == entry["model"])
-        row["kd"] = f"alpha={entry['alpha']:g} T={entry['temperature']:g} K={entry['views']}"
-    return {"data": data, "output": out, "logit_cache": cache_uri, "logit_cache_reused": reused,
-            "runs": {k: {"run": v.run_uri, "best_checkpoint": v.best_checkpoint, "train_s": v.wall_s}
-                     for k, v in runs.items()},
-            "kd_sweep": [{k: v for k, v in entry.items() if k != "summary"} for entry in sweep],
-            "table": rows, "export": export.model_dump(mode="json") if export else None, "serve_reply": reply,
-            "score": scored.model_dump(mode="json") if scored else None}
+        scored = score_archive(served_model, storage.join(cfg.data.root, cfg.data.val_split), storage.join(out, "score"))
+    settings_of = {entry.model: f"alpha={entry.alpha:g} T={entry.temperature:g} K={entry.views}" for entry in sweep}
+    rows = [_summary_row(name, run, metrics[name], served_model if name == "student_kd" else run.best_checkpoint,
+                         splits, settings_of.get(name)) for name, run in runs.items()]
+    return PipelineSummary(
+        data=cfg.data.root, output=out, logit_cache=cache_uri, logit_cache_reused=reused,
+        runs={k: TrainedRun(run=v.run_uri, best_checkpoint=v.best_checkpoint, train_s=v.wall_s) for k, v in runs.items()},
+        kd_sweep=sweep, table=rows, export=export, serve_reply=reply, score=scored)
 
 
 class _StageCounter:
@@ -128,36 +129,47 @@ def _log_run(name: str, run: RunSummary) -> None:
              f" in {run.wall_s:.0f} s" if run.wall_s else "")
 
 
-def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name: str) -> list[dict]:
-    """Distil one student per KD setting and select the best by its val macro-F1 (T, alpha and K chosen on val)."""
-    sweep = []
+def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name: str,
+                       data: TrainingData) -> tuple[list[KDSweepEntry], dict[str, RunSummary]]:
+    """Distil one student per KD setting and select the best by its val macro-F1 (T, alpha and K chosen on val).
+
+    Returns the sweep entries and each student's run, keyed by the entry's ``model`` name."""
+    trained = []
     for kd in settings:
         tag = f"a{kd.alpha:g}-t{kd.temperature:g}-k{kd.views}"
         stage = cfg.stage("student", kd.alpha, name if len(settings) == 1 else f"{name}-{tag}", cache_uri, kd)
-        summary = fit(stage, logit_cache.with_teacher_logits(load_training_data(stage), stage.kd))
-        sweep.append({"label": f"student_kd_{tag}", "alpha": kd.alpha, "temperature": kd.temperature,
-                      "views": kd.views, "val_macro_f1": summary.best_metrics.get(METRIC), "summary": summary})
-    best = max(sweep, key=lambda entry: entry["val_macro_f1"] or -1.0)
-    _log_run("student_kd", best["summary"])
-    for entry in sweep:
-        entry["selected"] = entry is best
-        entry["model"] = "student_kd" if entry["selected"] else entry["label"]  # its name in runs and the table
+        trained.append((f"student_kd_{tag}", kd, fit(stage, logit_cache.with_teacher_logits(data, stage.kd))))
+    best = max(trained, key=lambda item: item[2].best_metrics.get(METRIC) or -1.0)
+    _log_run("student_kd", best[2])
+    sweep, students = [], {}
+    for label, kd, summary in trained:
+        model = "student_kd" if summary is best[2] else label  # its name in runs and the table
+        sweep.append(KDSweepEntry(label=label, model=model, alpha=kd.alpha, temperature=kd.temperature,
+                                  views=kd.views, val_macro_f1=summary.best_metrics.get(METRIC),
+                                  selected=summary is best[2]))
+        students[model] = summary
     if len(sweep) > 1:
+        chosen = next(entry for entry in sweep if entry.selected)
         log.info("KD settings on val macro-F1: %s; selected alpha=%g T=%g K=%d",
-                 ", ".join(f"{e['label']}={e['val_macro_f1']:.4f}" for e in sweep), best["alpha"],
-                 best["temperature"], best["views"])
-    return sweep
+                 ", ".join(f"{e.label}={e.val_macro_f1:.4f}" for e in sweep), chosen.alpha, chosen.temperature,
+                 chosen.views)
+    return sweep, students
 
 
-def _calibrate_and_evaluate(checkpoint: str, data: str, cfg: PipelineConfig, output: str, name: str) -> dict:
-    """Calibrate (if on) and evaluate one model, running it over val once when both use val."""
-    val = split_logits(checkpoint, data, cfg.data.val_split, backend="torch", limit=cfg.data.limit)
+def _calibrate_and_evaluate(checkpoint: str, splits: TrainingSplits, cfg: PipelineConfig, output: str,
+                            name: str) -> dict:
+    """Calibrate (if on) and evaluate one model, running it over the decoded val split once for both."""
+    info = model_info(checkpoint, "torch")
+    data = splits.at(info.image_size)
+    val = decoded_logits(checkpoint, data.val_listing, data.val, data.skipped_val, "torch", info=info)
     if cfg.calibrate.enabled:
-        same_split = cfg.calibrate.split == cfg.data.val_split
-        calibrate_checkpoint(checkpoint, data, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
-                             cfg.data.limit, logits=val if same_split else None)
-        val["info"] = model_info(checkpoint)  # now with the fitted temperature and covid threshold
-    return evaluate_model(checkpoint, data, cfg.data.val_split, output, name=name, limit=cfg.data.limit, logits=val)
+        if cfg.calibrate.split == cfg.data.val_split:
+            calibrate_on_logits(checkpoint, val, cfg.calibrate.target_sensitivity)
+        else:
+            calibrate_checkpoint(checkpoint, cfg.data.root, cfg.calibrate.split, cfg.calibrate.target_sensitivity,
+                                 cfg.data.limit)
+        val = dataclasses.replace(val, info=model_info(checkpoint))  # now with the fitted T and covid threshold
+    return evaluate_logits(checkpoint, val, output, name)
 
 
 def existing_run(uri: str) -> RunSummary:
@@ -170,29 +182,26 @@ def existing_run(uri: str) -> RunSummary:
                       cost=cost, model_name=meta.model_name, classes=meta.classes)
 
 
-def _export(checkpoint: str, data: str, cfg: PipelineConfig, output: str) -> ModelCard:
-    size = cfg.image_size("student")
-    calib, _ = sample_images(data, cfg.data.train_split, size, 64)
-    val_images, val_labels = sample_images(data, cfg.data.val_split, size, 0)  # all of val
+def _export(checkpoint: str, data: TrainingData, target_sensitivity: float, output: str) -> ModelCard:
+    calib, _ = take_images(data.train, 64)  # the train split is decoded shuffled: a sample
+    val_images, val_labels = take_images(data.val)  # all of val
     return export_student(checkpoint, output, calib, val_images, val_labels, strict=False,  # int8 failing → fp32
-                          target_sensitivity=cfg.calibrate.target_sensitivity, split=cfg.data.val_split)
+                          target_sensitivity=target_sensitivity, split=data.val_listing.split)
 
 
-def _serve_once(deploy: DeployFn, model: str, data: str, cfg: PipelineConfig) -> dict:
+def _serve_once(deploy: DeployFn, model: str, val: Listing, port: int) -> ServeReply:
     """Deploy the student with Ray Serve and answer one real HTTP request with a validation image."""
     import requests
 
-    url = deploy(model, port=cfg.demo.serve_port or free_loopback_port())
-    listing = list_split(data, cfg.data.val_split, cfg.data.classes, 1)
-    image = storage.read_bytes(storage.Location(listing.fs, listing.paths[0], listing.paths[0]))
+    url = deploy(model, port=port or free_loopback_port())
+    image = storage.read_bytes(storage.Location(val.fs, val.paths[0], val.paths[0]))
     reply = requests.post(f"{url}/predict", files={"file": ("xray.png", image, "image/png")}, timeout=60)
     reply.raise_for_status()
-    answer = reply.json()
-    log.info("Serve answered POST %s/predict for %s (true label %s): %s", url, listing.image_ids[0],
-             listing.classes[listing.labels[0]], answer)
+    answer = ServeReply(url=url, image=val.image_ids[0], true_label=val.classes[val.labels[0]], response=reply.json())
+    log.info("Serve answered POST %s/predict for %s (true label %s): %s", url, answer.image, answer.true_label,
+             answer.response)
     _stop_serve()
-    return {"url": url, "image": listing.image_ids[0], "true_label": listing.classes[listing.labels[0]],
-            "response": answer}
+    return answer
 
 
 def _stop_serve() -> None:
@@ -202,20 +211,15 @@ def _stop_serve() -> None:
         serve.shutdown()
 
 
-def _summary_rows(runs: dict, metrics: dict, served_model: str, data: str, cfg: PipelineConfig) -> list[dict]:
-    rows = []
-    for name, run in runs.items():
-        m = metrics[name]
-        model = served_model if name == "student_kd" else run.best_checkpoint
-        predictor = load_predictor(model, threads=os.cpu_count())
-        images, _ = sample_images(data, cfg.data.val_split, predictor.image_size, 64)
-        covid = m.get("covid") or {}
-        rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                     "covid_sensitivity": covid.get("sensitivity"), "covid_specificity": covid.get("specificity"),
-                     "covid_threshold": covid.get("threshold"), "macro_auc": m.get("macro_auc"),
-                     "ece_before_ts": m.get("ece_uncalibrated"), "ece": m.get("ece"),
-                     "per_source_accuracy": {k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
-                     "image_size": predictor.image_size, "params_M": run.cost["params"] / 1e6,
-                     "gflops": run.cost["gflops"], "img_per_s": measure_throughput(predictor, images),
-                     "runtime": predictor.backend, "train_s": run.wall_s})
-    return rows
+def _summary_row(name: str, run: RunSummary, m: dict, model: str, splits: TrainingSplits,
+                 kd_setting: str | None) -> SummaryRow:
+    predictor = load_predictor(model, threads=os.cpu_count())
+    images, _ = take_images(splits.at(predictor.image_size).val, 64)
+    covid = m.get("covid") or {}
+    return SummaryRow(
+        model=name, accuracy=m["accuracy"], macro_f1=m["macro_f1"], covid_sensitivity=covid.get("sensitivity"),
+        covid_specificity=covid.get("specificity"), covid_threshold=covid.get("threshold"),
+        macro_auc=m.get("macro_auc"), ece_before_ts=m.get("ece_uncalibrated"), ece=m.get("ece"),
+        per_source_accuracy={k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
+        image_size=predictor.image_size, params_M=run.cost["params"] / 1e6, gflops=run.cost["gflops"],
+        img_per_s=measure_throughput(predictor, images), runtime=predictor.backend, train_s=run.wall_s, kd=kd_setting)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kdray import KdrayError
+from kdray import KdrayError, first_line
 
 log = logging.getLogger("kdray")
 VERBOSE_FLAGS = ("--verbose", "-v")
@@ -143,12 +143,18 @@ def kdray_error_in(exc: BaseException) -> str | None:
 
 
 def root_cause(exc: BaseException) -> str:
-    """The one line that says why: the kdray error inside Ray's wrapping, else the exception's first line."""
+    """The one line that says why: the kdray error inside Ray's wrapping, else the innermost cause's error line
+    (the last line of a remote traceback that Ray carries as text, the first line of a plain message)."""
     message = kdray_error_in(exc)
     if message is not None:
         return message
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    remote = len(lines) > 1 and any(line.startswith("Traceback (most recent call last)") for line in lines)
+    return f"{type(exc).__name__}: {first_line(lines[-1] if remote else lines[0], 300)}"
 
 
 @contextmanager

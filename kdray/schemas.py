@@ -252,3 +252,71 @@ class ModelCard(Contract):
 
     def operating_point(self, kind: str) -> OperatingPoint | None:
         return self.operating_points.get(kind)  # type: ignore[call-overload]
+
+
+# ----------------------------------------------------------------------------- the pipeline's summary
+
+
+class KDSweepEntry(Contract):
+    """One distilled student of the pipeline's KD sweep (``kd_sweep``; one entry without a sweep)."""
+
+    label: str  # student_kd_a<alpha>-t<T>-k<views>
+    model: str  # its name in the summary table: student_kd for the selected one, else the label
+    alpha: float
+    temperature: float
+    views: int
+    val_macro_f1: float | None
+    selected: bool
+
+
+class TrainedRun(Contract):
+    run: str
+    best_checkpoint: str
+    train_s: float | None
+
+
+class SummaryRow(Contract):
+    """One model in the pipeline's summary table: accuracy, calibration, cost and speed on this machine."""
+
+    model: str
+    accuracy: float
+    macro_f1: float
+    covid_sensitivity: float | None
+    covid_specificity: float | None
+    covid_threshold: float | None
+    macro_auc: float | None
+    ece_before_ts: float | None
+    ece: float | None
+    per_source_accuracy: dict[str, float]
+    image_size: int
+    params_M: float
+    gflops: float
+    img_per_s: float
+    runtime: str
+    train_s: float | None
+    kd: str | None = None  # the selected KD setting, for the distilled students
+
+
+class ServeReply(Contract):
+    """The one real HTTP request the pipeline sends to the deployed student."""
+
+    url: str
+    image: str
+    true_label: str
+    response: dict[str, Any]
+
+
+class PipelineSummary(Contract):
+    """What :func:`kdray.pipeline.run_pipeline` returns and writes to ``<output>/summary.json``."""
+
+    data: str
+    output: str
+    logit_cache: str
+    logit_cache_reused: bool
+    runs: dict[str, TrainedRun]
+    kd_sweep: list[KDSweepEntry]
+    table: list[SummaryRow]
+    export: ModelCard | None
+    serve_reply: ServeReply | None
+    score: ScoreSummary | None
+    wall_s: float = 0.0

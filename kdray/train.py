@@ -13,8 +13,6 @@ import os
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +20,10 @@ import torch
 from kdray import KdrayError, storage
 from kdray.checkpoints import load_train_state, save_checkpoint, write_run_summary
 from kdray.config import TrainJobConfig, dump_yaml, from_dict, to_dict
-from kdray.data import Listing, class_weights, list_split, load_split, to_model_input, view_seeds
+from kdray.data import TrainingData, class_weights, to_model_input, view_seeds
 from kdray.losses import kd_loss
 from kdray.models import build_model, model_cost
+from kdray.runner import root_cause
 from kdray.schemas import RunSummary
 
 log = logging.getLogger(__name__)
@@ -47,43 +46,11 @@ def default_run_name(cfg: TrainJobConfig) -> str:
 # ----------------------------------------------------------------------------- driver side
 
 
-@dataclass
-class TrainingData:
-    """The decoded datasets a run trains and validates on, with their listings.
-
-    For distillation the caller adds a ``teacher_logits`` column to ``train`` (see
-    :func:`kdray.logit_cache.with_teacher_logits`); training itself never opens the cache.
-    """
-
-    train_listing: Listing
-    val_listing: Listing
-    train: Any  # ray.data.Dataset
-    val: Any
-    skipped_train: list = field(default_factory=list)  # files that could not be decoded
-    skipped_val: list = field(default_factory=list)
-
-    @property
-    def has_teacher_logits(self) -> bool:
-        return "teacher_logits" in self.train.schema().names
-
-
-def load_training_data(cfg: TrainJobConfig) -> TrainingData:
-    """List and decode the train and val splits (starting or joining Ray)."""
-    from kdray.raycluster import init_ray
-
-    train_listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
-    val_listing = list_split(cfg.data.root, cfg.data.val_split, train_listing.classes, cfg.data.limit)
-    init_ray()
-    train_ds, skipped = load_split(train_listing, cfg.data.image_size, shuffle_seed=cfg.run.seed)
-    val_ds, skipped_val = load_split(val_listing, cfg.data.image_size)
-    return TrainingData(train_listing, val_listing, train_ds, val_ds, skipped, skipped_val)
-
-
-def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
+def fit(cfg: TrainJobConfig, data: TrainingData) -> RunSummary:
     """Train one model as configured; returns the run summary also written to ``<run>/result.json``.
 
-    ``data``: the decoded datasets (default: :func:`load_training_data`). With ``kd.alpha > 0`` its train
-    dataset must carry a ``teacher_logits`` column."""
+    ``data``: the decoded splits at ``cfg.data.image_size`` (:func:`kdray.data.load_training_data` of ``cfg.data``,
+    or the pipeline's shared :class:`kdray.data.TrainingSplits`). With ``kd.alpha > 0`` its train dataset must carry a ``teacher_logits`` column."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -94,7 +61,8 @@ def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
     size = cfg.data.image_size
     run_name = cfg.run.name or default_run_name(cfg)
     run_uri = storage.join(cfg.run.output, run_name)
-    data = data or load_training_data(cfg)
+    if data.image_size != size:
+        raise KdrayError(f"the training data was decoded at {data.image_size} px, the run needs {size} px")
     if cfg.kd.alpha > 0 and not data.has_teacher_logits:
         raise KdrayError("kd.alpha > 0: the training data has no teacher_logits column "
                          "(join the logit cache first: kdray.logit_cache.with_teacher_logits)")
@@ -103,7 +71,7 @@ def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
     train_listing, train_ds, val_ds, skipped = data.train_listing, data.train, data.val, data.skipped_train
 
     gpus = cluster_gpus()
-    use_gpu = {"auto": gpus > 0, "true": True, "false": False}[cfg.run.use_gpu]
+    use_gpu = gpus > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
     cpus = cluster_cpus()
     workers = cfg.run.num_workers or (int(gpus) if use_gpu else max(1, min(int(cpus), 2)))
     cpus_per_worker = max(1.0, math.floor(cpus / workers)) if not use_gpu else 1.0
@@ -137,7 +105,7 @@ def fit(cfg: TrainJobConfig, data: TrainingData | None = None) -> RunSummary:
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the root cause in one line
-        raise KdrayError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
+        raise KdrayError(f"training run {run_name} failed: {root_cause(exc)}") from exc
     best = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     if best is None:
         raise KdrayError(f"training run {run_name} produced no checkpoint")
@@ -171,38 +139,23 @@ def _best_metrics(result) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if not str(k).startswith("_")}
 
 
-def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
-
-
 # ----------------------------------------------------------------------------- worker side
 
 
-def _lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float):
-    total = max(1, steps_per_epoch * epochs)
-    warmup = int(steps_per_epoch * warmup_epochs)
+def make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module, steps_per_epoch: int):
+    """timm's optimiser (no weight decay on biases and norm weights; sgd = Nesterov, momentum 0.9) and its cosine
+    schedule after ``warmup_epochs`` of linear warmup, in optimiser steps: call ``schedule.step_update(step)``."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
 
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
-def _make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True)
-    raise KdrayError(f"unknown optimizer {cfg.optim.optimizer!r} (adamw | sgd)")
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay)
+    total = max(1, steps_per_epoch * cfg.optim.epochs)
+    warmup = min(int(steps_per_epoch * cfg.optim.warmup_epochs), total - 1)
+    schedule = CosineLRScheduler(optimizer, t_initial=total - warmup, warmup_t=warmup, warmup_prefix=True,
+                                 warmup_lr_init=cfg.optim.lr / max(1, warmup), t_in_epochs=False)
+    schedule.step_update(0)
+    return optimizer, schedule
 
 
 def _all_gather(array: np.ndarray) -> np.ndarray:
@@ -284,11 +237,9 @@ def train_loop_per_worker(config: dict) -> None:
         memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    optimizer = _make_optimizer(cfg, core)
+    optimizer, scheduler = make_optimizer(cfg, core, steps_per_epoch)
     ema = _make_ema(core, cfg.optim.ema_decay)
     evaluated = ema.module if ema is not None else core  # what is validated and checkpointed
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps_per_epoch, cfg.optim.epochs,
-                                                                         cfg.optim.warmup_epochs))
     weights = (torch.tensor(class_weights(config["class_counts"]), dtype=torch.float32, device=device)
                if cfg.optim.class_balance else None)
     start_epoch, best_f1, stale = 0, -1.0, 0
@@ -323,7 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
             y = torch.tensor(batch["label"], dtype=torch.long, device=device)
             loss = train_step(model, optimizer, x, y, None if teacher is None else torch.as_tensor(teacher, device=device),
                               cfg, weights, use_amp)
-            scheduler.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
             if ema is not None:
                 ema.update_parameters(core)
             seen += len(y)
@@ -336,7 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_s = time.time() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_s": round(train_s, 1),
                    "train_img_per_s": round(seen * ctx.get_world_size() / max(train_s, 1e-9), 2),
-                   "lr": scheduler.get_last_lr()[0]}
+                   "lr": optimizer.param_groups[0]["lr"]}
         if cfg.optim.bn_recalibrate_batches:
             _recalibrate_batchnorm(evaluated, recent_images, device, use_amp)
         metrics.update(_validate(model if ema is None else ema.module, val_data, device,

@@ -38,6 +38,7 @@ import ray
 from ray.cluster_utils import Cluster
 from kdray import storage
 from kdray.config import TrainJobConfig, load_config
+from kdray.data import load_training_data
 from kdray.train import WORKERS_DIR, fit
 
 data, output, name = sys.argv[1:4]
@@ -63,7 +64,7 @@ def registered_checkpoints() -> int:
 
 def train():
     try:
-        outcome["summary"] = fit(cfg)
+        outcome["summary"] = fit(cfg, load_training_data(cfg.data, cfg.run.seed))
     except BaseException as exc:
         outcome["error"] = repr(exc)
 

@@ -8,8 +8,9 @@ import pytest
 from kdray import storage
 from kdray.checkpoints import load_model, read_checkpoint_meta, read_run_summary
 from kdray.config import TrainJobConfig, load_config
+from kdray.data import load_training_data
 from kdray.schemas import RunSummary
-from kdray.train import _lr_lambda, _my_share, fit
+from kdray.train import _my_share, fit, make_optimizer
 
 
 def _cfg(data: str, output: str, name: str, epochs: int) -> TrainJobConfig:
@@ -35,7 +36,8 @@ def _worker_output(caplog, capfd) -> str:
 def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s3_bucket, ray_local, caplog, capfd):
     caplog.set_level("INFO")
     output = f"s3://{s3_bucket}/runs"
-    summary = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=8))
+    cfg = _cfg(synthetic_s3, output, "tiny-teacher-test", epochs=8)
+    summary = fit(cfg, load_training_data(cfg.data))
     assert isinstance(summary, RunSummary) and summary == read_run_summary(f"{output}/tiny-teacher-test")
     assert summary.workers == 2 and summary.model_name == "tiny_teacher"
     assert summary.best_checkpoint.startswith(f"s3://{s3_bucket}/runs/tiny-teacher-test/checkpoint_")
@@ -55,7 +57,8 @@ def test_two_worker_teacher_learns_checkpoints_to_s3_and_resumes(synthetic_s3, s
 
     # the same run name resumes from the latest checkpoint instead of starting over
     caplog.clear()
-    resumed = fit(_cfg(synthetic_s3, output, "tiny-teacher-test", epochs=9))
+    cfg = _cfg(synthetic_s3, output, "tiny-teacher-test", epochs=9)
+    resumed = fit(cfg, load_training_data(cfg.data))
     assert "resuming tiny-teacher-test from epoch 8" in _worker_output(caplog, capfd)
     assert resumed.final_metrics["epoch"] == 9
     assert read_checkpoint_meta(resumed.best_checkpoint).epoch >= summary.best_metrics["epoch"]
@@ -75,10 +78,20 @@ def test_each_val_image_is_scored_by_exactly_one_worker():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-    fn = _lr_lambda(steps_per_epoch=10, epochs=4, warmup_epochs=1)
-    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)
-    assert fn(10) == pytest.approx(1.0) and fn(39) < 0.01
-    assert all(fn(i) >= fn(i + 1) for i in range(10, 39))
+    import torch
+
+    cfg = load_config(TrainJobConfig, ["--lr", "0.1", "--epochs", "4", "--warmup_epochs", "1", "--optimizer", "sgd"])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer, schedule = make_optimizer(cfg, model, steps_per_epoch=10)
+    lrs = []
+    for step in range(41):
+        schedule.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.01) and lrs[10] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[40] < 1e-3  # cosine down to ~0
+    decay = sorted((len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups)
+    assert decay == [(1, cfg.optim.weight_decay), (3, 0.0)]  # no decay on the conv bias and the BatchNorm
 
 
 def _recalibrate_as_worker(rank: int, init_file: str, batches_per_rank: list, out_dir: str) -> None:
