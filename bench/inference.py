@@ -142,12 +142,12 @@ def run(size: int, data: str | None, budget: float, threads: int, calibration: i
         sizes = {kind: card.artifacts[kind].size_mb for kind in ort}
 
         per_engine = budget / 4
-        student_cost = {"params (M)": count_params(student) / 1e6, "GFLOPs": cost["student"]["gflops"]}
+        student_cost = {"params (M)": count_params(student) / 1e6, "GFLOPs": cost["student"].gflops}
         rows = [
             {**bench_engine("teacher, eager torch fp32", TorchPredictor(teacher, meta, threads, "cpu").logits,
                             bench_images, per_engine, heavy=True),
              "size MB": state_mb(teacher), "params (M)": count_params(teacher) / 1e6,
-             "GFLOPs": cost["teacher"]["gflops"]},
+             "GFLOPs": cost["teacher"].gflops},
             {**bench_engine("student, eager torch fp32", TorchPredictor(student, meta, threads, "cpu").logits,
                             bench_images, per_engine, heavy=False),
              "size MB": state_mb(student), **student_cost},

@@ -18,7 +18,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdray import KdrayError, first_line, storage
-from kdray.schemas import ModelName
+from kdray.schemas import ModelCost, ModelName
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,6 @@ def count_flops(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def model_cost(model: nn.Module, image_size: int) -> dict:
-    return {"params": count_params(model), "backbone_params": backbone_params(model),
-            "gflops": count_flops(model, image_size) / 1e9, "image_size": image_size}
+def model_cost(model: nn.Module, image_size: int) -> ModelCost:
+    return ModelCost(params=count_params(model), backbone_params=backbone_params(model),
+                     gflops=count_flops(model, image_size) / 1e9, image_size=image_size)

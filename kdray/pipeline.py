@@ -221,5 +221,5 @@ def _summary_row(name: str, run: RunSummary, m: dict, model: str, splits: Traini
         covid_specificity=covid.get("specificity"), covid_threshold=covid.get("threshold"),
         macro_auc=m.get("macro_auc"), ece_before_ts=m.get("ece_uncalibrated"), ece=m.get("ece"),
         per_source_accuracy={k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
-        image_size=predictor.image_size, params_M=run.cost["params"] / 1e6, gflops=run.cost["gflops"],
+        image_size=predictor.image_size, params_M=run.cost.params / 1e6, gflops=run.cost.gflops,
         img_per_s=measure_throughput(predictor, images), runtime=predictor.backend, train_s=run.wall_s, kd=kd_setting)

@@ -79,6 +79,15 @@ class CheckpointMeta(Contract):
     validation: dict[str, Any] | None = None
 
 
+class ModelCost(Contract):
+    """What a model costs: parameters (all, and of its backbones) and GFLOPs per image at ``image_size``."""
+
+    params: int
+    backbone_params: int
+    gflops: float
+    image_size: int
+
+
 class RunSummary(Contract):
     """``result.json`` of a finished training run: what ``kdray.train.fit`` returns."""
 
@@ -93,7 +102,7 @@ class RunSummary(Contract):
     workers: int | None = None
     use_gpu: bool | None = None
     skipped_images: list[Any] = Field(default_factory=list)
-    cost: dict[str, Any]
+    cost: ModelCost
 
 
 class ScoreSummary(Contract):

@@ -85,4 +85,4 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 
 def test_model_cost_reports_params_and_gflops():
     cost = model_cost(build_model("tiny_student", 3), 32)
-    assert cost["params"] > cost["backbone_params"] > 0 and cost["gflops"] > 0
+    assert cost.params > cost.backbone_params > 0 and cost.gflops > 0 and cost.image_size == 32
