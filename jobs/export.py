@@ -21,10 +21,10 @@ import numpy as np
 from kdray import storage
 from kdray.checkpoints import read_checkpoint_meta
 from kdray.runner import run_job
-from kdray.config import dump_yaml, load_config
+from kdray.config import ExportJobConfig, dump_yaml, load_config
 from kdray.data import sample_images
 from kdray.evaluate import format_table
-from kdray.export import ExportJobConfig, ParityError, export_student
+from kdray.export import ParityError, export_student
 from kdray.schemas import ModelCard
 
 

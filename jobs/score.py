@@ -16,7 +16,6 @@ interrupted, the same command run again resumes: finished shards are skipped and
 
 from kdray import storage
 from kdray.config import ScoreJobConfig, dump_yaml, load_config
-from kdray.images import ImageLimits
 from kdray.runner import run_job
 from kdray.schemas import ScoreSummary
 from kdray.score import score_archive
@@ -24,11 +23,8 @@ from kdray.score import score_archive
 
 def main(argv: list[str]) -> ScoreSummary:
     cfg = load_config(ScoreJobConfig, argv)
-    limits = ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
-                         modalities=tuple(cfg.modalities) or None, max_decode_bytes=cfg.max_decode_bytes,
-                         max_frames=cfg.max_frames)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
-                            cfg.shard_size, limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots,
+                            cfg.shard_size, cfg.limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots,
                             engine=cfg.engine)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     reasons = ", ".join(f"{k} {v}" for k, v in summary.errors_by_reason.items()) or "none"

@@ -34,8 +34,6 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -43,7 +41,7 @@ import torch
 import kdray
 from kdray import KdrayError, storage
 from kdray.checkpoints import load_model, resolve_checkpoint
-from kdray.config import Check, between, ge
+from kdray.config import ExportJobConfig  # noqa: F401 - its config, with the others in kdray.config
 from kdray.data import IMAGENET_MEAN, IMAGENET_STD, preprocess_config, to_model_input
 from kdray.metrics import calibration_report, covid_index, covid_suspect, softmax
 from kdray.predictor import INPUT_NAME, MODEL_CARD_FILE, OUTPUT_NAME, batches, ort_session, sha256_file
@@ -95,31 +93,6 @@ class ParityError(KdrayError):
     def __init__(self, message: str, metadata: ModelCard | None = None):
         super().__init__(message)
         self.metadata = metadata
-
-
-@dataclass
-class ExportJobConfig:
-    """``python -m jobs.export``: which checkpoint, which data for calibration/parity, where to write."""
-
-    model: str = ""  # checkpoint folder or finished run folder (local or s3://)
-    data: str = ""  # data root (ImageFolder tree or manifest) for calibration and parity images
-    output: str = ""  # export folder (local or s3://)
-    train_split: str = "train"  # calibration images come from here
-    val_split: str = "val"  # parity images come from here
-    calibration: int = 128  # number of calibration images for int8
-    parity: int = 0  # val images for parity and the operating point (0 = all of val)
-    target_sensitivity: float = 0.95  # the covid threshold is the largest that reaches this on val
-    int8: bool = True
-    torchscript: bool = False
-    strict: bool = True  # false: an int8/TorchScript artifact below its bar is kept as validated=false, no error
-    name: str = ""  # model-card name (default: kdray-<model_name>)
-    version: str = ""  # model-card version (default: the kdray version)
-
-    REQUIRED: ClassVar[dict[str, str]] = {"model": "a training checkpoint or run folder",
-                                          "data": "the data root, for calibration and parity images",
-                                          "output": "the export folder"}
-    CHECKS: ClassVar[dict[str, Check]] = {"calibration": ge(1), "parity": ge(0),
-                                          "target_sensitivity": between(0, 1, lo_open=True)}
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -58,6 +58,7 @@ from PIL import Image, ImageOps
 
 from kdray import KdrayError
 from kdray.codestreams import StreamError, j2k_geometry, jpeg_geometry, rle_segments
+from kdray.config import ImageLimits  # a typed config (scoring's flags set it): defined with the others
 
 __all__ = [
     "CORRUPT", "DEFAULT_LIMITS", "FILE_TOO_LARGE", "FORBIDDEN", "FORMATS", "IO_ERROR", "ImageLimits", "ImageRefused",
@@ -111,23 +112,6 @@ class ImageRefused(KdrayError):
 
     def __reduce__(self):  # picklable across processes (Ray workers) despite the two-argument constructor
         return type(self), (self.reason, self.message)
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """What :func:`load_image` accepts. ``modalities=None`` accepts any DICOM modality.
-
-    ``max_decode_bytes`` is the decode budget: the memory one decode may take at its peak, estimated from the
-    headers (the file's and, for compressed DICOM, its pixel stream's) before any decoder runs
-    (:func:`decode_cost`). ``max_frames``: a DICOM with more frames is refused; of the others the first frame
-    is scored."""
-
-    min_side: int = 32
-    max_pixels: int = 64_000_000  # 8000 × 8000; a 12000 × 12000 (144 MP) image is refused
-    max_bytes: int = 512 * 2**20
-    modalities: tuple[str, ...] | None = ("CR", "DX")
-    max_decode_bytes: int = 2**30
-    max_frames: int = 64
 
 
 #: Scoring, training and ``kdray predict``: archives of large radiographs, a few decodes at a time per node.

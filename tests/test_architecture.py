@@ -19,7 +19,7 @@ PACKAGES = ("kdray", "cluster", "jobs", "serve")
 
 #: Bottom to top. Keep in step with the drawing in docs/architecture.md.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("contracts", {"kdray", "kdray.config", "kdray.storage", "kdray.schemas", "kdray.ray_private"}),
+    ("contracts", {"kdray", "kdray.config", "kdray.config_cli", "kdray.storage", "kdray.schemas", "kdray.ray_private"}),
     ("core", {"kdray.images", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
               "kdray.raycluster", "kdray.uncertainty", "kdray.runner", "kdray.train"}),
     ("predictor", {"kdray.predictor_base", "kdray.torch_predictor", "kdray.predictor"}),

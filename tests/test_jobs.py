@@ -31,7 +31,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> No
     (["--data", "/nonexistent/xrays"], "/nonexistent/xrays/train: no such file or folder"),
     (["--data", "{empty}"], "folder is empty"),
     (["--data", "{flat}"], "no class folders"),
-    (["--epochs", "lots"], "cannot read 'lots' as int"),
+    (["--epochs", "lots"], "config key optim.epochs: must be a valid integer, got 'lots'"),
 ])
 def test_train_teacher_bad_input(tmp_path, args, message):
     (tmp_path / "empty" / "train").mkdir(parents=True)
