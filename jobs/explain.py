@@ -11,7 +11,6 @@ weights (``model.weights.pt``). Prints one line per image: ``path<TAB>label<TAB>
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -19,8 +18,9 @@ import sys
 import numpy as np
 
 from kdray import KdrayError, storage
+from kdray.config import ExplainJobConfig, load_config
 from kdray.explain import Explainer
-from kdray.predictor import BACKENDS, load_predictor
+from kdray.predictor import load_predictor
 from kdray.runner import run_job
 from jobs.predict import load_all
 
@@ -39,21 +39,14 @@ def overlay_names(paths: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> list[dict]:
-    p = argparse.ArgumentParser(prog="kdray explain", description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
-    p.add_argument("--model", required=True, help="export folder (jobs.export) or a training checkpoint")
-    p.add_argument("--output", required=True, help="folder for the overlay PNGs (local or s3://)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="the model whose predictions are explained")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
-    a = p.parse_args(argv)
-
-    predictor = load_predictor(a.model, backend=a.backend, threads=a.threads)
-    explainer = Explainer.load(a.model, threads=a.threads)
+    cfg = load_config(ExplainJobConfig, argv)
+    predictor = load_predictor(cfg.model, backend=cfg.backend, threads=cfg.threads)
+    explainer = Explainer.load(cfg.model, threads=cfg.threads)
     if explainer.classes != predictor.classes:
-        raise KdrayError(f"{a.model}: the torch weights' classes {explainer.classes} differ from the served "
+        raise KdrayError(f"{cfg.model}: the torch weights' classes {explainer.classes} differ from the served "
                          f"model's {predictor.classes}")
-    good, images, errors = load_all(a.images, predictor.image_size)
-    storage.makedirs(a.output)
+    good, images, errors = load_all(cfg.images, predictor.image_size)
+    storage.makedirs(cfg.output)
     results, names = [], overlay_names(good)
     for start in range(0, len(images), BATCH):
         batch = np.stack(images[start:start + BATCH])
@@ -61,14 +54,14 @@ def main(argv: list[str]) -> list[dict]:
         explanations = explainer.explain(batch, probs.argmax(1))
         chunk = slice(start, start + BATCH)
         for path, row, explanation, file in zip(good[chunk], probs, explanations, names[chunk]):
-            overlay = storage.join(a.output, file)
+            overlay = storage.join(cfg.output, file)
             storage.write_bytes(overlay, explanation.overlay_png)
             note = "" if explanation.agrees else f"\ttorch says {explanation.torch_class}"
             print(f"{path}\t{explanation.explained_class}\t{overlay}{note}", flush=True)
             results.append({"path": path, "label": explanation.explained_class, "overlay": overlay,
                             "torch_class": explanation.torch_class, "p_label": float(row.max())})
     if results:
-        storage.write_text(storage.join(a.output, "explanations.csv"), _csv(results))
+        storage.write_text(storage.join(cfg.output, "explanations.csv"), _csv(results))
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:

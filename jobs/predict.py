@@ -10,16 +10,16 @@ command exits 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
 from kdray import KdrayError
+from kdray.config import PredictJobConfig, load_config
 from kdray.runner import run_job
 from kdray.images import DEFAULT_LIMITS, ImageRefused, load_image
 from kdray.inputs import failure_message, read_failure_reason, read_named
-from kdray.predictor import BACKENDS, load_predictor
+from kdray.predictor import load_predictor
 
 BATCH = 32
 
@@ -49,15 +49,9 @@ def load_all(paths: list[str], size: int) -> tuple[list[str], list[np.ndarray], 
 
 
 def main(argv: list[str]) -> list[dict]:
-    p = argparse.ArgumentParser(prog="kdray predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
-    p.add_argument("--model", required=True, help="export folder (jobs.export) or a checkpoint")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all available CPUs)")
-    a = p.parse_args(argv)
-
-    predictor = load_predictor(a.model, backend=a.backend, threads=a.threads)
-    good, images, errors = load_all(a.images, predictor.image_size)
+    cfg = load_config(PredictJobConfig, argv)
+    predictor = load_predictor(cfg.model, backend=cfg.backend, threads=cfg.threads)
+    good, images, errors = load_all(cfg.images, predictor.image_size)
 
     results = []
     for start in range(0, len(images), BATCH):
