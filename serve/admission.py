@@ -20,6 +20,7 @@ Refusals say which copy made them in ``x-kdray-refused-by`` (``front`` or ``app`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 
@@ -27,7 +28,7 @@ from serve.options import ADMISSION, CALLBACK, CALLBACK_ENV, DEPLOYMENT  # noqa:
 from serve.refusal import send_refusal
 
 OVERLOADED = 503
-#: Environment variable that overrides ``ADMISSION["limit"]`` (set per deployment: ``deploy(admission_limit=N)``).
+#: Environment variable that overrides ``ADMISSION.limit`` (set per deployment: ``deploy(admission_limit=N)``).
 LIMIT_ENV = "KDRAY_ADMISSION_LIMIT"
 
 
@@ -71,7 +72,7 @@ def admission_limit(default: int) -> int:
 
 def admission_settings(layer: str) -> dict:
     """:class:`Admission`'s keyword arguments from :mod:`serve.options`, for the gate at ``layer``."""
-    return {**ADMISSION, "retry_after_s": DEPLOYMENT["backpressure_config"]["retry_after_s"], "layer": layer}
+    return {**dataclasses.asdict(ADMISSION), "retry_after_s": DEPLOYMENT.backpressure.retry_after_s, "layer": layer}
 
 
 def replica_middlewares() -> list:

@@ -29,7 +29,7 @@ Run it:
 * from Python: ``serve.deploy.deploy(model_dir, port=8000)`` → base URL (used by the pipeline job and tests).
 """
 
-import copy
+import dataclasses
 import logging
 import math
 import os
@@ -37,6 +37,7 @@ import sys
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
@@ -93,7 +94,7 @@ def _oip_error(message: str, status: int = 400, headers: dict | None = None) -> 
 
 
 def _retry_later() -> dict[str, str]:
-    return {"retry-after": str(max(1, math.ceil(DEPLOYMENT["backpressure_config"]["retry_after_s"])))}
+    return {"retry-after": str(max(1, math.ceil(DEPLOYMENT.backpressure.retry_after_s)))}
 
 
 async def _image_body(request: Request) -> bytes | JSONResponse:
@@ -112,13 +113,13 @@ async def _image_body(request: Request) -> bytes | JSONResponse:
                     "application/dicom, application/octet-stream) or multipart field 'file'")
 
 
-@serve.deployment(**DEPLOYMENT)
+@serve.deployment(**DEPLOYMENT.serve_options())
 @serve.ingress(fastapi_app)
 class StudentClassifier:
     """One replica: the routes, over one :class:`serve.handler.StudentHandler`."""
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None,
-                 batching: str | bool = BATCHING["enabled"]):
+                 batching: str | bool = BATCHING.enabled):
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # On a CPU each request is decoded and classified in one pass by a pool thread, single-threaded:
         # batching does not pay there (docs/architecture.md, "Measured choices"). On a GPU images are decoded in
@@ -134,7 +135,7 @@ class StudentClassifier:
         log.info("kdray student %s (%s, %d threads, batching %s) ready", predictor.model_id, predictor.backend,
                  threads, "on" if batched else "off")
 
-    @serve.batch(max_batch_size=BATCHING["max_batch_size"], batch_wait_timeout_s=BATCHING["batch_wait_timeout_s"])
+    @serve.batch(max_batch_size=BATCHING.max_batch_size, batch_wait_timeout_s=BATCHING.batch_wait_timeout_s)
     async def classify(self, images: list) -> list:
         """One model call per batch (GPU path).
 
@@ -157,7 +158,7 @@ class StudentClassifier:
                           "multipart/form-data": {"schema": {"type": "object", "properties": {
                               "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
     async def predict(self, request: Request):
-        """``?explain=true`` adds a Grad-CAM overlay of the predicted class (at most EXPLAIN["max_in_flight"]
+        """``?explain=true`` adds a Grad-CAM overlay of the predicted class (at most EXPLAIN.max_in_flight
         such requests per replica at once; the excess gets 503 + Retry-After, reason ``explain_busy``)."""
         try:
             explain = explain_flag(request.query_params.get("explain"))
@@ -248,7 +249,7 @@ def deployment_options(max_replicas: int | None = None, num_cpus: float | None =
                        admission_limit: int | None = None, **overrides) -> dict:
     """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied
     (and, for tests and benchmarks, another admission limit: ``KDRAY_ADMISSION_LIMIT`` in the replica)."""
-    options = copy.deepcopy(DEPLOYMENT)
+    options = DEPLOYMENT.serve_options()
     if max_replicas is not None:
         scaling = options["autoscaling_config"]
         scaling["max_replicas"] = int(max_replicas)
@@ -261,22 +262,21 @@ def deployment_options(max_replicas: int | None = None, num_cpus: float | None =
     return options
 
 
-BATCHING_CHOICES = {"auto": "auto", "on": True, "off": False, "true": True, "false": False}
-
-
 def build_app(model_dir: str, backend: str = "auto", threads: int | None = None,
-              batching: str | bool = BATCHING["enabled"],
+              batching: str | bool = BATCHING.enabled,
               **deployment_overrides) -> Application:
     """The bound application; ``deployment_overrides`` go to :func:`deployment_options`.
 
     ``batching``: ``auto`` (on when the model runs on a GPU), ``on`` or ``off``."""
     if backend not in BACKENDS:
         raise KdrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if str(batching).lower() not in BATCHING_CHOICES:
-        raise KdrayError(f"unknown batching {batching!r}; choose auto, on or off")
+    try:  # BatchingOptions reads it: auto, or a bool (true/false, on/off, 1/0, ...)
+        enabled = dataclasses.replace(BATCHING, enabled=str(batching).lower()).enabled
+    except ValidationError:
+        raise KdrayError(f"unknown batching {batching!r}; choose auto, on or off") from None
     options = deployment_options(**deployment_overrides)
-    deployment = StudentClassifier.options(**options) if options != DEPLOYMENT else StudentClassifier
-    return deployment.bind(_resolve_model_dir(model_dir), backend, threads, BATCHING_CHOICES[str(batching).lower()])
+    deployment = StudentClassifier.options(**options) if options != DEPLOYMENT.serve_options() else StudentClassifier
+    return deployment.bind(_resolve_model_dir(model_dir), backend, threads, enabled)
 
 
 APP_ARGS = ("model_dir", "backend", "threads", "batching", "max_replicas", "num_cpus")
@@ -295,7 +295,7 @@ def app_builder(args: dict) -> Application:
                          "applications[].args.model_dir in a config file")
     backend = str(args.pop("backend", None) or "auto")
     threads = args.pop("threads", None)
-    batching = args.pop("batching", BATCHING["enabled"])
+    batching = args.pop("batching", BATCHING.enabled)
     environment = {}
     try:
         for key, kind in (("max_replicas", int), ("num_cpus", float)):

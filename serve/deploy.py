@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_replicas: int | None = None,
-           num_cpus: float | None = None, threads: int | None = None, batching: str | bool = BATCHING["enabled"],
+           num_cpus: float | None = None, threads: int | None = None, batching: str | bool = BATCHING.enabled,
            name: str = APP_NAME, route_prefix: str = "/", **deployment_overrides) -> str:
     """Start Serve on 127.0.0.1:``port`` (joining or starting Ray), deploy the student, return its base URL.
 
@@ -68,7 +68,7 @@ def _replicas_that_fit(num_cpus: float) -> int:
     :data:`serve.options.DEPLOYMENT`'s, because a waiting replica is what asks the cluster for a node."""
     import ray
 
-    wanted = int(DEPLOYMENT["autoscaling_config"]["max_replicas"])
+    wanted = DEPLOYMENT.autoscaling.max_replicas
     total = float(ray.cluster_resources().get("CPU", 0.0))
     fit = fitting_replicas(total, num_cpus, wanted)
     if fit < wanted:
@@ -87,7 +87,7 @@ def _cpus_that_fit() -> float:
     the first replica starts on a small or busy machine. Further replicas ask for the same."""
     import ray
 
-    wanted = float(DEPLOYMENT["ray_actor_options"]["num_cpus"])
+    wanted = DEPLOYMENT.num_cpus
     free = float(ray.available_resources().get("CPU", 0.0))
     if free >= wanted:
         return wanted

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from kdray import KdrayError
 from kdray.explain import Explainer, Explanation
@@ -30,19 +31,18 @@ class ExplainUnavailable(KdrayError):
     """This model cannot be explained (e.g. an export without torch weights)."""
 
 
-TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_BOOL = TypeAdapter(bool)  # the configs' reading of a bool: true/false, 1/0, yes/no, on/off
 
 
 def explain_flag(value) -> bool:
-    """A query or OIP parameter: true/false (also 1/0, yes/no); anything else is a ValueError."""
-    if isinstance(value, bool):
-        return value
-    text = str(value if value is not None else "").strip().lower()
-    if text in TRUE:
-        return True
-    if text in FALSE:
+    """A query or OIP parameter: true/false (also 1/0, yes/no, on/off), absent or empty = false; anything else
+    is a ValueError."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return False
-    raise ValueError(f"explain must be true or false, got {str(value)[:40]!r}")
+    try:
+        return _BOOL.validate_python(value.strip() if isinstance(value, str) else value)
+    except ValidationError:
+        raise ValueError(f"explain must be true or false, got {str(value)[:40]!r}") from None
 
 
 def _lower_priority(nice: int) -> None:

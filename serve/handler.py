@@ -30,7 +30,7 @@ from kdray.images import ImageLimits, ImageRefused, load_image
 from kdray.predictor import is_export, load_predictor, model_info, read_model_card
 from serve import oip
 from serve.explaining import ExplainGate
-from serve.options import EXPLAIN, IMAGE_LIMITS, WORKER_THREADS
+from serve.options import EXPLAIN, IMAGE_LIMITS, WORKER_THREADS, ExplainOptions
 from serve.schemas import Health, Prediction
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class StudentHandler:
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int = 1, batching: bool = False,
                  limits: ImageLimits = IMAGE_LIMITS, worker_threads: int = WORKER_THREADS,
-                 explain: dict = EXPLAIN):
+                 explain: ExplainOptions = EXPLAIN):
         self.batching, self.threads, self.limits = bool(batching), max(1, int(threads)), limits
         self.predictor = load_predictor(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
@@ -71,7 +71,7 @@ class StudentHandler:
         self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
         self.batches = self.batched_images = self.max_batch_size_seen = 0
         self.counting = threading.Lock()  # pool threads count concurrently
-        self.explaining = ExplainGate(model_dir, **explain)
+        self.explaining = ExplainGate(model_dir, explain.max_in_flight, explain.threads, explain.nice)
         self.batch_classifier: BatchClassifier | None = None
 
     # -- classifying

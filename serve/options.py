@@ -1,5 +1,6 @@
 """The one source of the serving knobs: batching, request limits, overload behaviour and autoscaling.
 
+Each group is a frozen pydantic dataclass (checked like the jobs' configs, :mod:`kdray.config`).
 ``serve/app.py`` builds its deployment from :data:`DEPLOYMENT` and its batcher from :data:`BATCHING`.
 ``serve/config.yaml`` and the KubeRay RayService (``cluster/kuberay/rayservice-student.yaml``) do not repeat
 these knobs: a Serve config overrides a deployment field by field, so what they leave out comes from here.
@@ -13,6 +14,13 @@ most ``max_queued_requests`` more; past that, Serve answers at once ``503`` with
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from kdray.config import CONFIG
 from kdray.images import SERVING_LIMITS
 
 #: Serve's HTTP callback: a replica's direct-ingress server calls it for extra (outermost) middlewares. Set in
@@ -20,12 +28,22 @@ from kdray.images import SERVING_LIMITS
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve.admission:replica_middlewares"
 
-#: Batching of the replica: ``enabled`` is ``"auto"`` (on when the model runs on a GPU), True or False.
-#: On a CPU it does not pay here: MobileNetV2 int8 costs about the same core time per image at batch 32
-#: as at batch 1, and the batcher's hops cost more than it saves (docs/architecture.md, "Measured choices").
-#: When on: at most ``max_batch_size`` images per model call; a batch closes ``batch_wait_timeout_s`` after
-#: its first image arrives (images that arrive while a batch runs join the next one anyway).
-BATCHING = {"enabled": "auto", "max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+
+@dataclass(frozen=True, config=CONFIG)
+class BatchingOptions:
+    """Batching of the replica: ``enabled`` is ``"auto"`` (on when the model runs on a GPU), True or False.
+
+    On a CPU it does not pay here: MobileNetV2 int8 costs about the same core time per image at batch 32 as at
+    batch 1, and the batcher's hops cost more than it saves (docs/architecture.md, "Measured choices"). When
+    on: at most ``max_batch_size`` images per model call; a batch closes ``batch_wait_timeout_s`` after its
+    first image arrives (images that arrive while a batch runs join the next one anyway)."""
+
+    enabled: Literal["auto"] | bool = "auto"
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+BATCHING = BatchingOptions()
 
 #: What each image of a request may be and cost (kdray.images): the serving decode budget is half of scoring's,
 #: since a replica decodes WORKER_THREADS images at once beside its model and explanations.
@@ -39,42 +57,86 @@ MAX_BODY_BYTES = IMAGE_LIMITS.max_bytes + 2**20
 #: time with single-threaded inference.
 WORKER_THREADS = 2
 
-#: Admission control in each replica (serve/admission.py): at most ``limit`` inference requests (POST
-#: /predict, /v2/models/.../infer) at once; the excess is held ``hold_s`` and answered 503 + Retry-After.
-#: It runs in front of Serve's direct-ingress entry point (the replica's runtime env below) and, as a
-#: fallback, inside the FastAPI app. ``KDRAY_ADMISSION_LIMIT`` in a replica's environment overrides ``limit``.
-ADMISSION = {"limit": 64, "hold_s": 0.025, "prefixes": ("/predict", "/v2/models")}
+
+@dataclass(frozen=True, config=CONFIG)
+class AdmissionOptions:
+    """Admission control in each replica (serve/admission.py): at most ``limit`` inference requests (POST
+    /predict, /v2/models/.../infer) at once; the excess is held ``hold_s`` and answered 503 + Retry-After.
+    It runs in front of Serve's direct-ingress entry point (the replica's runtime env below) and, as a
+    fallback, inside the FastAPI app. ``KDRAY_ADMISSION_LIMIT`` in a replica's environment overrides ``limit``."""
+
+    limit: int = Field(64, ge=1)
+    hold_s: float = Field(0.025, ge=0)
+    prefixes: tuple[str, ...] = ("/predict", "/v2/models")
+
+
+ADMISSION = AdmissionOptions()
 
 #: The replica's GIL switch interval: pool threads decoding and classifying hand the GIL back to the event loop
 #: (which answers, admits and refuses requests) at least this often (Python's default is 5 ms).
 SWITCH_INTERVAL_S = 0.001
 
-#: Deployment options owned here (``@serve.deployment(**DEPLOYMENT)``). Serve's own limits sit above the
-#: admission limit: with direct ingress, requests over ``max_ongoing_requests`` queue in Serve before
-#: kdray's admission sees them, and Serve's 503 comes at once (a retry storm from clients that ignore
-#: Retry-After); the admission hold paces them instead.
-DEPLOYMENT = {
-    "max_ongoing_requests": 256,
-    "max_queued_requests": 64,
-    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
-    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
-                           "upscale_delay_s": 5, "downscale_delay_s": 30},
-    # A replica keeps WORKER_THREADS threads busy, so it asks for that many CPUs: the autoscaler then adds a
-    # replica only where CPUs are free (or asks the cluster for a node), never onto a node its replicas already
-    # saturate. (At 0.5 CPU, a 2-core node took a second replica whose start-up cost the first one a third of
-    # its throughput, and which added none: bench/results/serve.md.) serve.app.deploy fits it to the CPUs free.
+
+@dataclass(frozen=True, config=CONFIG)
+class BackpressureOptions:
+    status_code: int = 503
+    retry_after_s: float = Field(1, gt=0)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class AutoscalingOptions:
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(5, ge=0)
+    downscale_delay_s: float = Field(30, ge=0)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class DeploymentOptions:
+    """The deployment options owned here (``@serve.deployment(**DEPLOYMENT.serve_options())``).
+
+    Serve's own limits sit above the admission limit: with direct ingress, requests over ``max_ongoing_requests``
+    queue in Serve before kdray's admission sees them, and Serve's 503 comes at once (a retry storm from clients
+    that ignore Retry-After); the admission hold paces them instead."""
+
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    backpressure: BackpressureOptions = Field(default_factory=BackpressureOptions)
+    autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
+    # As many CPUs as the replica keeps threads busy, so that a new replica goes only where CPUs are free
+    # (what a fractional CPU did instead: docs/serving.md). serve.app.deploy fits it to the CPUs free.
+    num_cpus: float = Field(float(WORKER_THREADS), gt=0)
     # The replica's own environment names kdray's admission as Serve's HTTP callback, so that its direct-ingress
     # server refuses excess requests before Serve's entry point (serve/admission.py); Serve merges these
     # env_vars with the application's runtime_env.
-    "ray_actor_options": {"num_cpus": float(WORKER_THREADS), "runtime_env": {"env_vars": {CALLBACK_ENV: CALLBACK}}},
-}
+    env_vars: dict[str, str] = Field(default_factory=lambda: {CALLBACK_ENV: CALLBACK})
+
+    def serve_options(self) -> dict:
+        """The keyword arguments of ``serve.deployment``: a new dict each call, the caller's to change."""
+        return {"max_ongoing_requests": self.max_ongoing_requests, "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": dataclasses.asdict(self.backpressure),
+                "autoscaling_config": dataclasses.asdict(self.autoscaling),
+                "ray_actor_options": {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": dict(self.env_vars)}}}
+
+
+DEPLOYMENT = DeploymentOptions()
 
 #: Keys of a deployment that only this module sets (config files may set the others).
 OWNED_KEYS = ("max_ongoing_requests", "max_queued_requests", "backpressure_config")
 
-#: Grad-CAM explanations (``?explain=true``, the OIP ``explain`` parameter; serve/explaining.py): each replica
-#: runs at most ``max_in_flight`` explanation requests at once, one at a time in one thread of ``threads``
-#: torch threads, beside the prediction pool; the excess is answered 503 + Retry-After (reason
-#: ``explain_busy``) at once, so explanations never queue in front of predictions. The explanation thread
-#: runs at Linux niceness ``nice`` (per thread): it gets the CPU that predictions leave idle, and little more.
-EXPLAIN = {"max_in_flight": 2, "threads": 1, "nice": 19}
+
+@dataclass(frozen=True, config=CONFIG)
+class ExplainOptions:
+    """Grad-CAM explanations (``?explain=true``, the OIP ``explain`` parameter; serve/explaining.py): each replica
+    runs at most ``max_in_flight`` explanation requests at once, one at a time in one thread of ``threads``
+    torch threads, beside the prediction pool; the excess is answered 503 + Retry-After (reason
+    ``explain_busy``) at once, so explanations never queue in front of predictions. The explanation thread
+    runs at Linux niceness ``nice`` (per thread): it gets the CPU that predictions leave idle, and little more."""
+
+    max_in_flight: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
+    nice: int = Field(19, ge=0, le=19)
+
+
+EXPLAIN = ExplainOptions()

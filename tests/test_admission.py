@@ -87,7 +87,7 @@ def test_replicas_name_the_front_as_serves_http_callback() -> None:
     from serve.app import deployment_options
     from serve.options import DEPLOYMENT
 
-    env = DEPLOYMENT["ray_actor_options"]["runtime_env"]["env_vars"]
+    env = DEPLOYMENT.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"]
     middlewares = call_function_from_import_path(env[CALLBACK_ENV])
     assert [m.cls for m in middlewares] == [Admission] and middlewares[0].kwargs["layer"] == "front"
     scaled = deployment_options(num_cpus=1, admission_limit=5)["ray_actor_options"]

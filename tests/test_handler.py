@@ -16,13 +16,14 @@ from kdray.images import ImageRefused
 from serve import oip
 from serve.explaining import ExplainBusy
 from serve.handler import StudentHandler
+from serve.options import ExplainOptions
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def handler(tiny_export) -> StudentHandler:
-    return StudentHandler(tiny_export[0], explain={"max_in_flight": 1, "threads": 1, "nice": 0})
+    return StudentHandler(tiny_export[0], explain=ExplainOptions(max_in_flight=1, threads=1, nice=0))
 
 
 def _png(side: int = 48, seed: int = 0) -> bytes:

@@ -9,6 +9,7 @@ loopback port, with one replica.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -74,13 +75,13 @@ def test_deployment_options_have_one_source() -> None:
     from serve.app import StudentClassifier, app_builder, deployment_options
 
     config = StudentClassifier._deployment_config  # what @serve.deployment made of serve.options.DEPLOYMENT
-    assert config.max_ongoing_requests == options.DEPLOYMENT["max_ongoing_requests"]
-    assert config.max_queued_requests == options.DEPLOYMENT["max_queued_requests"]
+    assert config.max_ongoing_requests == options.DEPLOYMENT.max_ongoing_requests
+    assert config.max_queued_requests == options.DEPLOYMENT.max_queued_requests
     assert config.backpressure_config.status_code == 503 and config.backpressure_config.retry_after_s >= 1
     scaled = deployment_options(max_replicas=4, num_cpus=1)
-    assert scaled["autoscaling_config"] == {**options.DEPLOYMENT["autoscaling_config"], "max_replicas": 4}
+    assert scaled["autoscaling_config"] == {**dataclasses.asdict(options.DEPLOYMENT.autoscaling), "max_replicas": 4}
     assert scaled["ray_actor_options"]["num_cpus"] == 1.0
-    assert options.DEPLOYMENT["autoscaling_config"]["max_replicas"] != 4  # the defaults were not mutated
+    assert options.DEPLOYMENT.autoscaling.max_replicas != 4  # the defaults were not mutated
     app = app_builder({"model_dir": str(REPO_ROOT), "max_replicas": "4", "num_cpus": "1"})
     assert app._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
 
@@ -90,7 +91,7 @@ def test_a_replica_asks_for_the_cpus_its_threads_use_or_what_is_free(monkeypatch
 
     from serve import deploy, options
 
-    assert options.DEPLOYMENT["ray_actor_options"]["num_cpus"] == options.WORKER_THREADS
+    assert options.DEPLOYMENT.num_cpus == options.WORKER_THREADS
     for free, expected in ((16.0, options.WORKER_THREADS), (1.7, 1.5), (0.2, 0.5)):
         monkeypatch.setattr(ray, "available_resources", lambda free=free: {"CPU": free})
         assert deploy._cpus_that_fit() == expected
