@@ -56,11 +56,9 @@ def keep_ray_on_loopback() -> None:
 
 #: Environment of a Ray node kdray starts (the same as cluster/local_head.sh and the KubeRay pods set).
 #: Direct ingress: Serve replicas answer HTTP on their own port (127.0.0.1:30000 and up here), one Python
-#: hop fewer than through Serve's proxy, which keeps running and balancing all replicas
-#: (bench/results/serve.md). Serve's throughput-optimized mode: the user code runs on the replica's own event
-#: loop (no hop to a second thread per request), request logs are buffered, GC frozen after start-up; with
-#: direct ingress it served 10-25% more req/s at 4 clients and 18-29% more at 1 client, alternated run by run
-#: (bench/results/serve-throughput-optimized.md).
+#: hop fewer than through Serve's proxy, which keeps running and balancing all replicas. Serve's
+#: throughput-optimized mode: the user code runs on the replica's own event loop (no hop to a second thread
+#: per request), request logs are buffered, GC frozen after start-up. What each gained: docs/running.md.
 NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
