@@ -20,11 +20,12 @@ from kdray import KdrayError
 from kdray.checkpoints import read_checkpoint_meta, resolve_checkpoint, write_checkpoint_meta
 from kdray.evaluate import SplitLogits, split_logits
 from kdray.metrics import calibration_report, classification_metrics, softmax, validation_summary
+from kdray.schemas import CalibrationReport
 
 log = logging.getLogger(__name__)
 
 def calibrate_checkpoint(model_uri: str, data_root: str, split: str = "val", target_sensitivity: float = 0.95,
-                         limit: int = 0) -> dict:
+                         limit: int = 0) -> CalibrationReport:
     """Fit T and the covid threshold on ``split`` (listed and decoded here) and write them into the checkpoint:
     :func:`calibrate_on_logits` of the raw model's :func:`kdray.evaluate.split_logits`."""
     _check_target(target_sensitivity)
@@ -34,24 +35,24 @@ def calibrate_checkpoint(model_uri: str, data_root: str, split: str = "val", tar
                                target_sensitivity)
 
 
-def calibrate_on_logits(model_uri: str, out: SplitLogits, target_sensitivity: float = 0.95) -> dict:
+def calibrate_on_logits(model_uri: str, out: SplitLogits, target_sensitivity: float = 0.95) -> CalibrationReport:
     """Fit T and the covid threshold on the checkpoint's torch logits over a held-out split and write them, with
     the reports, into its meta.json. Returns the calibration report."""
     _check_target(target_sensitivity)
     folder = resolve_checkpoint(model_uri)
     meta = read_checkpoint_meta(folder)
     classes = out.classes
-    report = calibration_report(out.y, out.logits, classes, target_sensitivity)
-    report.update({"split": out.split, "data": out.data_root})
-    metrics = classification_metrics(out.y, softmax(out.logits, report["temperature"]), classes,
-                                     out.sources, report["covid_threshold"])
-    meta = meta.model_copy(update={"temperature": report["temperature"], "covid_threshold": report["covid_threshold"],
-                                   "calibration": report,
+    report = calibration_report(out.y, out.logits, classes, target_sensitivity).model_copy(
+        update={"split": out.split, "data": out.data_root})
+    metrics = classification_metrics(out.y, softmax(out.logits, report.temperature), classes, out.sources,
+                                     report.covid_threshold)
+    meta = meta.model_copy(update={"temperature": report.temperature, "covid_threshold": report.covid_threshold,
+                                   "calibration": report.model_dump(mode="json"),
                                    "validation": {"split": out.split, **validation_summary(metrics)}})
     write_checkpoint_meta(folder, meta)
     log.info("calibrated %s on %s (%d images): T=%.3f, ECE %.4f -> %.4f, covid threshold %s for sensitivity %.2f",
-             folder, out.split, report["n"], report["temperature"], report["ece_before"], report["ece_after"],
-             report["covid_threshold"], target_sensitivity)
+             folder, out.split, report.n, report.temperature, report.ece_before, report.ece_after,
+             report.covid_threshold, target_sensitivity)
     return report
 
 

@@ -128,10 +128,10 @@ def fit_operating_point(kind: str, logits: np.ndarray, labels: np.ndarray, class
                         target_sensitivity: float, split: str) -> OperatingPoint:
     """Temperature and covid threshold fitted on one artifact's own logits."""
     report = calibration_report(labels, logits, classes, target_sensitivity)
-    return OperatingPoint(artifact=kind, split=split, n=report["n"], temperature=report["temperature"],
-                          covid_threshold=report["covid_threshold"], target_sensitivity=target_sensitivity,
-                          ece_before=report["ece_before"], ece_after=report["ece_after"],
-                          covid_at_threshold=report["covid_at_threshold"], cross_fitted=report["cross_fitted"])
+    return OperatingPoint(artifact=kind, split=split, n=report.n, temperature=report.temperature,
+                          covid_threshold=report.covid_threshold, target_sensitivity=target_sensitivity,
+                          ece_before=report.ece_before, ece_after=report.ece_after,
+                          covid_at_threshold=report.covid_at_threshold, cross_fitted=report.cross_fitted)
 
 
 def covid_suspect_agreement(ref_logits: np.ndarray, logits: np.ndarray, classes: list[str],

@@ -22,6 +22,8 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
+
+from kdray.schemas import CalibrationReport
 log = logging.getLogger(__name__)
 COVID_CLASS = "covid"
 
@@ -296,7 +298,7 @@ def _covid_rates(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold
 
 
 def calibration_report(y: np.ndarray, logits: np.ndarray, classes: list[str], target_sensitivity: float = 0.95,
-                       seed: int = 0) -> dict:
+                       seed: int = 0) -> CalibrationReport:
     """Temperature, covid threshold and ECE before/after, in-sample and 2-fold cross-fitted."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -304,10 +306,6 @@ def calibration_report(y: np.ndarray, logits: np.ndarray, classes: list[str], ta
     temperature = fit_temperature(logits, y)
     calibrated = softmax(logits, temperature)
     threshold = _threshold(y, calibrated, classes, target_sensitivity)
-    report = {"temperature": temperature, "covid_threshold": threshold, "target_sensitivity": target_sensitivity,
-              "n": int(len(y)), "ece_before": expected_calibration_error(softmax(logits), y),
-              "ece_after": expected_calibration_error(calibrated, y),
-              "covid_at_threshold": _covid_rates(y, calibrated, classes, threshold)}
     folds = []
     if np.bincount(y).min(initial=len(y)) >= 2:
         for fit_idx, test_idx in StratifiedKFold(2, shuffle=True, random_state=seed).split(logits, y):
@@ -317,8 +315,11 @@ def calibration_report(y: np.ndarray, logits: np.ndarray, classes: list[str], ta
                           **_covid_rates(y[test_idx], held_out, classes,
                                          _threshold(y[fit_idx], softmax(logits[fit_idx], t), classes,
                                                     target_sensitivity))})
-    report["cross_fitted"] = {k: _mean([f[k] for f in folds]) for k in ("ece_after", "sensitivity", "specificity")}
-    return report
+    return CalibrationReport(
+        temperature=temperature, covid_threshold=threshold, target_sensitivity=target_sensitivity, n=int(len(y)),
+        ece_before=expected_calibration_error(softmax(logits), y), ece_after=expected_calibration_error(calibrated, y),
+        covid_at_threshold=_covid_rates(y, calibrated, classes, threshold),
+        cross_fitted={k: _mean([f[k] for f in folds]) for k in ("ece_after", "sensitivity", "specificity")})
 
 
 def _mean(values: list) -> float | None:

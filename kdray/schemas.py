@@ -79,6 +79,22 @@ class CheckpointMeta(Contract):
     validation: dict[str, Any] | None = None
 
 
+class CalibrationReport(Contract):
+    """Temperature scaling and the covid operating point fitted on one model's logits over a labelled split:
+    in-sample, and 2-fold cross-fitted (fit on one half, measured on the other)."""
+
+    temperature: float = Field(gt=0)
+    covid_threshold: float | None  # None: no class named covid
+    target_sensitivity: float
+    n: int
+    ece_before: float | None
+    ece_after: float | None
+    covid_at_threshold: dict[str, Any]
+    cross_fitted: dict[str, float | None]
+    split: str = ""  # where it was fitted (set by kdray.calibrate)
+    data: str = ""
+
+
 class ModelCost(Contract):
     """What a model costs: parameters (all, and of its backbones) and GFLOPs per image at ``image_size``."""
 

@@ -22,30 +22,30 @@ def _overconfident(n: int = 600, seed: int = 0, scale: float = 6.0):
 def test_temperature_recovers_the_overconfidence_and_lowers_ece():
     y, logits = _overconfident()
     report = calibration_report(y, logits, CLASSES)
-    assert 4.0 < report["temperature"] < 9.0  # the logits were scaled by 6
-    assert report["ece_before"] > 0.1 and report["ece_after"] < 0.05
-    assert report["ece_after"] < report["ece_before"] / 3
+    assert 4.0 < report.temperature < 9.0  # the logits were scaled by 6
+    assert report.ece_before > 0.1 and report.ece_after < 0.05
+    assert report.ece_after < report.ece_before / 3
     # cross-fitted (fit on one half, measured on the other) is worse than in-sample, but still calibrated
-    assert report["cross_fitted"]["ece_after"] < 0.08
+    assert report.cross_fitted["ece_after"] < 0.08
 
 
 def test_covid_threshold_reaches_the_target_sensitivity_on_the_fitting_data():
     y, logits = _overconfident(seed=1)
     for target in (0.8, 0.95, 1.0):
         report = calibration_report(y, logits, CLASSES, target_sensitivity=target)
-        probs = softmax(logits, report["temperature"])
-        flagged = probs[:, 0] >= report["covid_threshold"]
+        probs = softmax(logits, report.temperature)
+        flagged = probs[:, 0] >= report.covid_threshold
         sensitivity = flagged[y == 0].mean()
-        assert sensitivity >= target and report["covid_at_threshold"]["sensitivity"] == pytest.approx(sensitivity)
+        assert sensitivity >= target and report.covid_at_threshold["sensitivity"] == pytest.approx(sensitivity)
         # the largest such threshold: raising it by a hair loses sensitivity below the target
-        assert (probs[y == 0, 0] >= report["covid_threshold"] + 1e-9).mean() < target
-        assert 0 <= report["cross_fitted"]["sensitivity"] <= 1
+        assert (probs[y == 0, 0] >= report.covid_threshold + 1e-9).mean() < target
+        assert 0 <= report.cross_fitted["sensitivity"] <= 1
 
 
 def test_no_covid_class_means_no_threshold():
     y, logits = _overconfident(seed=2)
     report = calibration_report(y, logits, ["a", "b", "c"])
-    assert report["covid_threshold"] is None and report["temperature"] > 1
+    assert report.covid_threshold is None and report.temperature > 1
 
 
 def test_validation_summary_keeps_the_card_fields_only():

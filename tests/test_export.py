@@ -176,8 +176,8 @@ def test_each_artifact_runs_with_its_own_operating_point(exported, checkpoint):
     # the operating point was fitted on this artifact's own logits
     logits = fp32.logits(TRAIN[0])
     refit = calibration_report(TRAIN[1], logits, list(CLASSES), 0.95)
-    assert refit["temperature"] == pytest.approx(op.temperature, rel=1e-6)
-    assert refit["covid_threshold"] == pytest.approx(op.covid_threshold, rel=1e-6)
+    assert refit.temperature == pytest.approx(op.temperature, rel=1e-6)
+    assert refit.covid_threshold == pytest.approx(op.covid_threshold, rel=1e-6)
     # and fp32 ONNX computes what torch computes
     reference = _torch_logits(checkpoint, TRAIN[0])
     assert np.allclose(softmax(logits), softmax(reference), atol=1e-4)
@@ -263,8 +263,8 @@ def test_int8_that_passes_every_check_is_served_with_its_own_operating_point(che
     assert (predictor.temperature, predictor.covid_threshold) == (op.temperature, op.covid_threshold)
     images, labels = _images(24, 5)
     refit = calibration_report(labels, predictor.logits(images), list(CLASSES), 0.95)  # int8's own logits
-    assert refit["temperature"] == pytest.approx(op.temperature, rel=1e-6)
-    assert refit["covid_threshold"] == pytest.approx(op.covid_threshold, rel=1e-6)
+    assert refit.temperature == pytest.approx(op.temperature, rel=1e-6)
+    assert refit.covid_threshold == pytest.approx(op.covid_threshold, rel=1e-6)
 
 
 def _assert_fp32_served(card: ModelCard, out: str) -> None:
