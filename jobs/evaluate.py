@@ -11,18 +11,19 @@ from kdray import storage
 from kdray.runner import run_job
 from kdray.config import EvalJobConfig, dump_yaml, load_config
 from kdray.evaluate import evaluate_model
+from kdray.schemas import Evaluation
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> Evaluation:
     cfg = load_config(EvalJobConfig, argv)
     output = cfg.output or storage.join(cfg.model, f"eval-{cfg.split}")
     storage.makedirs(output)
     storage.write_text(storage.join(output, "args.yaml"), dump_yaml(cfg))
     m = evaluate_model(cfg.model, cfg.data.root, cfg.split, output, cfg.backend, cfg.batch_size, cfg.name,
                        cfg.data.limit)
-    covid = m.get("covid") or {}
-    print(f"{cfg.split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-          f"COVID sensitivity {covid.get('sensitivity')}  specificity {covid.get('specificity')}\n"
+    covid = m.covid
+    print(f"{cfg.split}: accuracy {m.accuracy:.4f}  macro-F1 {m.macro_f1:.4f}  "
+          f"COVID sensitivity {covid and covid.sensitivity}  specificity {covid and covid.specificity}\n"
           f"metrics and plots: {output}")
     return m
 

@@ -22,6 +22,7 @@ from kdray.data import Listing, list_split, load_split
 from kdray.metrics import check_predictions, classification_metrics, expected_calibration_error, softmax
 from kdray.predictor import ModelInfo, model_info
 from kdray.raycluster import init_ray
+from kdray.schemas import Evaluation
 
 PREDICTIONS_FILE = "predictions.parquet"
 
@@ -175,28 +176,28 @@ def predictions_table(image_ids: list[str], y: np.ndarray, probs: np.ndarray, cl
 
 
 def evaluate_model(model_uri: str, data_root: str, split: str, output: str, backend: str = "auto",
-                   batch_size: int = 64, name: str = "", limit: int = 0) -> dict:
+                   batch_size: int = 64, name: str = "", limit: int = 0) -> Evaluation:
     """Metrics of a model on a split, listed and decoded here: :func:`evaluate_logits` of :func:`split_logits`."""
     return evaluate_logits(model_uri, split_logits(model_uri, data_root, split, backend, batch_size, limit), output,
                            name)
 
 
-def evaluate_logits(model_uri: str, out: SplitLogits, output: str, name: str = "") -> dict:
+def evaluate_logits(model_uri: str, out: SplitLogits, output: str, name: str = "") -> Evaluation:
     """Metrics of a model from its logits on a split (with its stored temperature and covid threshold); writes
     metrics.json, predictions.parquet (:func:`predictions_table`, calibrated probabilities), confusion.png and
-    roc.png under ``output``. Returns the metrics as written to metrics.json."""
+    roc.png under ``output``. Returns the evaluation as written to metrics.json."""
     info, classes, y, split = out.info, out.classes, out.y, out.split
     probs = softmax(out.logits, info.temperature)
-    metrics = classification_metrics(y, probs, classes, out.sources, info.covid_threshold)
-    metrics.update({"model": model_uri, "name": name or model_uri, "data": out.data_root, "split": split,
-                    "image_size": info.image_size, "skipped_images": out.skipped,
-                    "eval_s": round(out.seconds, 1), "eval_img_per_s": round(len(y) / max(out.seconds, 1e-9), 2),
-                    "backend": info.backend, "temperature": info.temperature,
-                    "ece_uncalibrated": expected_calibration_error(softmax(out.logits), y),
-                    "calibration": info.calibration})
+    scores = classification_metrics(y, probs, classes, out.sources, info.covid_threshold)
+    metrics = Evaluation(**dict(scores), model=model_uri, name=name or model_uri, data=out.data_root, split=split,
+                         image_size=info.image_size, skipped_images=out.skipped, eval_s=round(out.seconds, 1),
+                         eval_img_per_s=round(len(y) / max(out.seconds, 1e-9), 2), backend=info.backend,
+                         temperature=info.temperature,
+                         ece_uncalibrated=expected_calibration_error(softmax(out.logits), y),
+                         calibration=info.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{name or 'model'} — {split}"
-        for fname, draw in (("confusion.png", lambda p: plot_confusion_matrix(metrics["confusion_matrix"], classes,
+        for fname, draw in (("confusion.png", lambda p: plot_confusion_matrix(metrics.confusion_matrix, classes,
                                                                               p, title)),
                             ("roc.png", lambda p: plot_roc(y, probs, classes, p, title))):
             local = str(Path(tmp) / fname)
@@ -204,5 +205,5 @@ def evaluate_logits(model_uri: str, out: SplitLogits, output: str, name: str = "
             storage.write_bytes(storage.join(output, fname), Path(local).read_bytes())
     storage.write_parquet(storage.join(output, PREDICTIONS_FILE),
                           predictions_table(out.image_ids, y, probs, classes, out.sources))
-    storage.write_json(storage.join(output, "metrics.json"), metrics)
+    storage.write_json(storage.join(output, "metrics.json"), metrics.model_dump(mode="json"))
     return metrics

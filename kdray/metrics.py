@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kdray.schemas import CalibrationReport
+from kdray.schemas import CalibrationReport, ClassificationMetrics
 log = logging.getLogger(__name__)
 COVID_CLASS = "covid"
 
@@ -201,19 +201,10 @@ def classification_metrics(
     classes: list[str],
     sources: list[str] | None = None,
     covid_threshold: float | None = None,
-) -> dict:
-    """Compute a JSON-serialisable metrics report.
-
-    Keys: ``n``, ``accuracy``, ``macro_f1`` (over classes present in the labels
-    or predictions), ``per_class`` {class: precision, recall, f1, support},
-    ``confusion_matrix`` (rows = true, cols = predicted) and ``classes``,
-    ``roc_auc_ovr`` {class: one-vs-rest AUC or None if the class is absent or
-    is the only class}, ``macro_auc`` (mean of the defined AUCs), ``ece``;
-    ``covid`` {sensitivity, specificity, ppv, threshold, tp, fp, tn, fn} when a
-    covid class exists (decision: argmax == covid, or P(covid) >=
-    ``covid_threshold`` when given); ``per_source`` {source: n, accuracy,
-    macro_f1} when ``sources`` is given.
-    """
+) -> ClassificationMetrics:
+    """Accuracy, macro-F1, per class scores, the confusion matrix, one-vs-rest AUCs and ECE; the covid
+    decision (argmax == covid, or P(covid) >= ``covid_threshold`` when given) when a covid class exists; per
+    source scores when ``sources`` is given."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     classes = [str(c) for c in classes]
@@ -270,7 +261,7 @@ def classification_metrics(
                 "accuracy": float(accuracy_score(y[m], pred[m])),
                 "macro_f1": macro_f1(y[m], pred[m]),
             }
-    return out
+    return ClassificationMetrics.model_validate(out)
 
 
 def covid_suspect(probs: np.ndarray, classes: Sequence[str], threshold: float | None) -> np.ndarray | None:
@@ -293,8 +284,8 @@ def _threshold(y: np.ndarray, probs: np.ndarray, classes: list[str], target: flo
 
 
 def _covid_rates(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None) -> dict:
-    covid = classification_metrics(y, probs, classes, covid_threshold=threshold).get("covid") or {}
-    return {"sensitivity": covid.get("sensitivity"), "specificity": covid.get("specificity")}
+    covid = classification_metrics(y, probs, classes, covid_threshold=threshold).covid
+    return {"sensitivity": covid.sensitivity if covid else None, "specificity": covid.specificity if covid else None}
 
 
 def calibration_report(y: np.ndarray, logits: np.ndarray, classes: list[str], target_sensitivity: float = 0.95,
@@ -327,7 +318,8 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def validation_summary(metrics: dict) -> dict:
+def validation_summary(metrics: ClassificationMetrics) -> dict:
     """The compact view of ``classification_metrics`` that goes into meta.json and the model card."""
     keep = ("n", "accuracy", "macro_f1", "macro_auc", "ece", "covid", "per_source", "per_class")
-    return {k: metrics[k] for k in keep if k in metrics}
+    return {k: v for k, v in metrics.model_dump(mode="json", include=set(keep)).items()
+            if v is not None or k not in ("covid", "per_source")}

@@ -25,7 +25,7 @@ from kdray.export import export_student
 from kdray.models import build_model, model_cost
 from kdray.predictor import load_predictor, measure_throughput, model_info
 from kdray.raycluster import free_loopback_port, init_ray
-from kdray.schemas import KDSweepEntry, ModelCard, PipelineSummary, RunSummary, ServeReply, SummaryRow, TrainedRun
+from kdray.schemas import Evaluation, KDSweepEntry, ModelCard, PipelineSummary, RunSummary, ServeReply, SummaryRow, TrainedRun
 from kdray.score import score_archive
 from kdray.train import METRIC, fit
 
@@ -157,7 +157,7 @@ def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name
 
 
 def _calibrate_and_evaluate(checkpoint: str, splits: TrainingSplits, cfg: PipelineConfig, output: str,
-                            name: str) -> dict:
+                            name: str) -> Evaluation:
     """Calibrate (if on) and evaluate one model, running it over the decoded val split once for both."""
     info = model_info(checkpoint, "torch")
     data = splits.at(info.image_size)
@@ -211,15 +211,15 @@ def _stop_serve() -> None:
         serve.shutdown()
 
 
-def _summary_row(name: str, run: RunSummary, m: dict, model: str, splits: TrainingSplits,
+def _summary_row(name: str, run: RunSummary, m: Evaluation, model: str, splits: TrainingSplits,
                  kd_setting: str | None) -> SummaryRow:
     predictor = load_predictor(model, threads=os.cpu_count())
     images, _ = take_images(splits.at(predictor.image_size).val, 64)
-    covid = m.get("covid") or {}
+    covid = m.covid
     return SummaryRow(
-        model=name, accuracy=m["accuracy"], macro_f1=m["macro_f1"], covid_sensitivity=covid.get("sensitivity"),
-        covid_specificity=covid.get("specificity"), covid_threshold=covid.get("threshold"),
-        macro_auc=m.get("macro_auc"), ece_before_ts=m.get("ece_uncalibrated"), ece=m.get("ece"),
-        per_source_accuracy={k: v["accuracy"] for k, v in (m.get("per_source") or {}).items()},
+        model=name, accuracy=m.accuracy, macro_f1=m.macro_f1, covid_sensitivity=covid and covid.sensitivity,
+        covid_specificity=covid and covid.specificity, covid_threshold=covid and covid.threshold,
+        macro_auc=m.macro_auc, ece_before_ts=m.ece_uncalibrated, ece=m.ece,
+        per_source_accuracy={k: v.accuracy for k, v in (m.per_source or {}).items()},
         image_size=predictor.image_size, params_M=run.cost.params / 1e6, gflops=run.cost.gflops,
         img_per_s=measure_throughput(predictor, images), runtime=predictor.backend, train_s=run.wall_s, kd=kd_setting)

@@ -79,6 +79,66 @@ class CheckpointMeta(Contract):
     validation: dict[str, Any] | None = None
 
 
+class ClassScores(Contract):
+    precision: float | None  # None: never predicted
+    recall: float | None  # None: absent from the labels
+    f1: float | None
+    support: int
+
+
+class CovidScores(Contract):
+    """The binary covid-vs-rest decision: argmax == covid, or P(covid) >= ``threshold`` when there is one."""
+
+    sensitivity: float | None
+    specificity: float | None
+    ppv: float | None
+    threshold: float | None
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+
+class SourceScores(Contract):
+    n: int
+    accuracy: float
+    macro_f1: float
+
+
+class ClassificationMetrics(Contract):
+    """What :func:`kdray.metrics.classification_metrics` computes for a model's probabilities on labelled images."""
+
+    n: int
+    accuracy: float
+    macro_f1: float  # over the classes present in the labels or the predictions
+    per_class: dict[str, ClassScores]
+    classes: list[str]
+    confusion_matrix: list[list[int]]  # rows = true, columns = predicted
+    roc_auc_ovr: dict[str, float | None]  # None: the class is absent, or the only one
+    macro_auc: float | None  # mean of the defined AUCs
+    ece: float
+    covid: CovidScores | None = None  # when a class is named covid
+    per_source: dict[str, SourceScores] | None = None  # when the images' sources are known
+
+
+class Evaluation(ClassificationMetrics):
+    """A model's evaluation on a split: its metrics (calibrated probabilities) and how they were made; written
+    to ``metrics.json`` by :func:`kdray.evaluate.evaluate_logits`."""
+
+    model: str
+    name: str
+    data: str
+    split: str
+    image_size: int
+    skipped_images: list[Any]
+    eval_s: float
+    eval_img_per_s: float
+    backend: str
+    temperature: float
+    ece_uncalibrated: float  # before temperature scaling
+    calibration: dict[str, Any] | None
+
+
 class CalibrationReport(Contract):
     """Temperature scaling and the covid operating point fitted on one model's logits over a labelled split:
     in-sample, and 2-fold cross-fitted (fit on one half, measured on the other)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kdray.evaluate import format_table, plot_confusion_matrix, plot_roc
+from kdray.schemas import ClassificationMetrics
 from kdray.metrics import (
     classification_metrics,
     covid_threshold_for_sensitivity,
@@ -49,8 +50,15 @@ def _sample_labels(rng, probs):
 # --------------------------------------------------------------------------- #
 # classification_metrics
 # --------------------------------------------------------------------------- #
+def _scores(*args, **kwargs) -> dict:
+    """classification_metrics as metrics.json holds it (the typed result, dumped)."""
+    metrics = classification_metrics(*args, **kwargs)
+    assert isinstance(metrics, ClassificationMetrics)
+    return metrics.model_dump(mode="json")
+
+
 def test_hand_computed_six_samples(no_warnings):
-    m = classification_metrics(Y6, P6, CLASSES)
+    m = _scores(Y6, P6, CLASSES)
     json.dumps(m, allow_nan=False)  # JSON-serialisable, no NaN
 
     assert m["n"] == 6
@@ -78,18 +86,18 @@ def test_hand_computed_six_samples(no_warnings):
     assert cov["specificity"] == pytest.approx(0.75)
     assert cov["ppv"] == pytest.approx(0.5)
     assert cov["threshold"] is None
-    assert "per_source" not in m
+    assert m["per_source"] is None
 
 
 def test_covid_explicit_threshold():
     # P(covid) >= 0.3 flags samples 0, 1, 5: tp=2 fn=0 fp=1 tn=3
-    cov = classification_metrics(Y6, P6, CLASSES, covid_threshold=0.3)["covid"]
+    cov = _scores(Y6, P6, CLASSES, covid_threshold=0.3)["covid"]
     assert cov["sensitivity"] == pytest.approx(1.0)
     assert cov["specificity"] == pytest.approx(0.75)
     assert cov["ppv"] == pytest.approx(2 / 3)
     assert cov["threshold"] == pytest.approx(0.3)
     # a very high threshold flags nothing: PPV undefined
-    cov = classification_metrics(Y6, P6, CLASSES, covid_threshold=0.99)["covid"]
+    cov = _scores(Y6, P6, CLASSES, covid_threshold=0.99)["covid"]
     assert cov["sensitivity"] == 0.0 and cov["specificity"] == 1.0 and cov["ppv"] is None
 
 
@@ -98,22 +106,22 @@ def test_covid_not_first_and_case_insensitive():
     classes = ["pneumonia", "COVID", "normal"]
     remap = {2: 0, 0: 1, 1: 2}
     y = np.array([remap[v] for v in Y6])
-    m = classification_metrics(y, P6[:, order], classes)
+    m = _scores(y, P6[:, order], classes)
     assert m["covid"]["sensitivity"] == pytest.approx(0.5)
     assert m["covid"]["specificity"] == pytest.approx(0.75)
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
 
 
 def test_no_covid_class_means_no_covid_metrics():
-    m = classification_metrics(Y6, P6, ["cat", "dog", "bird"])
-    assert "covid" not in m
+    m = _scores(Y6, P6, ["cat", "dog", "bird"])
+    assert m["covid"] is None
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert set(m["per_class"]) == {"cat", "dog", "bird"}
 
 
 def test_per_source_breakdown():
     sources = ["a", "a", "a", "b", "b", "b"]
-    m = classification_metrics(Y6, P6, CLASSES, sources=sources)
+    m = _scores(Y6, P6, CLASSES, sources=sources)
     ps = m["per_source"]
     assert set(ps) == {"a", "b"}
     # a: true [0,0,1], pred [0,1,1] -> F1 covid 2/3 (P=1,R=.5), normal 2/3 (P=.5,R=1)
@@ -129,7 +137,7 @@ def test_absent_class_gives_nulls(no_warnings):
     # pneumonia never occurs and is never predicted
     y = np.array([0, 0, 1, 1])
     p = np.array([[0.9, 0.05, 0.05], [0.4, 0.5, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
-    m = classification_metrics(y, p, CLASSES)
+    m = _scores(y, p, CLASSES)
     json.dumps(m, allow_nan=False)
     assert m["per_class"]["pneumonia"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert m["roc_auc_ovr"]["pneumonia"] is None
@@ -143,7 +151,7 @@ def test_absent_class_gives_nulls(no_warnings):
 def test_class_predicted_but_absent():
     y = np.array([0, 1])
     p = np.array([[0.1, 0.2, 0.7], [0.1, 0.8, 0.1]])  # predicts pneumonia for a covid case
-    m = classification_metrics(y, p, CLASSES)
+    m = _scores(y, p, CLASSES)
     pn = m["per_class"]["pneumonia"]
     assert pn["precision"] == 0.0 and pn["recall"] is None and pn["f1"] == 0.0
     cv = m["per_class"]["covid"]
@@ -153,7 +161,7 @@ def test_class_predicted_but_absent():
 def test_single_class_input(no_warnings):
     y = np.zeros(4, dtype=int)
     p = np.tile([0.7, 0.2, 0.1], (4, 1))
-    m = classification_metrics(y, p, CLASSES, sources=["x"] * 4)
+    m = _scores(y, p, CLASSES, sources=["x"] * 4)
     json.dumps(m, allow_nan=False)
     assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
     assert all(v is None for v in m["roc_auc_ovr"].values())
@@ -248,7 +256,7 @@ def test_threshold_reaches_target_and_is_largest():
         assert np.mean(score[pos] >= t) >= target
         higher = np.unique(score[score > t])
         assert higher.size == 0 or np.mean(score[pos] >= higher[0]) < target
-        m = classification_metrics(y, probs, CLASSES, covid_threshold=t)
+        m = _scores(y, probs, CLASSES, covid_threshold=t)
         assert m["covid"]["sensitivity"] >= target
 
 
@@ -273,7 +281,7 @@ def _is_png(path):
 
 
 def test_plots_write_png(tmp_path):
-    m = classification_metrics(Y6, P6, CLASSES)
+    m = _scores(Y6, P6, CLASSES)
     cm_path = plot_confusion_matrix(m["confusion_matrix"], CLASSES, tmp_path / "sub" / "cm.png", title="CM")
     roc_path = plot_roc(Y6, P6, CLASSES, tmp_path / "roc.png", title="ROC")
     assert _is_png(cm_path) and _is_png(roc_path)
