@@ -9,14 +9,14 @@ from kdray.config import CacheJobConfig, dump_yaml, load_config
 from kdray.data import list_split
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> tuple[str, bool]:
     cfg = load_config(CacheJobConfig, argv)
     listing = list_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.limit)
     uri, reused = logit_cache.build(cfg.teacher, listing, cfg.data.image_size, cfg.output, cfg.views, cfg.augment,
                                     cfg.batch_size)
     storage.write_text(storage.join(uri, "args.yaml"), dump_yaml(cfg))
     print(f"logit cache: {uri} ({'reused' if reused else 'built'})")
-    return {"cache": uri, "reused": reused}
+    return uri, reused
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ weights (``model.weights.pt``). Prints one line per image: ``path<TAB>label<TAB>
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +29,17 @@ from jobs.predict import load_all
 BATCH = 8
 
 
+@dataclass(frozen=True)
+class FileExplanation:
+    """One explained file: the served label, where its overlay went, and the torch weights' own top class."""
+
+    path: str
+    label: str
+    overlay: str
+    torch_class: str
+    p_label: float
+
+
 def overlay_names(paths: list[str]) -> list[str]:
     """``<name>.png`` per input (its file name without extension), numbered where names repeat."""
     seen: dict[str, int] = {}
@@ -38,7 +51,7 @@ def overlay_names(paths: list[str]) -> list[str]:
     return names
 
 
-def main(argv: list[str]) -> list[dict]:
+def main(argv: list[str]) -> list[FileExplanation]:
     cfg = load_config(ExplainJobConfig, argv)
     predictor = load_predictor(cfg.model, backend=cfg.backend, threads=cfg.threads)
     explainer = Explainer.load(cfg.model, threads=cfg.threads)
@@ -58,8 +71,8 @@ def main(argv: list[str]) -> list[dict]:
             storage.write_bytes(overlay, explanation.overlay_png)
             note = "" if explanation.agrees else f"\ttorch says {explanation.torch_class}"
             print(f"{path}\t{explanation.explained_class}\t{overlay}{note}", flush=True)
-            results.append({"path": path, "label": explanation.explained_class, "overlay": overlay,
-                            "torch_class": explanation.torch_class, "p_label": float(row.max())})
+            results.append(FileExplanation(path, explanation.explained_class, overlay, explanation.torch_class,
+                                           float(row.max())))
     if results:
         storage.write_text(storage.join(cfg.output, "explanations.csv"), _csv(results))
     for err in errors:
@@ -69,13 +82,13 @@ def main(argv: list[str]) -> list[dict]:
     return results
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: list[FileExplanation]) -> str:
     import io
 
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(out, fieldnames=[f.name for f in dataclasses.fields(FileExplanation)])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(dataclasses.asdict(row) for row in rows)
     return out.getvalue()
 
 

@@ -28,7 +28,7 @@ from kdray.export import ParityError, export_student
 from kdray.schemas import ModelCard
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> ModelCard:
     cfg = load_config(ExportJobConfig, argv)
     meta = read_checkpoint_meta(cfg.model)
     size, classes = meta.image_size, meta.classes
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> dict:
         raise
     print_summary(card)
     print(f"exported {cfg.model} -> {cfg.output}")
-    return card.model_dump(mode="json")
+    return card
 
 
 def print_summary(card: ModelCard) -> None:

@@ -11,6 +11,7 @@ command exits 2.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,16 @@ from kdray.inputs import failure_message, read_failure_reason, read_named
 from kdray.predictor import load_predictor
 
 BATCH = 32
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    """One classified file: the predicted label, the calibrated probabilities and the covid_suspect flag."""
+
+    path: str
+    label: str
+    probs: list[float]
+    covid_suspect: bool
 
 
 def load_for_prediction(path: str, size: int) -> np.ndarray:
@@ -48,7 +59,7 @@ def load_all(paths: list[str], size: int) -> tuple[list[str], list[np.ndarray], 
     return good, images, errors
 
 
-def main(argv: list[str]) -> list[dict]:
+def main(argv: list[str]) -> list[FilePrediction]:
     cfg = load_config(PredictJobConfig, argv)
     predictor = load_predictor(cfg.model, backend=cfg.backend, threads=cfg.threads)
     good, images, errors = load_all(cfg.images, predictor.image_size)
@@ -64,7 +75,7 @@ def main(argv: list[str]) -> list[dict]:
             if suspect:
                 fields.append("covid_suspect")
             print("\t".join(fields), flush=True)
-            results.append({"path": path, "label": fields[1], "probs": row.tolist(), "covid_suspect": suspect})
+            results.append(FilePrediction(path, fields[1], row.tolist(), suspect))
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:

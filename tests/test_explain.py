@@ -214,7 +214,7 @@ def test_cli_writes_one_overlay_per_image_for_the_served_label(export_dir, tmp_p
     out = tmp_path / "overlays"
     results = explain_job.main([*paths, "--model", export_dir, "--output", str(out)])
     predicted = predict_job.main([*paths, "--model", export_dir])
-    assert [r["label"] for r in results] == [p["label"] for p in predicted]
+    assert [r.label for r in results] == [p.label for p in predicted]
     written = sorted(p.name for p in out.glob("*.png"))
     assert written == ["x0.png", "x1-2.png", "x1.png"]  # b/x1.png does not overwrite a/x1.png
     assert (out / "explanations.csv").read_text().count("\n") == len(paths) + 1

@@ -410,9 +410,9 @@ def test_export_job_writes_args_and_prints_the_served_operating_point(checkpoint
     printed = capsys.readouterr().out
     assert "top-1 agreement" in printed and f"-> {out}" in printed and "served: int8" in printed
     assert "calibration: 16" in Path(out, "args.yaml").read_text()
-    assert card == read_model_card(out).model_dump(mode="json")
-    assert card["parity"]["int8"]["n"] == 24 and card["artifacts"]["torchscript"]["validated"] is True
-    assert card["operating_points"]["int8"]["n"] == 24 and "torchscript" not in card["operating_points"]
+    assert card == read_model_card(out)
+    assert card.parity["int8"].n == 24 and card.artifacts["torchscript"].validated is True
+    assert card.operating_points["int8"].n == 24 and "torchscript" not in card.operating_points
 
 
 def test_predict_flags_covid_suspects_at_the_served_threshold(exported, capsys):
@@ -431,7 +431,7 @@ def test_predict_flags_covid_suspects_at_the_served_threshold(exported, capsys):
     threshold = card.operating_points[card.served_artifact].covid_threshold
     assert len(lines) == len(results) == 6
     for line, r in zip(lines, results):
-        assert line.endswith("covid_suspect") == (r["probs"][0] >= threshold) == r["covid_suspect"]
+        assert line.endswith("covid_suspect") == (r.probs[0] >= threshold) == r.covid_suspect
 
 
 @pytest.mark.integration  # a subprocess that imports torch and onnxruntime: slow for the unit tier
