@@ -139,8 +139,8 @@ def _precision_lines(summary: dict) -> list[str]:
     log.info("bootstrap intervals over the val images (%d resamples)", RESAMPLES)
     y, probs = aligned({name: storage.read_parquet(uri) for name, uri in files.items()})
 
-    def cell(m: dict) -> str:
-        return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    def cell(m) -> str:
+        return f"{m.value:.3f} [{m.low:.3f}, {m.high:.3f}]"
 
     rows = [{"model": name, **{k: cell(v) for k, v in metric_intervals(y, p).items()}} for name, p in probs.items()]
     pairs = [("student_kd", "student_nokd"), ("student_kd", "teacher")]
@@ -148,9 +148,9 @@ def _precision_lines(summary: dict) -> list[str]:
     for a, b in pairs:
         for metric in ("macro_f1", "accuracy"):
             d = paired_difference(y, probs[a], probs[b], metric)
-            diffs.append({"comparison": f"{a} - {b}", "metric": metric, "difference": f"{d['difference']:+.3f}",
-                          "95% interval": f"[{d['low']:+.3f}, {d['high']:+.3f}]",
-                          "resamples where A is better": f"{d['share_a_better']:.0%}"})
+            diffs.append({"comparison": f"{a} - {b}", "metric": metric, "difference": f"{d.difference:+.3f}",
+                          "95% interval": f"[{d.low:+.3f}, {d.high:+.3f}]",
+                          "resamples where A is better": f"{d.share_a_better:.0%}"})
     return ["## How precise these numbers are (bootstrap over the val images)", "",
             f"Percentile bootstrap, {RESAMPLES} resamples of the {len(y)} val images: value [95% interval]. "
             "It measures sampling noise only: val also selected the checkpoints, the KD setting, T and the "

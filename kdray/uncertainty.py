@@ -15,6 +15,7 @@ computed on val can show by how much.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -88,29 +89,49 @@ def _check(y, *probs: np.ndarray) -> np.ndarray:
     return y
 
 
-def metric_intervals(y: np.ndarray, probs: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> dict[str, dict]:
-    """{metric: {"value", "low", "high"}} for accuracy, macro-F1 and ECE, resampling the images."""
+@dataclass(frozen=True)
+class Interval:
+    """A metric's value with its 95% percentile-bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """metric(A) - metric(B) on the same images, its paired 95% interval, and the share of resamples in which
+    A was better."""
+
+    metric: str
+    difference: float
+    low: float
+    high: float
+    share_a_better: float
+
+
+def metric_intervals(y: np.ndarray, probs: np.ndarray, seed: int = 0,
+                     resamples: int = RESAMPLES) -> dict[str, Interval]:
+    """Accuracy, macro-F1 and ECE (by name, as in :data:`METRICS`) with their intervals, resampling the images."""
     y = _check(y, probs)
     out = {}
     for name, metric in METRICS.items():
         ci = _bootstrap(_resampled(name, y, probs), len(y), seed, resamples).confidence_interval
-        out[name] = {"value": metric(y, probs), "low": float(ci.low), "high": float(ci.high)}
+        out[name] = Interval(metric(y, probs), float(ci.low), float(ci.high))
     return out
 
 
 def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "macro_f1",
-                      seed: int = 0, resamples: int = RESAMPLES) -> dict:
-    """metric(A) - metric(B) on the same images, with its paired 95% interval and the share of resamples
-    in which A was better."""
+                      seed: int = 0, resamples: int = RESAMPLES) -> PairedDifference:
+    """metric(A) - metric(B) on the same images (:class:`PairedDifference`)."""
     if metric not in METRICS:
         raise KdrayError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     y = _check(y, probs_a, probs_b)
     of_a, of_b = _resampled(metric, y, probs_a), _resampled(metric, y, probs_b)
     result = _bootstrap(lambda idx: of_a(idx) - of_b(idx), len(y), seed, resamples)
     fn = METRICS[metric]
-    return {"metric": metric, "difference": fn(y, probs_a) - fn(y, probs_b),
-            "low": float(result.confidence_interval.low), "high": float(result.confidence_interval.high),
-            "share_a_better": float(np.mean(result.bootstrap_distribution > 0))}
+    return PairedDifference(metric, fn(y, probs_a) - fn(y, probs_b), float(result.confidence_interval.low),
+                            float(result.confidence_interval.high), float(np.mean(result.bootstrap_distribution > 0)))
 
 
 def aligned(tables: dict[str, pa.Table]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

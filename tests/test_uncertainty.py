@@ -24,9 +24,9 @@ def test_interval_brackets_the_value_and_narrows_with_more_images():
         pred = np.where(rng.random(n) < 0.85, y, (y + 1) % 3)  # about 85% correct
         m = metric_intervals(y, _probs(pred))
         for name in ("accuracy", "macro_f1", "ece"):
-            assert m[name]["low"] <= m[name]["value"] <= m[name]["high"], (name, m[name])
-        assert m["accuracy"]["value"] == pytest.approx(np.mean(pred == y))
-        widths.append(m["accuracy"]["high"] - m["accuracy"]["low"])
+            assert m[name].low <= m[name].value <= m[name].high, (name, m[name])
+        assert m["accuracy"].value == pytest.approx(np.mean(pred == y))
+        widths.append(m["accuracy"].high - m["accuracy"].low)
     # a binomial 95% interval is about 4 standard errors wide: ~0.14 at n=100, ~0.035 at n=1600
     assert 0.08 < widths[0] < 0.2 and 0.02 < widths[1] < 0.05, widths
 
@@ -35,7 +35,7 @@ def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
     y = np.arange(60) % 3
     p = _probs((y + (np.arange(60) % 4 == 0)) % 3)
     d = paired_difference(y, p, p)
-    assert d["difference"] == 0 and d["low"] == 0 and d["high"] == 0 and d["share_a_better"] == 0
+    assert d.difference == 0 and d.low == 0 and d.high == 0 and d.share_a_better == 0
 
 
 def test_paired_difference_sees_a_consistent_gain_that_separate_intervals_would_miss():
@@ -47,10 +47,10 @@ def test_paired_difference_sees_a_consistent_gain_that_separate_intervals_would_
     pred_a[wrong[:16]] = y[wrong[:16]]  # A fixes 16 of B's errors and breaks nothing: +4 points
     a, b = _probs(pred_a), _probs(pred_b)
     d = paired_difference(y, a, b, "accuracy")
-    assert d["difference"] == pytest.approx(16 / 400)
-    assert d["low"] > 0 and d["share_a_better"] == 1.0
+    assert d.difference == pytest.approx(16 / 400)
+    assert d.low > 0 and d.share_a_better == 1.0
     separate_a, separate_b = metric_intervals(y, a)["accuracy"], metric_intervals(y, b)["accuracy"]
-    assert separate_a["low"] < separate_b["high"]  # the unpaired intervals overlap
+    assert separate_a.low < separate_b.high  # the unpaired intervals overlap
 
 
 def test_aligned_matches_images_by_id_and_keeps_only_the_common_ones():
