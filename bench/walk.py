@@ -84,10 +84,17 @@ def _callee(module: Module, call: ast.Call, walk: Walk) -> tuple[str, ast.Functi
     func = call.func
     if isinstance(func, ast.Name):
         target = module.imports.get(func.id)
-        if target and ":" in target:
+        for _ in range(5):  # through re-exports: ``from kdray.config_cli import dump_yaml`` in kdray.config
+            if not (target and ":" in target):
+                break
             mod, name = target.split(":")
-            fn = walk.modules.get(mod, Module(mod, {}, {})).functions.get(name)
-            return (mod, fn) if fn else None
+            found = walk.modules.get(mod, Module(mod, {}, {}))
+            fn = found.functions.get(name)
+            if fn:
+                return mod, fn
+            target = found.imports.get(name)
+        if target and ":" in target:
+            return None
         fn = module.functions.get(func.id)
         return (module.name, fn) if fn else None
     if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
