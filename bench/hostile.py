@@ -182,13 +182,16 @@ def archive_cases(root: Path) -> dict[str, str]:
     return expected
 
 
-def _sample_actors(stop: threading.Event, peaks: dict) -> None:
+def _sample_scorers(stop: threading.Event, peaks: dict) -> None:
+    """Peak RSS and CPU of the processes that score: the jobs.score command itself (its local engine scores in
+    its own threads) and any Ray ShardScorer actors (the Ray engine)."""
     import psutil
 
     while not stop.is_set():
         for proc in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if "ShardScorer" in " ".join(proc.info["cmdline"] or []):
+                command = " ".join(proc.info["cmdline"] or [])
+                if "ShardScorer" in command or "-m jobs.score" in command:
                     times = proc.cpu_times()
                     peak = peaks.setdefault(proc.info["pid"], [0, 0.0])
                     peak[0] = max(peak[0], proc.memory_info().rss)
@@ -213,7 +216,7 @@ def door_score(files: dict[str, Path], model: str, real: int, work: Path) -> tup
             else shutil.copyfile(src, inputs / "cxr" / f"{i:05d}.png")
     out = work / "out"
     stop, peaks = threading.Event(), {}
-    sampler = threading.Thread(target=_sample_actors, args=(stop, peaks), daemon=True)
+    sampler = threading.Thread(target=_sample_scorers, args=(stop, peaks), daemon=True)
     sampler.start()
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "jobs.score", "--model", model, "--input", str(inputs),
@@ -237,8 +240,9 @@ def door_score(files: dict[str, Path], model: str, real: int, work: Path) -> tup
     facts = {"wall_s": round(wall, 1), "inputs_seen": len(seen), "distinct": len(set(seen)),
              "real_pngs": len(reals), "real_pngs_scored": sum(1 for p in outcome if "/cxr/" in p and outcome[p] == "ok"),
              "summary_images": summary["images"], "errors_by_reason": summary["errors_by_reason"],
-             "actor_peak_rss_mib": round(max((v[0] for v in peaks.values()), default=0) / MiB),
-             "actors_cpu_s": round(sum(v[1] for v in peaks.values()), 1)}
+             "engine": summary["engine"],
+             "scorer_peak_rss_mib": round(max((v[0] for v in peaks.values()), default=0) / MiB),
+             "scorers_cpu_s": round(sum(v[1] for v in peaks.values()), 1)}
     return rows + door_score_tar(model, work), facts
 
 
