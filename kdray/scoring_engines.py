@@ -72,7 +72,8 @@ class Progress:
 def scoring_pool(use_gpu: bool, shards: int | None = None):
     """(compute, per-actor resources, threads) on Ray: one single-threaded scorer per CPU, each asking for half a
     CPU so that Ray Data's own tasks are never starved; a GPU each where there are GPUs. The pool has its full
-    size from the start (no ramp-up), but never more actors than shards."""
+    size from the start (no ramp-up), but never more actors than shards, and its actors are spread over the nodes:
+    packed onto one, a node's loss would take every scorer with it (and the others' cores would idle)."""
     from ray.data import ActorPoolStrategy
 
     from kdray.raycluster import cluster_cpus, cluster_gpus
@@ -80,10 +81,10 @@ def scoring_pool(use_gpu: bool, shards: int | None = None):
     gpus = int(cluster_gpus())
     if use_gpu and gpus:
         size = max(1, min(gpus, shards or gpus))
-        return ActorPoolStrategy(size=size), {"num_gpus": 1, "num_cpus": 1}, 1
+        return ActorPoolStrategy(size=size), {"num_gpus": 1, "num_cpus": 1, "scheduling_strategy": "SPREAD"}, 1
     cpus = max(1, int(cluster_cpus()))
     size = max(1, min(cpus, shards or cpus))
-    return ActorPoolStrategy(size=size), {"num_cpus": 0.5}, 1
+    return ActorPoolStrategy(size=size), {"num_cpus": 0.5, "scheduling_strategy": "SPREAD"}, 1
 
 
 def run_on_ray(work: list[dict], scorer: dict, on_gpu: bool, progress: Progress) -> list[ShardResult]:

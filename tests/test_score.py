@@ -541,8 +541,12 @@ def test_kill_9_then_rerun_finishes_exactly_once(tmp_path, exported_student, mom
     assert not [p for p in out.rglob(".tmp-*")], "a half-written file survived the re-run"
 
 
-@pytest.mark.parametrize("gpus, cpus, expected", [(0, 2, ({"num_cpus": 0.5}, 2)), (0, 16, ({"num_cpus": 0.5}, 16)),
-                                                   (2, 16, ({"num_gpus": 1, "num_cpus": 1}, 2))])
+SPREAD = {"scheduling_strategy": "SPREAD"}  # the scorers over the nodes, not packed onto one
+
+
+@pytest.mark.parametrize("gpus, cpus, expected", [(0, 2, ({"num_cpus": 0.5, **SPREAD}, 2)),
+                                                   (0, 16, ({"num_cpus": 0.5, **SPREAD}, 16)),
+                                                   (2, 16, ({"num_gpus": 1, "num_cpus": 1, **SPREAD}, 2))])
 def test_scoring_pool_takes_gpus_when_the_cluster_has_them(monkeypatch, gpus, cpus, expected):
     """Checked with fake cluster resources only: no GPU here. With GPUs, one actor per GPU runs torch."""
     from kdray import raycluster
