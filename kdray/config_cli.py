@@ -32,7 +32,7 @@ import annotated_types
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from kdray import KdrayError
+from kdray import KdrayError, first_line
 
 T = TypeVar("T")
 
@@ -144,7 +144,7 @@ def _read_yaml(config_file: str) -> dict:
     except OSError as exc:
         raise KdrayError(f"config file {config_file}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise KdrayError(f"config file {config_file} is not valid YAML: {problem}{where}") from None

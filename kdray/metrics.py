@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kdray.schemas import CalibrationReport, ClassificationMetrics
+
 log = logging.getLogger(__name__)
 COVID_CLASS = "covid"
 

@@ -142,14 +142,15 @@ def _train_kd_students(cfg: PipelineConfig, settings: list, cache_uri: str, name
     best = max(trained, key=lambda item: item[2].best_metrics.get(METRIC) or -1.0)
     _log_run("student_kd", best[2])
     sweep, students = [], {}
-    for label, kd, summary in trained:
-        model = "student_kd" if summary is best[2] else label  # its name in runs and the table
+    for item in trained:
+        label, kd, summary = item
+        model = "student_kd" if item is best else label  # its name in runs and the table
         sweep.append(KDSweepEntry(label=label, model=model, alpha=kd.alpha, temperature=kd.temperature,
                                   views=kd.views, val_macro_f1=summary.best_metrics.get(METRIC),
-                                  selected=summary is best[2]))
+                                  selected=item is best))
         students[model] = summary
     if len(sweep) > 1:
-        chosen = next(entry for entry in sweep if entry.selected)
+        chosen = best[1]
         log.info("KD settings on val macro-F1: %s; selected alpha=%g T=%g K=%d",
                  ", ".join(f"{e.label}={e.val_macro_f1:.4f}" for e in sweep), chosen.alpha, chosen.temperature,
                  chosen.views)
@@ -215,7 +216,7 @@ def _summary_row(name: str, run: RunSummary, m: Evaluation, model: str, splits: 
                  kd_setting: str | None) -> SummaryRow:
     predictor = load_predictor(model, threads=os.cpu_count())
     images, _ = take_images(splits.at(predictor.image_size).val, 64)
-    covid = m.covid
+    covid = m.covid  # None without a covid class; then the row's covid numbers are None too
     return SummaryRow(
         model=name, accuracy=m.accuracy, macro_f1=m.macro_f1, covid_sensitivity=covid and covid.sensitivity,
         covid_specificity=covid and covid.specificity, covid_threshold=covid and covid.threshold,

@@ -35,15 +35,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kdray import KdrayError, first_line
-
-if TYPE_CHECKING:
-    import pyarrow
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +247,9 @@ def read_bytes(uri: str | Location, limit: int | None = None) -> bytes:
 MAX_TABLE_BYTES = 2 * 2**30
 
 
-def read_table(uri: str | Location, what: str = "table") -> "pyarrow.Table":
+def read_table(uri: str | Location, what: str = "table") -> pa.Table:
     """A CSV or Parquet file (by its name) as a pyarrow Table, at most :data:`MAX_TABLE_BYTES`; a file that is
     neither is one line naming it and ``what`` it was read as."""
-    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
