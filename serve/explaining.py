@@ -1,8 +1,10 @@
 """Explanations in a replica: the Grad-CAM explainer loaded on first use, one thread, a bounded number in flight.
 
 Predictions never wait for explanations: these run in their own single thread (with ``threads`` torch
-threads), and at most ``max_in_flight`` explanation requests are admitted at once per replica; the next one
-is refused at once (:class:`ExplainBusy`, answered 503 + Retry-After). A replica that never gets an
+threads), and at most ``max_in_flight`` explanation requests, holding at most ``max_images`` images together
+(each costs about 93 MB at 224 px), are admitted at once per replica; the next one is refused at once
+(:class:`ExplainBusy`, answered 503 + Retry-After), and one with more images than ``max_images`` is refused
+outright (:class:`ExplainTooLarge`, answered 400): it could never run. A replica that never gets an
 explanation request never loads the torch weights.
 """
 
@@ -19,12 +21,17 @@ from pydantic import TypeAdapter, ValidationError
 
 from kdray import KdrayError
 from kdray.explain import Explainer, Explanation
+from serve.options import REQUEST
 
 log = logging.getLogger(__name__)
 
 
 class ExplainBusy(Exception):
     """Too many explanation requests in flight on this replica."""
+
+
+class ExplainTooLarge(Exception):
+    """An explanation request with more images than a replica explains at once."""
 
 
 class ExplainUnavailable(KdrayError):
@@ -56,8 +63,10 @@ def _lower_priority(nice: int) -> None:
 
 
 class ExplainGate:
-    def __init__(self, model_dir: str, max_in_flight: int, threads: int, nice: int = 0):
+    def __init__(self, model_dir: str, max_in_flight: int, threads: int, nice: int = 0,
+                 max_images: int = REQUEST.max_explain_images):
         self.model_dir, self.max_in_flight, self.threads = model_dir, int(max_in_flight), int(threads)
+        self.max_images, self.images_in_flight = int(max_images), 0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdray-explain", initializer=_lower_priority,
                                        initargs=(int(nice),))
         self.in_flight = self.refused = self.explained = 0
@@ -65,16 +74,23 @@ class ExplainGate:
         self._failure: str | None = None
         self._loading = threading.Lock()
 
-    def admit(self) -> None:
-        """Count one explanation request in, or raise ExplainBusy; pair with :meth:`release`."""
-        if self.in_flight >= self.max_in_flight:
+    def admit(self, images: int = 1) -> None:
+        """Count one explanation request of ``images`` images in, or raise ExplainTooLarge / ExplainBusy;
+        pair with :meth:`release` (the same ``images``)."""
+        if images > self.max_images:
             self.refused += 1
-            raise ExplainBusy(f"{self.in_flight} explanation request(s) in progress on this replica; "
-                              "retry later, or ask without explain")
+            raise ExplainTooLarge(f"{images} images to explain; at most {self.max_images} are explained per "
+                                  "request: send fewer, or ask without explain")
+        if self.in_flight >= self.max_in_flight or self.images_in_flight + images > self.max_images:
+            self.refused += 1
+            raise ExplainBusy(f"{self.in_flight} explanation request(s) of {self.images_in_flight} image(s) in "
+                              "progress on this replica; retry later, or ask without explain")
         self.in_flight += 1
+        self.images_in_flight += images
 
-    def release(self) -> None:
+    def release(self, images: int = 1) -> None:
         self.in_flight -= 1
+        self.images_in_flight -= images
 
     async def explain(self, images: np.ndarray, classes: list[int]) -> list[Explanation]:
         """Grad-CAM of the served classes, in the explanation thread."""

@@ -9,11 +9,13 @@ Each image goes through the shared loader (:func:`kdray.images.load_image` under
 pool, never on the event loop, so a bad upload fails alone. On a CPU the same pool thread classifies it
 (single-threaded inference, no batching: it does not pay there); on a GPU the transport groups decoded images
 into batches (``@serve.batch`` around :meth:`StudentHandler.classify_batch`). Explanations run in their own
-thread, a bounded number at a time (:mod:`serve.explaining`).
+thread, a bounded number at a time (:mod:`serve.explaining`). A request's images together have a decode budget
+(:class:`DecodeBudget`); an Open Inference Protocol request is parsed in the pool too.
 
 Refusals are exceptions the transport maps to statuses: :class:`kdray.images.ImageRefused` (400, its reason
-code), :class:`serve.explaining.ExplainBusy` (503), :class:`serve.explaining.ExplainUnavailable` (501), and
-:class:`serve.oip.OipError` for the Open Inference Protocol (400).
+code), :class:`DecodeBudgetSpent` (400), :class:`serve.explaining.ExplainBusy` (503),
+:class:`serve.explaining.ExplainTooLarge` (400), :class:`serve.explaining.ExplainUnavailable` (501), and
+:class:`serve.oip.OipError` for the Open Inference Protocol (400, its reason code).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kdray.images import ImageLimits, ImageRefused, load_image
+from kdray.images import ImageLimits, ImageRefused, LoadedImage, load_image
 from kdray.predictor import is_export, load_predictor, model_info, read_model_card
 from serve import oip
 from serve.explaining import ExplainGate
-from serve.options import EXPLAIN, IMAGE_LIMITS, WORKER_THREADS, ExplainOptions
+from serve.options import EXPLAIN, IMAGE_LIMITS, REQUEST, WORKER_THREADS, ExplainOptions, RequestOptions
 from serve.schemas import Health, Prediction
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,33 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "kdray-student"  # a training checkpoint served directly has no model card
 #: The batch classifier a transport installs on a GPU: decoded images in, probabilities out, batched.
 BatchClassifier = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+class DecodeBudgetSpent(Exception):
+    """A request whose images together cost more to decode than its budget."""
+
+    reason = "request_decode_budget"
+
+
+class DecodeBudget:
+    """The decode budget of one request's images together: each decode spends what the per-image budget admitted
+    for it (:attr:`kdray.images.LoadedImage.decode_bytes`); once the total is over, the request is refused and
+    its images not yet started are not decoded. Pool threads share it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.spent = int(max_bytes), 0
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        if self.spent > self.max_bytes:
+            raise DecodeBudgetSpent(f"decoding this request's images would take over {self.max_bytes // 2**20} MiB "
+                                    "of memory in all; send fewer or smaller images per request")
+
+    def spend(self, loaded: LoadedImage) -> LoadedImage:
+        with self._lock:
+            self.spent += loaded.decode_bytes
+        self.check()
+        return loaded
 
 
 def runs_on_gpu(model_dir: str, backend: str) -> bool:
@@ -55,8 +84,9 @@ class StudentHandler:
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int = 1, batching: bool = False,
                  limits: ImageLimits = IMAGE_LIMITS, worker_threads: int = WORKER_THREADS,
-                 explain: ExplainOptions = EXPLAIN):
+                 explain: ExplainOptions = EXPLAIN, requests: RequestOptions = REQUEST):
         self.batching, self.threads, self.limits = bool(batching), max(1, int(threads)), limits
+        self.requests = requests
         self.predictor = load_predictor(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
         if is_export(model_dir):
@@ -71,7 +101,8 @@ class StudentHandler:
         self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
         self.batches = self.batched_images = self.max_batch_size_seen = 0
         self.counting = threading.Lock()  # pool threads count concurrently
-        self.explaining = ExplainGate(model_dir, explain.max_in_flight, explain.threads, explain.nice)
+        self.explaining = ExplainGate(model_dir, explain.max_in_flight, explain.threads, explain.nice,
+                                      requests.max_explain_images)
         self.batch_classifier: BatchClassifier | None = None
 
     # -- classifying
@@ -81,37 +112,47 @@ class StudentHandler:
         self._count(len(images))
         return list(probs)
 
-    async def probabilities(self, data: bytes) -> np.ndarray:
-        """Probabilities for one encoded image; raises ImageRefused. Decoding never runs on the event loop."""
+    def new_budget(self) -> DecodeBudget:
+        return DecodeBudget(self.requests.max_decode_bytes)
+
+    async def probabilities(self, data: bytes, budget: DecodeBudget | None = None) -> np.ndarray:
+        """Probabilities for one encoded image (``budget``: its request's); raises ImageRefused or
+        DecodeBudgetSpent. Decoding never runs on the event loop."""
         loop = asyncio.get_running_loop()
+        budget = budget or self.new_budget()
         if self.batch_classifier is None:
-            return await loop.run_in_executor(self.pool, self._classify_now, data)
-        loaded = await loop.run_in_executor(self.pool, load_image, data, self.predictor.image_size, self.limits)
+            return await loop.run_in_executor(self.pool, self._classify_now, data, budget)
+        loaded = await loop.run_in_executor(self.pool, self._load, data, budget)
         return await self.batch_classifier(loaded.pixels)
 
-    def _classify_now(self, data: bytes) -> np.ndarray:
-        return self._classify_keeping_pixels(data)[0]
+    def _load(self, data: bytes, budget: DecodeBudget) -> LoadedImage:
+        budget.check()  # spent by the request's other images: this one is not decoded
+        return budget.spend(load_image(data, self.predictor.image_size, self.limits))
 
-    def _classify_keeping_pixels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def _classify_now(self, data: bytes, budget: DecodeBudget) -> np.ndarray:
+        return self._classify_keeping_pixels(data, budget)[0]
+
+    def _classify_keeping_pixels(self, data: bytes, budget: DecodeBudget) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, decoded pixels) of one image, in the calling (pool) thread."""
-        pixels = load_image(data, self.predictor.image_size, self.limits).pixels
+        pixels = self._load(data, budget).pixels
         probs = self.predictor.probabilities(pixels[None])[0]
         self._count(1)
         return probs, pixels
 
     async def _explained(self, images: list[bytes]) -> tuple[np.ndarray, list]:
         """(probabilities, explanations) for encoded images, inside one admitted explanation (raises
-        ExplainBusy when none is free). Predictions are computed as without explain (same pool, same model)."""
-        self.explaining.admit()
+        ExplainTooLarge or ExplainBusy when it cannot have one). Predictions are computed as without explain (same
+        pool, same model)."""
+        self.explaining.admit(len(images))
         try:
-            loop = asyncio.get_running_loop()
-            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self._classify_keeping_pixels, d)
+            loop, budget = asyncio.get_running_loop(), self.new_budget()
+            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self._classify_keeping_pixels, d, budget)
                                              for d in images))
             probs = np.stack([p for p, _ in results])
             explanations = await self.explaining.explain(np.stack([x for _, x in results]), list(probs.argmax(1)))
             return probs, explanations
         finally:
-            self.explaining.release()
+            self.explaining.release(len(images))
 
     def _count(self, images: int) -> None:
         with self.counting:
@@ -151,19 +192,27 @@ class StudentHandler:
         return oip.model_metadata(self.model_name, self.model_version, self.classes,
                                   oip.platform_of(self.predictor.backend))
 
+    async def parse_infer(self, body: bytes, header_length: str | None) -> oip.InferRequest:
+        """The OIP request in ``body``, parsed (JSON, base64) in the pool, off the event loop; raises OipError."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, oip.parse_infer_request, body,
+                                                                header_length, self.requests)
+
     async def infer(self, infer: oip.InferRequest) -> tuple[bytes, dict[str, str]]:
-        """(body, headers) of the OIP response; a refused image raises OipError naming it."""
+        """(body, headers) of the OIP response; a refused image raises OipError naming it (and its reason)."""
         if infer.explain:
             try:
                 probs, explanations = await self._explained(infer.images)
-            except ImageRefused as exc:  # which image: the explain path decodes them together
-                raise oip.OipError(f"{oip.INPUT_NAME} refused ({exc.reason}): {exc}") from None
+            except (ImageRefused, DecodeBudgetSpent) as exc:  # which image: the explain path decodes them together
+                raise oip.OipError(f"{oip.INPUT_NAME} refused ({exc.reason}): {exc}", exc.reason) from None
         else:
             explanations = None
-            results = await asyncio.gather(*(self.probabilities(d) for d in infer.images), return_exceptions=True)
+            budget = self.new_budget()
+            results = await asyncio.gather(*(self.probabilities(d, budget) for d in infer.images),
+                                           return_exceptions=True)
             for index, result in enumerate(results):
-                if isinstance(result, ImageRefused):
-                    raise oip.OipError(f"{oip.INPUT_NAME}[{index}] refused ({result.reason}): {result}")
+                if isinstance(result, (ImageRefused, DecodeBudgetSpent)):
+                    raise oip.OipError(f"{oip.INPUT_NAME}[{index}] refused ({result.reason}): {result}",
+                                       result.reason)
                 if isinstance(result, BaseException):
                     raise result
             probs = np.stack(results)

@@ -13,7 +13,10 @@ What the Serve app speaks (``{model}`` is the model card's ``name``):
   BYTES output ``explanation`` ``[N]``: each element a PNG, the Grad-CAM overlay of the predicted class (as
   the input's images: raw bytes in binary, base64 strings in JSON); the response's ``parameters`` say which
   class each map explains (``explained_class``) and the torch weights' own top class (``torch_class``);
-* a malformed request raises :class:`OipError`, which the app answers 400 ``{"error": "..."}``.
+* a malformed request raises :class:`OipError`, which the app answers 400 ``{"error": "...", "reason": "..."}``;
+* bounded before anything is built per image (:class:`serve.options.RequestOptions`): at most ``max_images``
+  images, read from the tensor's shape (and, before the JSON is parsed, bounded by its commas); the JSON's
+  nesting at most ``max_json_depth``, judged from its brackets before it is parsed.
 
 This is what an unmodified ``tritonclient.http.InferenceServerClient`` sends and reads in both modes.
 """
@@ -23,10 +26,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from serve.options import REQUEST, RequestOptions
 
 INPUT_NAME = "image"
 PROBABILITIES, LABEL, EXPLANATION = "probabilities", "label", "explanation"
@@ -34,10 +40,19 @@ OUTPUTS = (PROBABILITIES, LABEL)
 OPTIONAL_OUTPUTS = (EXPLANATION,)  # with the request parameter explain=true
 HEADER_LENGTH = "inference-header-content-length"
 PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
+#: JSON values a request may carry besides its images (names, shape, parameters, outputs): a generous bound.
+OTHER_JSON_VALUES = 256
+#: The refusals' reason codes.
+TOO_MANY_IMAGES, JSON_TOO_DEEP, INVALID = "too_many_images", "json_too_deep", "invalid_request"
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # brackets inside strings do not nest
 
 
 class OipError(ValueError):
-    """A request that does not follow the protocol (answered 400)."""
+    """A request that does not follow the protocol or exceeds its bounds (answered 400 with ``reason``)."""
+
+    def __init__(self, message: str, reason: str = INVALID):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -49,8 +64,9 @@ class InferRequest:
     explain: bool = False
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """The request's images and what it wants back."""
+def parse_infer_request(body: bytes, header_length: str | None, limits: RequestOptions = REQUEST) -> InferRequest:
+    """The request's images and what it wants back. CPU-bound on large bodies: callers run it off the event
+    loop."""
     if header_length is not None:
         try:
             json_length = int(header_length)
@@ -61,8 +77,11 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = body[:json_length], memoryview(body)[json_length:]
     else:
         header_bytes, binary = body, memoryview(b"")
+    _check_json_bounds(header_bytes, limits)
     try:
         header = json.loads(header_bytes)
+    except RecursionError:  # only past the interpreter's limit, which max_json_depth keeps far away
+        raise OipError("the request header nests too deeply", JSON_TOO_DEEP) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OipError(f"the request header is not valid JSON ({exc.__class__.__name__} at byte "
                        f"{getattr(exc, 'pos', getattr(exc, 'start', 0))})") from None
@@ -82,6 +101,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1):
         raise OipError(f"input {INPUT_NAME!r} must have shape [N] with N >= 1, got {str(shape)[:40]}")
     count = shape[0]
+    if count > limits.max_images:
+        raise OipError(f"input {INPUT_NAME!r} has {count} images; at most {limits.max_images} are accepted per "
+                       "request", TOO_MANY_IMAGES)
     binary_size = _mapping(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
     if binary_size is not None:
         if not isinstance(binary_size, int) or binary_size != len(binary):
@@ -153,6 +175,23 @@ def platform_of(backend: str) -> str:
 
 
 # -- helpers
+
+def _check_json_bounds(header: bytes, limits: RequestOptions) -> None:
+    """Refuse, before parsing, a JSON header with more values than ``max_images`` allow or nested deeper than
+    ``max_json_depth``. Both counts run in C over the bytes: a request's base64 images hold no commas and no
+    brackets, so legitimate requests pass on the counts alone."""
+    values = header.count(b",") + 1
+    if values > limits.max_images + OTHER_JSON_VALUES:
+        raise OipError(f"the request header holds about {values} JSON values; at most {limits.max_images} images "
+                       "are accepted per request", TOO_MANY_IMAGES)
+    if header.count(b"[") + header.count(b"{") <= limits.max_json_depth:
+        return
+    outside_strings = np.frombuffer(_JSON_STRING.sub(b'""', header), np.uint8)
+    brackets = outside_strings[np.isin(outside_strings, np.frombuffer(b"[{]}", np.uint8))]
+    steps = np.isin(brackets, np.frombuffer(b"[{", np.uint8)).astype(np.int32) * 2 - 1  # +1 open, -1 close
+    if steps.size and int(np.cumsum(steps).max()) > limits.max_json_depth:
+        raise OipError(f"the request header nests deeper than {limits.max_json_depth} levels", JSON_TOO_DEEP)
+
 
 def _mapping(value, where: str) -> dict:
     if value is None:

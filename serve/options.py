@@ -140,3 +140,31 @@ class ExplainOptions:
 
 
 EXPLAIN = ExplainOptions()
+
+
+@dataclass(frozen=True, config=CONFIG)
+class RequestOptions:
+    """What one inference request may ask for and how long it may take (serve/deadline.py, serve/oip.py,
+    serve/handler.py), so that one client cannot take a replica's memory, CPU or admission slots.
+
+    * ``max_images``: images in one Open Inference Protocol request, counted from the tensor's shape before
+      any of them is decoded (400 ``too_many_images``); ``max_json_depth``: nesting of its JSON header (400
+      ``json_too_deep``), checked before it is parsed.
+    * ``max_explain_images``: images being explained at once on a replica (about 93 MB each at 224 px); a
+      request that asks for more is refused outright (400 ``too_many_images``), one that does not fit now
+      gets 503 ``explain_busy``.
+    * ``max_decode_bytes``: the decode budget of a request's images together (each one still has the per-image
+      budget of IMAGE_LIMITS); once spent, the rest are not decoded (400 ``request_decode_budget``).
+    * ``body_timeout_s``: time to receive the whole body, before an admission slot is taken (408
+      ``body_timeout``); ``request_timeout_s``: time from the body's arrival to the response's start (503
+      ``request_timeout`` + Retry-After: the replica is too busy to answer in time)."""
+
+    max_images: int = Field(64, ge=1)
+    max_json_depth: int = Field(32, ge=4)
+    max_explain_images: int = Field(8, ge=1)
+    max_decode_bytes: int = Field(4 * IMAGE_LIMITS.max_decode_bytes, gt=0)
+    body_timeout_s: float = Field(60, gt=0)
+    request_timeout_s: float = Field(60, gt=0)
+
+
+REQUEST = RequestOptions()

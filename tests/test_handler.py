@@ -81,3 +81,66 @@ def test_open_inference_protocol_round_trip_and_a_refused_image_named(handler):
     with pytest.raises(oip.OipError, match=r"image\[1\] refused \(not_an_image\)"):
         run(handler.infer(oip.parse_infer_request(bad.encode(), None)))
     assert handler.knows_model(handler.model_name) and not handler.knows_model("other")
+
+
+def _oip_body(images: list[bytes], **parameters) -> bytes:
+    return json.dumps({"parameters": parameters, "inputs": [{"name": "image", "datatype": "BYTES",
+                       "shape": [len(images)], "data": [base64.b64encode(i).decode() for i in images]}]}).encode()
+
+
+def _counting_decodes(handler, monkeypatch) -> list:
+    """Patches the handler's loader to record each image it decodes."""
+    from serve import handler as module
+
+    decoded, load = [], module.load_image
+
+    def counting(data, size, limits):
+        decoded.append(len(data))
+        return load(data, size, limits)
+
+    monkeypatch.setattr(module, "load_image", counting)
+    return decoded
+
+
+def test_the_explanation_budget_counts_images_and_refuses_a_large_request_up_front(handler, monkeypatch):
+    decoded = _counting_decodes(handler, monkeypatch)
+    png = _png(seed=5)
+    # over the OIP image cap too; built directly, as a transport with a higher cap would
+    request = oip.InferRequest([png] * 200, binary_outputs={oip.LABEL: False, oip.EXPLANATION: False}, explain=True)
+    explained = handler.explaining.explained
+    with pytest.raises(Exception, match="200 images to explain; at most 8") as refused:
+        run(handler.infer(request))
+    assert type(refused.value).__name__ == "ExplainTooLarge"  # the transport's 400, not a 503 to retry
+    assert decoded == [] and handler.explaining.explained == explained  # refused before any work
+    assert handler.explaining.in_flight == handler.explaining.images_in_flight == 0
+    # Room for 8 images: 6 being explained leave no room for 3 more, which are busy, not too large.
+    handler.explaining.max_in_flight = 2
+    handler.explaining.admit(6)
+    try:
+        with pytest.raises(ExplainBusy):
+            run(handler.infer(run(handler.parse_infer(_oip_body([png] * 3, explain=True), None))))
+        reply, _ = run(handler.infer(run(handler.parse_infer(_oip_body([png] * 2, explain=True), None))))
+        assert len({o["name"]: o for o in json.loads(reply)["outputs"]}["explanation"]["data"]) == 2
+    finally:
+        handler.explaining.release(6)
+        handler.explaining.max_in_flight = 1
+
+
+def test_a_requests_images_share_one_decode_budget(tiny_export, monkeypatch):
+    from kdray.images import load_image
+
+    from serve.options import RequestOptions
+
+    png = _png(side=64, seed=6)
+    cost = load_image(png, 32).decode_bytes
+    budgeted = StudentHandler(tiny_export[0], requests=RequestOptions(max_decode_bytes=3 * cost), worker_threads=1)
+    decoded = _counting_decodes(budgeted, monkeypatch)
+    reply, _ = run(budgeted.infer(run(budgeted.parse_infer(_oip_body([png] * 3), None))))
+    assert len(json.loads(reply)["outputs"][0]["data"]) == 3 * len(budgeted.classes)  # exactly the budget: served
+    decoded.clear()
+    with pytest.raises(oip.OipError, match=r"image\[3\] refused \(request_decode_budget\)") as refused:
+        run(budgeted.infer(run(budgeted.parse_infer(_oip_body([png] * 20), None))))
+    assert refused.value.reason == "request_decode_budget"
+    assert len(decoded) == 4  # the fourth crossed the budget; the other 16 were never decoded
+    with pytest.raises(oip.OipError, match=r"refused \(request_decode_budget\)"):  # the explain path too
+        run(budgeted.infer(run(budgeted.parse_infer(_oip_body([png] * 5, explain=True), None))))

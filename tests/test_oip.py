@@ -149,3 +149,54 @@ def test_metadata_names_tensors_and_platform() -> None:
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 3], "label": [-1]}
     assert oip.platform_of("torch") == "pytorch_libtorch"
     assert "binary_tensor_data" in oip.server_metadata("3")["extensions"]
+
+
+# -- bounded requests: counted before anything is built per image, refused with a reason code
+
+def _never(*args, **kwargs):
+    raise AssertionError("no image may be split or decoded for a request refused on its count")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_images_are_counted_from_the_shape_before_any_is_built(binary: bool, monkeypatch) -> None:
+    monkeypatch.setattr(oip, "_split_bytes_tensor", _never)
+    monkeypatch.setattr(oip, "_base64_elements", _never)
+    count = 10**6
+    if binary:  # 4 bytes per empty element: a 3.8 MiB body of a million images
+        header = _binary_header(count, 4 * count)
+        body, header_length = header + b"\x00" * (4 * count), str(len(header))
+    else:
+        body, header_length = _json_request(shape=[count], data=[]), None
+    with pytest.raises(oip.OipError, match="1000000 images; at most 64") as refused:
+        oip.parse_infer_request(body, header_length)
+    assert refused.value.reason == "too_many_images"
+    limits = oip.RequestOptions(max_images=2)
+    with pytest.raises(oip.OipError, match="3 images; at most 2"):
+        oip.parse_infer_request(*_triton_request(binary), limits)
+
+
+def test_a_json_data_list_longer_than_the_cap_is_refused_before_it_is_parsed(monkeypatch) -> None:
+    """A million strings under a shape of [1]: refused from the commas, before json.loads builds a list of them."""
+    monkeypatch.setattr(oip.json, "loads", _never)
+    body = _json_request(data=[""] * 10**6)
+    with pytest.raises(oip.OipError, match="JSON values; at most 64 images") as refused:
+        oip.parse_infer_request(body, None)
+    assert refused.value.reason == "too_many_images"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"inputs": ' + b"[" * 40 + b"]" * 40 + b"}",
+                                  b'{"a": ' * 100_000 + b"1" + b"}" * 100_000])
+def test_deep_json_is_refused_with_a_reason_not_a_crash(body: bytes) -> None:
+    with pytest.raises(oip.OipError, match="nests deeper than 32") as refused:
+        oip.parse_infer_request(body, None)
+    assert refused.value.reason == "json_too_deep"
+
+
+def test_brackets_inside_strings_and_a_legitimate_request_pass() -> None:
+    tricky = json.dumps({"id": "[[[[{{{{" * 20 + '\\"]]', "parameters": {"note": "{" * 100},
+                         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "data": [base64.b64encode(b"x").decode()]}]}).encode()
+    assert oip.parse_infer_request(tricky, None).images == [b"x"]
+    body, header_length = _triton_request(False, [(oip.PROBABILITIES, False), (oip.LABEL, True)],
+                                          parameters={"explain": False})
+    assert oip.parse_infer_request(body, header_length, oip.RequestOptions(max_images=3)).images == IMAGES
