@@ -40,7 +40,8 @@ def data_and_output(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
     with LocalS3(s3_dir) as s3:
         s3.create_bucket(DEMO_BUCKET)
         # The one change to the environment, before storage or Ray first read it: kdray.storage takes its S3
-        # settings from AWS_*, and the Ray workers get them from there (kdray.raycluster.FORWARDED_ENV).
+        # settings from AWS_*. A local Ray inherits them; on a cluster the workers get the endpoint through the
+        # runtime_env and the keys through a private file, never through Ray (kdray.raycluster.write_driver_keys).
         os.environ.update(s3.env())
         demo = cfg.demo
         data = demo_dataset(f"s3://{DEMO_BUCKET}/data", demo.train_per_class, demo.val_per_class, demo.source_size)

@@ -15,10 +15,19 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kdray.progress")
 PROGRESS_TAG = "[kdray]"  # training workers prefix their progress lines with it
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION",
+#: Settings the workers get through the job's runtime_env. Never a key: Ray writes a job's runtime_env, in full,
+#: to runtime_env_agent.log on every node (and keeps it with the job), so a forwarded key sat there in plaintext.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "KDRAY_LOG_LEVEL", "KDRAY_S3_RETRY_S",
                  "RAY_TRAIN_ENABLE_PRINT_PATCH")
+#: The AWS keys: never in a runtime_env. Workers have their own (a local Ray's raylet and workers inherit this
+#: process's environment; a node started with keys, or with a role, has its own) or get the driver's through
+#: :data:`KEYS_FILE_ENV`.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: Path of the driver's private copy of its keys (mode 0600), for workers on the driver's machine whose node has
+#: none (a demo pipeline submitted to a local cluster starts its own S3): only the path travels through Ray.
+KEYS_FILE_ENV = "KDRAY_S3_KEYS_FILE"
+KEYS_HOOK = "kdray.raycluster.load_driver_keys"
 # Ray Train 2.60 routes a worker's print() to its logger *and*, because Ray wraps the worker's stdout, tees it
 # to the original print: every progress line reached the driver twice. kdray's workers print plain progress
 # lines, so the patch is off unless the caller's environment sets it.
@@ -31,8 +40,49 @@ UNAVAILABLE_STATE_API_MESSAGE = "Failed to query Ray Train Controller actor stat
 
 
 def worker_env_vars() -> dict[str, str]:
-    """Environment for Ray workers: the defaults above, then what the caller's environment sets."""
+    """Environment for Ray workers: the defaults above, then what the caller's environment sets (no key)."""
     return {**WORKER_ENV_DEFAULTS, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
+
+
+def _has_keys() -> bool:
+    return bool(os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+def write_driver_keys() -> str | None:
+    """This driver's keys in a private file for the workers of a cluster it joins, or None when it has none.
+
+    A folder of its own (mode 0700, the file 0600, outside Ray's session folder), removed as this process exits.
+    Why a file and not Ray's object store, which reaches other machines: a value there is fetched with Ray calls
+    that a worker's setup hook cannot rely on, and a node on another machine needs credentials of its own anyway
+    (a role, or keys in its environment). The driver that brings keys its nodes lack, the demo pipeline with its
+    embedded S3 on 127.0.0.1, runs on the nodes' machine."""
+    if not _has_keys():
+        return None
+    import atexit
+    import json
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="kdray-keys-")  # 0700
+    path = os.path.join(folder, "s3-keys.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}, fh)
+    atexit.register(shutil.rmtree, folder, True)
+    return path
+
+
+def load_driver_keys() -> None:
+    """Ray worker setup hook (joined clusters): the driver's keys from :data:`KEYS_FILE_ENV`, unless this node has
+    keys of its own (they win, as the node's role would) or the file is not on this machine (then the node's own
+    credential chain, if any; S3's refusal names what the node lacks: :func:`kdray.storage.access_hint`)."""
+    path = os.environ.get(KEYS_FILE_ENV)
+    if _has_keys() or not path or not os.path.isfile(path):
+        return
+    import json
+
+    with open(path) as fh:
+        os.environ.update({k: v for k, v in json.load(fh).items() if k in SECRET_ENV})
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
@@ -95,9 +145,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     keep_ray_on_loopback()
     if address:
         log.info("joining Ray cluster at %s", address)
+        keys_file = write_driver_keys()
+        if keys_file:  # the path only: the keys stay out of the runtime_env, hence out of Ray's logs
+            runtime_env["env_vars"][KEYS_FILE_ENV] = keys_file
+            runtime_env["worker_process_setup_hook"] = KEYS_HOOK
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        log.info("starting a local Ray on 127.0.0.1")
+        log.info("starting a local Ray on 127.0.0.1")  # its raylet, hence every worker, inherits the keys
         for key, value in NODE_ENV.items():  # read by Ray's processes as they start: set where the node starts
             os.environ.setdefault(key, value)
         runtime_env["worker_process_setup_hook"] = "kdray.raycluster.drop_state_api_warnings"

@@ -11,7 +11,7 @@ SlowDown) is retried with exponential backoff (0.5 s doubling to 10 s, ±25% jit
 ``KDRAY_S3_RETRY_S`` seconds (default 120; 0 = one attempt), with a warning per retry. Then it raises
 :class:`S3Unavailable`, one line that names the URI and the endpoint. A missing bucket or key, refused
 credentials and refused images are not retried. The variable reaches Ray workers
-(``kdray.raycluster.FORWARDED_ENV``).
+(``kdray.raycluster.FORWARDED_ENV``; the keys never do: ``kdray.raycluster.SECRET_ENV``).
 
 Reading only what a job should. :func:`within_roots` says where a URI really is (every local link resolved, an S3
 key normalised) and whether that is inside the roots a job may read; :func:`walk_local` lists a local folder
@@ -191,9 +191,18 @@ def _explain(loc: Location, exc: Exception) -> KdrayError:
         bucket = loc.path.split("/", 1)[0]
         if "NoSuchBucket" in text or "does not exist" in text.lower() and "bucket" in text.lower():
             return KdrayError(f"{loc.uri}: S3 bucket {bucket!r} does not exist")
-        if "AccessDenied" in text or "InvalidAccessKeyId" in text or "403" in text:
-            return KdrayError(f"{loc.uri}: S3 refused access; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        if any(code in text for code in ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "403")):
+            return KdrayError(f"{loc.uri}: S3 refused access; {access_hint()}")
     return KdrayError(f"{loc.uri}: {first_line(exc)}")
+
+
+def access_hint() -> str:
+    """What to check when S3 refuses access: the keys' names (never their values), or, for a process that has
+    none (a Ray worker on a node without credentials: kdray sends no key through Ray), what the node needs."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys)"
+    return ("this process has no AWS keys (a role's, if any, were refused): on a Ray cluster every node needs S3 "
+            "credentials of its own, an IAM role or AWS_* keys in the node's environment (docs/deployment.md)")
 
 
 def info(loc: Location) -> pafs.FileInfo:

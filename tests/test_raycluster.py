@@ -172,3 +172,59 @@ def test_local_ray_collects_no_metrics_unless_asked(monkeypatch) -> None:
     assert local_system_config() == {"enable_metrics_collection": False}
     monkeypatch.setenv("RAY_enable_metrics_collection", "1")
     assert local_system_config() == {}
+
+
+KEYS = {"AWS_ACCESS_KEY_ID": "AKIDCANARY", "AWS_SECRET_ACCESS_KEY": "secret-canary", "AWS_SESSION_TOKEN": "token-canary"}
+
+
+@pytest.mark.unit
+def test_worker_env_never_carries_a_key(monkeypatch):
+    """Ray writes a job's runtime_env to runtime_env_agent.log on every node: the keys must not be in it."""
+    from kdray.raycluster import SECRET_ENV
+
+    for key, value in KEYS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    env = worker_env_vars()
+    assert not set(SECRET_ENV) & set(env) and not set(KEYS.values()) & set(env.values()), env
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"  # settings still travel
+
+
+@pytest.mark.unit
+def test_driver_keys_file_is_private_and_loaded_only_where_the_node_has_no_keys(monkeypatch):
+    import atexit
+    import json
+    import os
+    import stat
+
+    from kdray.raycluster import KEYS_FILE_ENV, load_driver_keys, write_driver_keys
+
+    for key in KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert write_driver_keys() is None  # a driver without keys (a role) writes nothing
+    for key, value in KEYS.items():
+        monkeypatch.setenv(key, value)
+    cleanups = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: cleanups.append((fn, args)))
+    path = write_driver_keys()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert json.loads(open(path).read()) == KEYS
+        monkeypatch.setenv(KEYS_FILE_ENV, path)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "the-nodes-own")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        load_driver_keys()  # the node's own keys win
+        assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ.get("AWS_SECRET_ACCESS_KEY")) == ("the-nodes-own", None)
+        for key in KEYS:
+            monkeypatch.delenv(key, raising=False)
+        load_driver_keys()  # a node without keys on the driver's machine: the driver's
+        assert {k: os.environ[k] for k in KEYS} == KEYS
+    finally:
+        for fn, args in cleanups:  # what the driver does as it exits
+            fn(*args)
+    assert not os.path.exists(os.path.dirname(path))
+    for key in KEYS:
+        monkeypatch.delenv(key, raising=False)
+    load_driver_keys()  # the file is not on this machine: nothing set, the node's credential chain decides
+    assert not [k for k in KEYS if k in os.environ]

@@ -223,7 +223,7 @@ def test_temporary_credentials_carry_their_session_token(monkeypatch):
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token-123")
     storage.s3_filesystem()
     assert (seen["access_key"], seen["session_token"]) == ("ASIAEXAMPLE", "token-123")
-    assert worker_env_vars()["AWS_SESSION_TOKEN"] == "token-123"  # Ray workers get it too
+    assert "AWS_SESSION_TOKEN" not in worker_env_vars()  # a secret: never in a runtime_env (tests/test_secrets.py)
     monkeypatch.delenv("AWS_SESSION_TOKEN")
     seen.clear()
     storage.s3_filesystem()
@@ -322,3 +322,18 @@ def test_a_lock_whose_heartbeat_stopped_is_taken_over_after_the_ttl(tmp_path):
         _lock(tmp_path, ttl_s=60).acquire()
     with _lock(tmp_path, ttl_s=10) as taker:
         assert taker.holds() and not held.holds()
+
+
+@pytest.mark.unit
+def test_refused_access_names_the_keys_never_their_values(monkeypatch):
+    """S3's refusal says what to check: the variables' names with keys set, what the node needs without."""
+    loc = storage.resolve("s3://bucket/a.png")
+    refused = OSError("AWS Error ACCESS_DENIED during HeadObject operation: Access Denied")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDCANARY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-canary")
+    message = str(storage._explain(loc, refused))
+    assert "AWS_SECRET_ACCESS_KEY" in message and "canary" not in message.lower(), message
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    message = str(storage._explain(loc, refused))
+    assert "no AWS keys" in message and "node needs S3 credentials of its own" in message, message
