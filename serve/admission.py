@@ -15,6 +15,10 @@ fraction as much (docs/architecture.md, "Measured choices").
 The copy inside the FastAPI app stays as the fallback when requests arrive another way (Serve's proxy, or
 direct ingress turned off); behind the front one it never refuses, since both count the same requests.
 Refusals say which copy made them in ``x-kdray-refused-by`` (``front`` or ``app``).
+
+Both copies sit in the same stack, :func:`guard_middlewares` (outermost first): the body limit
+(serve/body_limit.py), the body deadline (serve/deadline.py: the whole body is received before a slot is
+taken, so slow uploads hold none), this gate, then the request timeout (the slot is held at most that long).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import os
 
 from serve.options import ADMISSION, CALLBACK, CALLBACK_ENV, DEPLOYMENT  # noqa: F401 - CALLBACK*: re-exported
+from serve.options import MAX_BODY_BYTES, REQUEST
 from serve.refusal import send_refusal
 
 OVERLOADED = 503
@@ -75,11 +80,26 @@ def admission_settings(layer: str) -> dict:
     return {**dataclasses.asdict(ADMISSION), "retry_after_s": DEPLOYMENT.backpressure.retry_after_s, "layer": layer}
 
 
-def replica_middlewares() -> list:
-    """Serve's HTTP callback in a replica: :class:`Admission` in front of Serve's direct-ingress entry point."""
+def guard_middlewares(layer: str) -> list:
+    """What bounds a request at ``layer`` (``front`` or ``app``), outermost first: body limit, body deadline,
+    admission, request timeout."""
     from starlette.middleware import Middleware
 
-    return [Middleware(Admission, **admission_settings("front"))]
+    from serve.body_limit import BodyLimit
+    from serve.deadline import BodyDeadline, RequestTimeout
+
+    retry_after_s = DEPLOYMENT.backpressure.retry_after_s
+    return [Middleware(BodyLimit, max_bytes=MAX_BODY_BYTES),
+            Middleware(BodyDeadline, timeout_s=REQUEST.body_timeout_s),
+            Middleware(Admission, **admission_settings(layer)),
+            Middleware(RequestTimeout, timeout_s=REQUEST.request_timeout_s, retry_after_s=retry_after_s)]
+
+
+def replica_middlewares() -> list:
+    """Serve's HTTP callback in a replica: :func:`guard_middlewares` in front of Serve's direct-ingress entry
+    point. Serve wraps its app in list order, so the last middleware is the outermost
+    (ray.serve._private.http_util._apply_middlewares)."""
+    return guard_middlewares("front")[::-1]  # innermost first
 
 
 def front_gate_missing(environ=os.environ) -> str | None:

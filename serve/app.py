@@ -7,15 +7,18 @@ Endpoints (route prefix ``/``):
   ``{"label", "probabilities": {class: p}, "covid_suspect": bool|null, "model_id", "backend"}``.
   400 ``{"detail", "reason"}`` = refused image, with the shared loader's reason code (``too_small``,
   ``too_large``, ``not_an_image``, ``unsupported_dicom``, ...); 413 = body over the limit; 415 = a content
-  type that is not an image; 503 + ``Retry-After`` = overloaded (Serve's backpressure).
+  type that is not an image; 408 = the body did not arrive in time; 503 + ``Retry-After`` = overloaded
+  (kdray's admission gate or Serve's backpressure) or not answered in time (``request_timeout``).
 * Open Inference Protocol v2 (KServe / Triton REST; :mod:`serve.oip`): ``GET /v2``, ``/v2/health/live``,
   ``/v2/health/ready``, ``/v2/models/{model}``, ``/v2/models/{model}/ready``; ``POST
   /v2/models/{model}/infer`` with a BYTES tensor ``image`` of encoded files, JSON (base64) or binary.
 * ``GET /healthz`` — model identity plus this replica's counters (model calls, images).
 * ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
 
-What a request may be and cost is bounded in front of the routes: the body limit (:mod:`serve.body_limit`)
-and the admission gate (:mod:`serve.admission`); every knob is in :mod:`serve.options`.
+What a request may be and cost is bounded in front of the routes (:func:`serve.admission.guard_middlewares`):
+the body limit (:mod:`serve.body_limit`), the body deadline and request timeout (:mod:`serve.deadline`) and
+the admission gate (:mod:`serve.admission`); in the routes, images per request and the decode budget
+(:mod:`serve.handler`, :mod:`serve.oip`); every knob is in :mod:`serve.options`.
 
 With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` where the Ray nodes start (kdray's local Ray,
 ``cluster/local_head.sh`` and the KubeRay pods set it), each replica also answers HTTP on its own port
@@ -45,11 +48,10 @@ from kdray import KdrayError
 from kdray.images import ImageRefused
 from kdray.predictor import BACKENDS
 from serve import oip
-from serve.admission import LIMIT_ENV, Admission, admission_settings, front_gate_missing
-from serve.body_limit import BodyLimit
-from serve.explaining import ExplainBusy, ExplainUnavailable, explain_flag
-from serve.handler import StudentHandler, runs_on_gpu
-from serve.options import BATCHING, DEPLOYMENT, MAX_BODY_BYTES, SWITCH_INTERVAL_S
+from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
+from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
+from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
+from serve.options import BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S
 from serve.schemas import Health, Prediction, Refusal
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ fastapi_app = FastAPI(
                 "routes under /v2.",
     version="2",
 )
-fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-fastapi_app.add_middleware(Admission, **admission_settings("app"))
+for _guard in reversed(guard_middlewares("app")):  # add_middleware puts each outside the ones before it
+    fastapi_app.add_middleware(_guard.cls, *_guard.args, **_guard.kwargs)
 
 
 def replica_cpus() -> int:
@@ -89,8 +91,9 @@ def _refusal(status: int, reason: str, detail: str, headers: dict | None = None)
     return JSONResponse({"detail": detail, "reason": reason}, status_code=status, headers=headers)
 
 
-def _oip_error(message: str, status: int = 400, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _oip_error(message: str, status: int = 400, headers: dict | None = None,
+               reason: str = oip.INVALID) -> JSONResponse:
+    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
 def _retry_later() -> dict[str, str]:
@@ -169,10 +172,12 @@ class StudentClassifier:
             return data
         try:
             prediction = await self.handler.predict(data, explain)
-        except ImageRefused as exc:
+        except (ImageRefused, DecodeBudgetSpent) as exc:
             return _refusal(400, exc.reason, str(exc))
         except ExplainBusy as exc:
             return _refusal(503, "explain_busy", str(exc), _retry_later())
+        except ExplainTooLarge as exc:
+            return _refusal(400, oip.TOO_MANY_IMAGES, str(exc))
         except ExplainUnavailable as exc:
             return _refusal(501, "explain_unavailable", str(exc))
         return prediction.model_dump(exclude_unset=True)
@@ -205,12 +210,14 @@ class StudentClassifier:
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             return _oip_error("compressed request bodies are not supported: send it uncompressed", 415)
         try:
-            infer = oip.parse_infer_request(await request.body(), request.headers.get(oip.HEADER_LENGTH))
+            infer = await self.handler.parse_infer(await request.body(), request.headers.get(oip.HEADER_LENGTH))
             body, headers = await self.handler.infer(infer)
         except oip.OipError as exc:
-            return _oip_error(str(exc))
+            return _oip_error(str(exc), reason=exc.reason)
         except ExplainBusy as exc:
-            return _oip_error(str(exc), 503, _retry_later())
+            return _oip_error(str(exc), 503, _retry_later(), "explain_busy")
+        except ExplainTooLarge as exc:
+            return _oip_error(str(exc), reason=oip.TOO_MANY_IMAGES)
         except ExplainUnavailable as exc:
             return _oip_error(str(exc), 501)
         return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},

@@ -8,9 +8,14 @@ import time
 
 import pytest
 
-from serve.admission import CALLBACK, CALLBACK_ENV, LIMIT_ENV, Admission, admission_limit, front_gate_missing
+from serve.admission import (CALLBACK, CALLBACK_ENV, LIMIT_ENV, Admission, admission_limit, front_gate_missing,
+                             guard_middlewares)
+from serve.body_limit import BodyLimit
+from serve.deadline import BodyDeadline, RequestTimeout
 
 pytestmark = pytest.mark.unit
+#: The guards of both layers, outermost first: the body is received (bounded, in time) before a slot is taken.
+GUARDS = [BodyLimit, BodyDeadline, Admission, RequestTimeout]
 
 
 def test_excess_is_held_then_refused_and_other_routes_pass() -> None:
@@ -89,10 +94,21 @@ def test_replicas_name_the_front_as_serves_http_callback() -> None:
 
     env = DEPLOYMENT.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"]
     middlewares = call_function_from_import_path(env[CALLBACK_ENV])
-    assert [m.cls for m in middlewares] == [Admission] and middlewares[0].kwargs["layer"] == "front"
+    # Serve wraps its app in list order (the last is outermost): the guards must come out outermost first
+    outermost_first = [m for m in reversed(middlewares) if m.cls in GUARDS]
+    assert [m.cls for m in outermost_first] == GUARDS
+    assert outermost_first[GUARDS.index(Admission)].kwargs["layer"] == "front"
     scaled = deployment_options(num_cpus=1, admission_limit=5)["ray_actor_options"]
     assert scaled["runtime_env"]["env_vars"] == {CALLBACK_ENV: CALLBACK, LIMIT_ENV: "5"}
     assert LIMIT_ENV not in env  # the shared default is left alone
+
+
+def test_the_app_runs_the_same_guards_in_the_same_order() -> None:
+    from serve.app import fastapi_app
+
+    app_guards = [m for m in fastapi_app.user_middleware if m.cls in GUARDS]  # user_middleware: outermost first
+    assert [m.cls for m in app_guards] == GUARDS == [m.cls for m in guard_middlewares("app")]
+    assert app_guards[GUARDS.index(Admission)].kwargs["layer"] == "app"
 
 
 def test_a_replica_without_the_callback_says_its_front_gate_is_off() -> None:

@@ -1,0 +1,89 @@
+"""ASGI middlewares: deadlines on receiving a request's body and on answering it.
+
+* :class:`BodyDeadline` receives the whole body within ``timeout_s`` and only then calls the app, handing it the
+  body already read. It sits in front of the admission gate (serve/admission.py), so a slow upload waits
+  without an admission slot, and one slower than the deadline gets 408 (reason ``body_timeout``) and its
+  connection closed. Waiting costs it an idle coroutine and the bytes received so far (under the body limit,
+  which sits in front of it).
+* :class:`RequestTimeout` gives a request ``timeout_s`` from its admission to the start of its response;
+  past that it is cancelled (its decodes not yet started are dropped, its slot freed) and answered
+  503 + Retry-After (reason ``request_timeout``): the replica is too busy to answer in time, as with the
+  admission gate's 503, so a client retries the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from serve.refusal import send_refusal
+
+BODY_TIMEOUT = 408
+REQUEST_TIMEOUT = 503
+
+
+class BodyDeadline:
+    def __init__(self, app, timeout_s: float):
+        self.app, self.timeout_s = app, float(timeout_s)
+        self.timed_out = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks = []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # nobody to answer
+                    chunks.append(message.get("body", b""))
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            self.timed_out += 1
+            return await send_refusal(send, BODY_TIMEOUT, "body_timeout",
+                                      f"the request body did not arrive within {self.timeout_s:g} s",
+                                      ((b"connection", b"close"),))
+        body = b"".join(chunks)
+        del chunks
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()  # after the body: the disconnect, when it comes
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class RequestTimeout:
+    def __init__(self, app, timeout_s: float, retry_after_s: float):
+        self.app, self.timeout_s = app, float(timeout_s)
+        self.headers = ((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),)
+        self.timed_out = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+        try:
+            async with asyncio.timeout(self.timeout_s) as deadline:
+
+                async def starting_send(message):
+                    nonlocal started
+                    if message["type"] == "http.response.start":
+                        started = True
+                        deadline.reschedule(None)  # answering: the rest of the response is not cut off
+                    await send(message)
+
+                await self.app(scope, receive, starting_send)
+        except TimeoutError:
+            if started or not deadline.expired():
+                raise
+            self.timed_out += 1
+            await send_refusal(send, REQUEST_TIMEOUT, "request_timeout",
+                               f"no answer within {self.timeout_s:g} s: the server is too busy; retry later",
+                               self.headers)
