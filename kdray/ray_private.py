@@ -45,3 +45,13 @@ def refresh_loopback_constant(variable: str) -> None:
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
         constants.ENABLE_RAY_CLUSTER = constants.env_bool(variable, not constants.IS_WINDOWS_OR_OSX)
+
+
+def logs_dir() -> str | None:
+    """The log folder of this node's Ray session (``/tmp/ray/session_*/logs``), where a Ray worker writes files of
+    its own beside Ray's (the public API does not say where it is); None outside a Ray worker or driver."""
+    ray = sys.modules.get("ray")  # a process that never imported Ray is no Ray worker
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path() if ray else None
+    except Exception:  # noqa: BLE001 - private API, or Ray not started here
+        return None

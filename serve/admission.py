@@ -90,16 +90,21 @@ def guard_middlewares(layer: str) -> list:
 
     retry_after_s = DEPLOYMENT.backpressure.retry_after_s
     return [Middleware(BodyLimit, max_bytes=MAX_BODY_BYTES),
-            Middleware(BodyDeadline, timeout_s=REQUEST.body_timeout_s),
+            Middleware(BodyDeadline, timeout_s=REQUEST.body_timeout_s,
+                       max_receiving_bytes=REQUEST.max_receiving_bytes, retry_after_s=retry_after_s),
             Middleware(Admission, **admission_settings(layer)),
             Middleware(RequestTimeout, timeout_s=REQUEST.request_timeout_s, retry_after_s=retry_after_s)]
 
 
 def replica_middlewares() -> list:
     """Serve's HTTP callback in a replica: :func:`guard_middlewares` in front of Serve's direct-ingress entry
-    point. Serve wraps its app in list order, so the last middleware is the outermost
-    (ray.serve._private.http_util._apply_middlewares)."""
-    return guard_middlewares("front")[::-1]  # innermost first
+    point, and :class:`serve.access.Access` around them all. Serve wraps its app in list order, so the last
+    middleware is the outermost (ray.serve._private.http_util._apply_middlewares)."""
+    from starlette.middleware import Middleware
+
+    from serve.access import Access
+
+    return guard_middlewares("front")[::-1] + [Middleware(Access, layer="front")]  # innermost first
 
 
 def front_gate_missing(environ=os.environ) -> str | None:

@@ -46,18 +46,20 @@ from ray.serve import Application
 
 from kdray import KdrayError
 from kdray.images import ImageRefused
+from kdray.pinning import ModelRef, parse_ref
 from kdray.predictor import BACKENDS
-from serve import oip
+from serve import access, oip
 from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
 from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
 from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
-from serve.options import BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S
+from serve.options import ACCESS, BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S, AccessOptions
 from serve.schemas import Health, Prediction, Refusal
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "kdray"
-ACCESS_LOG_OFF = {"enable_access_log": False}
+ACCESS_LOG_OFF = {"enable_access_log": False}  # Serve's own; kdray's is serve/access.py
+REASON = access.REASON_HEADER.decode()
 DICOM_TYPES = ("application/dicom", "image/dicom")
 RAW_TYPES = ("application/octet-stream",) + DICOM_TYPES
 
@@ -70,6 +72,8 @@ fastapi_app = FastAPI(
 )
 for _guard in reversed(guard_middlewares("app")):  # add_middleware puts each outside the ones before it
     fastapi_app.add_middleware(_guard.cls, *_guard.args, **_guard.kwargs)
+# Outermost (added last): the request id, authentication and the access log see every request and refusal.
+fastapi_app.add_middleware(access.Access, layer="app")
 
 
 def replica_cpus() -> int:
@@ -87,13 +91,20 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "application/octet-stream").split(";", 1)[0].strip().lower()
 
 
+def _with_reason(headers: dict | None, reason: str) -> dict:
+    """The refusal's headers with its reason code (``x-kdray-reason``), which the access log records."""
+    return {**(headers or {}), REASON: reason}
+
+
 def _refusal(status: int, reason: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "reason": reason}, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail, "reason": reason}, status_code=status,
+                        headers=_with_reason(headers, reason))
 
 
 def _oip_error(message: str, status: int = 400, headers: dict | None = None,
                reason: str = oip.INVALID) -> JSONResponse:
-    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, "reason": reason}, status_code=status,
+                        headers=_with_reason(headers, reason))
 
 
 def _retry_later() -> dict[str, str]:
@@ -124,6 +135,7 @@ class StudentClassifier:
     def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = None,
                  batching: str | bool = BATCHING.enabled):
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        access.process_settings()  # a tokens file that cannot be used fails the replica, never turns auth off
         # On a CPU each request is decoded and classified in one pass by a pool thread, single-threaded:
         # batching does not pay there (docs/architecture.md, "Measured choices"). On a GPU images are decoded in
         # the pool and batched (@serve.batch), with the replica's CPUs for the batch.
@@ -135,6 +147,7 @@ class StudentClassifier:
         if missing := front_gate_missing():
             log.warning("front admission gate off: %s", missing)
         predictor = self.handler.predictor
+        access.serving(predictor.model_id)
         log.info("kdray student %s (%s, %d threads, batching %s) ready", predictor.model_id, predictor.backend,
                  threads, "on" if batched else "off")
 
@@ -238,24 +251,46 @@ class StudentClassifier:
 
 # -- building the application
 
+def access_args(args: dict) -> AccessOptions | None:
+    """:class:`serve.options.AccessOptions` from app_builder's arguments (popped from ``args``), None when none."""
+    names = {"auth_tokens_file": "tokens_file", "allowed_origins": "allowed_origins",
+             "allowed_hosts": "allowed_hosts", "access_log": "log"}
+    given = {field: args.pop(arg) for arg, field in names.items() if arg in args}
+    if not given:
+        return None
+    for field in ("allowed_origins", "allowed_hosts"):
+        if isinstance(given.get(field), str):
+            given[field] = tuple(v.strip() for v in given[field].split(",") if v.strip())
+    try:
+        return dataclasses.replace(ACCESS, **given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        arg = next((a for a, f in names.items() if f == error["loc"][-1]), error["loc"][-1])
+        raise KdrayError(f"serve.app:app_builder: bad {arg}: {error['msg']}") from None
+
+
 def _resolve_model_dir(model_dir: str) -> str:
-    """Local paths become absolute (replicas may not share the caller's cwd) and must exist."""
-    model_dir = str(model_dir).strip()
+    """Local paths become absolute (replicas may not share the caller's cwd) and must exist; a pinned reference
+    (``<folder>@sha256:<digest>``) keeps its pin, which every replica checks when it loads."""
+    ref = parse_ref(model_dir)
+    model_dir = ref.uri
     if model_dir.startswith("file://"):
         model_dir = model_dir[len("file://"):]
     if "://" in model_dir:  # s3://…: checked by the replica when it loads
-        return model_dir
+        return str(ModelRef(model_dir, ref.digest))
     path = os.path.abspath(os.path.expanduser(model_dir))
     if not os.path.isdir(path):
         raise KdrayError(f"model_dir {model_dir!r} (resolved to {path}) is not a folder: pass an exported model "
                          "folder (metadata.json) or a training checkpoint")
-    return path
+    return str(ModelRef(path, ref.digest))
 
 
 def deployment_options(max_replicas: int | None = None, num_cpus: float | None = None,
-                       admission_limit: int | None = None, **overrides) -> dict:
+                       admission_limit: int | None = None, access_options: AccessOptions | None = None,
+                       **overrides) -> dict:
     """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied
-    (and, for tests and benchmarks, another admission limit: ``KDRAY_ADMISSION_LIMIT`` in the replica)."""
+    (and, for tests and benchmarks, another admission limit: ``KDRAY_ADMISSION_LIMIT`` in the replica).
+    ``access_options`` (authentication, allow-lists, access log) go to every replica's environment."""
     options = DEPLOYMENT.serve_options()
     if max_replicas is not None:
         scaling = options["autoscaling_config"]
@@ -265,6 +300,8 @@ def deployment_options(max_replicas: int | None = None, num_cpus: float | None =
         options["ray_actor_options"]["num_cpus"] = float(num_cpus)
     if admission_limit is not None:
         options["ray_actor_options"]["runtime_env"]["env_vars"][LIMIT_ENV] = str(int(admission_limit))
+    if access_options is not None:
+        options["ray_actor_options"]["runtime_env"]["env_vars"].update(access.env_of(access_options))
     options.update(overrides)
     return options
 
@@ -286,14 +323,17 @@ def build_app(model_dir: str, backend: str = "auto", threads: int | None = None,
     return deployment.bind(_resolve_model_dir(model_dir), backend, threads, enabled)
 
 
-APP_ARGS = ("model_dir", "backend", "threads", "batching", "max_replicas", "num_cpus")
+APP_ARGS = ("model_dir", "backend", "threads", "batching", "max_replicas", "num_cpus", "auth_tokens_file",
+            "allowed_origins", "allowed_hosts", "access_log")
 
 
 def app_builder(args: dict) -> Application:
     """Builder for ``serve run serve.app:app_builder model_dir=... [backend=...]`` and config files.
 
     ``max_replicas`` and ``num_cpus`` (per replica) are the environment's knobs (a KubeRay RayService sets
-    them); everything else about the deployment comes from :mod:`serve.options`."""
+    them); ``auth_tokens_file``, ``allowed_origins`` / ``allowed_hosts`` (comma-separated) and ``access_log``
+    (on/off) set :class:`serve.options.AccessOptions` for all replicas; everything else about the deployment
+    comes from :mod:`serve.options`."""
     args = dict(args or {})
     model_dir = args.pop("model_dir", None)
     if not model_dir:
@@ -310,6 +350,8 @@ def app_builder(args: dict) -> Application:
                 environment[key] = kind(args.pop(key))
     except (TypeError, ValueError):
         raise KdrayError("serve.app:app_builder: max_replicas must be an integer and num_cpus a number") from None
+    if chosen := access_args(args):
+        environment["access_options"] = chosen
     if args:
         raise KdrayError(f"serve.app:app_builder: unknown argument(s) {', '.join(sorted(args))}; "
                          f"expected {', '.join(APP_ARGS)}")

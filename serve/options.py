@@ -143,6 +143,31 @@ EXPLAIN = ExplainOptions()
 
 
 @dataclass(frozen=True, config=CONFIG)
+class AccessOptions:
+    """Who may call a replica, and its audit trail (serve/auth.py, serve/access.py).
+
+    ``tokens_file``: one bearer token a line (a mounted Kubernetes Secret works); when set, every route but
+    ``open_paths`` needs ``Authorization: Bearer <token>`` (401 otherwise); unset, there is no authentication.
+    ``allowed_origins``: browser origins that may call (CORS); a request with any other ``Origin`` is refused
+    403, since a cross-site multipart POST needs no preflight. ``allowed_hosts``: the Host names served (empty:
+    any); another Host gets 421 (DNS rebinding). ``log``: one JSON line per request on the ``kdray.access``
+    logger (``<Ray logs dir>/serve/kdray_access_<pid>.jsonl`` in a replica). Each replica reads them from its environment (``KDRAY_AUTH_TOKENS_FILE``,
+    ``KDRAY_ALLOWED_ORIGINS``, ``KDRAY_ALLOWED_HOSTS``: comma-separated; ``KDRAY_ACCESS_LOG``: 1/0), which
+    ``serve.app.build_app`` sets for all replicas from these options."""
+
+    tokens_file: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    log: bool = True
+    open_paths: tuple[str, ...] = ("/v2/health/live",)
+    min_token_chars: int = Field(16, ge=1)
+    max_request_id_chars: int = Field(64, ge=8)
+
+
+ACCESS = AccessOptions()
+
+
+@dataclass(frozen=True, config=CONFIG)
 class RequestOptions:
     """What one inference request may ask for and how long it may take (serve/deadline.py, serve/oip.py,
     serve/handler.py), so that one client cannot take a replica's memory, CPU or admission slots.
@@ -156,14 +181,17 @@ class RequestOptions:
     * ``max_decode_bytes``: the decode budget of a request's images together (each one still has the per-image
       budget of IMAGE_LIMITS); once spent, the rest are not decoded (400 ``request_decode_budget``).
     * ``body_timeout_s``: time to receive the whole body, before an admission slot is taken (408
-      ``body_timeout``); ``request_timeout_s``: time from the body's arrival to the response's start (503
-      ``request_timeout`` + Retry-After: the replica is too busy to answer in time)."""
+      ``body_timeout``); ``max_receiving_bytes``: bytes of bodies still arriving that a replica holds at once
+      (past that, 503 ``busy_receiving`` + Retry-After: bodies that never finish cannot fill its memory);
+      ``request_timeout_s``: time from the body's arrival to the response's start (503 ``request_timeout`` +
+      Retry-After: the replica is too busy to answer in time)."""
 
     max_images: int = Field(64, ge=1)
     max_json_depth: int = Field(32, ge=4)
     max_explain_images: int = Field(8, ge=1)
     max_decode_bytes: int = Field(4 * IMAGE_LIMITS.max_decode_bytes, gt=0)
     body_timeout_s: float = Field(60, gt=0)
+    max_receiving_bytes: int = Field(2**30, gt=0)
     request_timeout_s: float = Field(60, gt=0)
 
 

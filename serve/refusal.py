@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 
+#: The response header that carries a refusal's reason code (kdray's own refusals all set it), for the access log.
+REASON_HEADER = b"x-kdray-reason"
+
 
 async def send_refusal(send, status: int, reason: str, message: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": message, "error": message, "reason": reason}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+                            (REASON_HEADER, reason.encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
