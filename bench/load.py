@@ -44,8 +44,9 @@ class LevelResult:
                 "client CPU %": 100 * self.client_cpu_s / self.duration}
 
 
-def _request(host: str, port: int, path: str, body: bytes, content_type: str) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+def _request(host: str, port: int, path: str, body: bytes, content_type: str, headers: dict | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
     return head.encode() + body
 
@@ -109,9 +110,9 @@ async def _worker(result: LevelResult, host: str, port: int, payload: bytes, dea
 
 
 async def _run(host: str, port: int, path: str, body: bytes, content_type: str, concurrency: int,
-               duration: float, rate: float | None, timeout: float) -> LevelResult:
+               duration: float, rate: float | None, timeout: float, headers: dict | None) -> LevelResult:
     result = LevelResult(concurrency, duration, rate)
-    payload = _request(host, port, path, body, content_type)
+    payload = _request(host, port, path, body, content_type, headers)
     interval = concurrency / rate if rate else None
     cpu0, deadline = time.process_time(), time.perf_counter() + duration
     await asyncio.gather(*(_worker(result, host, port, payload, deadline, interval, timeout,
@@ -121,8 +122,9 @@ async def _run(host: str, port: int, path: str, body: bytes, content_type: str, 
 
 
 def run_level(url: str, body: bytes, content_type: str, concurrency: int, duration: float,
-              rate: float | None = None, timeout: float = 30.0) -> LevelResult:
-    """Load ``url`` (``http://host:port/path``) with ``concurrency`` clients for ``duration`` seconds."""
+              rate: float | None = None, timeout: float = 30.0, headers: dict | None = None) -> LevelResult:
+    """Load ``url`` (``http://host:port/path``) with ``concurrency`` clients for ``duration`` seconds (each
+    request with ``headers`` too, e.g. an Authorization)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -134,4 +136,4 @@ def run_level(url: str, body: bytes, content_type: str, concurrency: int, durati
         runner = asyncio.run
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return runner(_run(parts.hostname, parts.port, path, body, content_type, concurrency,
-                       duration, rate, timeout))
+                       duration, rate, timeout, headers))

@@ -14,6 +14,10 @@ recorded; its own CPU use is printed beside the numbers). Each side runs:
 
 and for kdray, the replica count every second, through the load and ``--cooldown`` seconds after it.
 
+``--access-compare 1`` runs kdray twice in the same run: first with authentication and its access log off
+(``KDRAY_ACCESS_LOG=0``), then with both on (a tokens file, every request with its bearer token, one JSON
+line per request), and prints both peaks and their ratio (the issue-26 acceptance: within 5%).
+
 The anchor is ``bench/serve_anchor.py``: FastAPI + uvicorn, 2 workers, 1 inference thread each.
 Results: ``bench/results/serve.md`` (``--output``).
 """
@@ -69,13 +73,14 @@ def pick_image() -> Path:
     return min(files[:5000], key=lambda f: abs(f.stat().st_size - 30_000))
 
 
-def wait_ready(url: str, body: bytes, timeout: float = 180.0) -> None:
+def wait_ready(url: str, body: bytes, timeout: float = 180.0, headers: dict | None = None) -> None:
     import requests
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if requests.post(url, data=body, headers={"content-type": "image/png"}, timeout=10).status_code == 200:
+            if requests.post(url, data=body, headers={"content-type": "image/png", **(headers or {})},
+                             timeout=10).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -92,8 +97,11 @@ class Replicas(threading.Thread):
 
     def run(self) -> None:
         for line in self.stream:
-            row = json.loads(line)
-            if "replicas" not in row:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line Ray forwarded from a worker, not the holder's
+                continue
+            if not isinstance(row, dict) or "replicas" not in row:
                 continue
             count = row["replicas"] if not row.get("waiting") else f"{row['replicas']} (+{row['waiting']} waiting)"
             if not self.changes or self.changes[-1][1] != count:
@@ -101,17 +109,19 @@ class Replicas(threading.Thread):
 
 
 def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str, marks: list,
-           explain_clients: int = 0, settle: float = 0.0) -> list[dict]:
+           explain_clients: int = 0, settle: float = 0.0, headers: dict | None = None) -> list[dict]:
     """The levels, then half the peak rate and 4x the peak's clients. ``explain_clients`` > 0: that many more
-    clients send ``?explain=true`` requests beside every level, and the row gets their numbers too."""
+    clients send ``?explain=true`` requests beside every level, and the row gets their numbers too. Every
+    request carries ``headers`` (an Authorization when authentication is on)."""
     rows = []
 
     def level(clients: int, rate: float | None, what: str) -> dict:
         time.sleep(settle)  # the previous level's last requests (and held 503s) drain first
         marks.append((time.time(), f"{what} ({clients} clients)"))
-        explaining = ExplainLoad(url, body, explain_clients, duration) if explain_clients else None
+        explaining = ExplainLoad(url, body, explain_clients, duration, headers) if explain_clients else None
         ticks = cpu_ticks()
-        row = {"side": label, "load": what, **run_level(url, body, "image/png", clients, duration, rate).summary()}
+        row = {"side": label, "load": what,
+               **run_level(url, body, "image/png", clients, duration, rate, headers=headers).summary()}
         row["steal %"] = round(100 * steal_share(ticks, cpu_ticks()), 1)  # the hypervisor's share, not the box's
         if explaining is not None:
             row.update(explaining.result())
@@ -130,13 +140,14 @@ def ladder(url: str, body: bytes, levels: list[int], duration: float, label: str
 class ExplainLoad(threading.Thread):
     """Closed-loop ``?explain=true`` clients beside a level (their own event loop, in this thread)."""
 
-    def __init__(self, url: str, body: bytes, clients: int, duration: float):
+    def __init__(self, url: str, body: bytes, clients: int, duration: float, headers: dict | None = None):
         super().__init__(daemon=True)
         self.args, self.summary = (f"{url}?explain=true", body, "image/png", clients, duration), {}
+        self.headers = headers
         self.start()
 
     def run(self) -> None:
-        self.summary = run_level(*self.args).summary()
+        self.summary = run_level(*self.args, headers=self.headers).summary()
 
     def result(self) -> dict:
         self.join()
@@ -160,8 +171,12 @@ def bench_anchor(model: str, body: bytes, a) -> list[dict]:
         proc.wait(30)
 
 
-def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
-    env = {**os.environ, **dict(kv.split("=", 1) for kv in a.serve_env)}
+def bench_kdray(model: str, body: bytes, a, access: dict | None = None) -> tuple[list[dict], list, list]:
+    """kdray's side; ``access``: {"env": the replicas' KDRAY_* settings, "headers": what each request carries,
+    "label": the side's suffix}, for the authentication and access-log comparison."""
+    access = access or {"env": {}, "headers": {}, "label": ""}
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in a.serve_env), **access["env"]}
+    headers = access["headers"]
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, model, str(free_loopback_port()), str(a.replicas)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, text=True)
     started, marks = time.time(), []
@@ -170,13 +185,13 @@ def bench_kdray(model: str, body: bytes, a) -> tuple[list[dict], list, list]:
         url = urls["url"] + "/predict"
         replicas = Replicas(proc.stdout, started)
         replicas.start()
-        wait_ready(url, body)
+        wait_ready(url, body, headers=headers)
         direct = urls["url"] != urls["proxy"]
-        rows = ladder(url, body, a.levels, a.duration, "kdray Serve" + (" (direct ingress)" if direct else ""), marks,
-                      a.explain_clients, a.settle)
+        label = "kdray Serve" + (" (direct ingress)" if direct else "") + access["label"]
+        rows = ladder(url, body, a.levels, a.duration, label, marks, a.explain_clients, a.settle, headers)
         if direct and a.proxy_too:
-            rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration, "kdray Serve via its proxy", marks,
-                           settle=a.settle)
+            rows += ladder(urls["proxy"] + "/predict", body, a.levels, a.duration,
+                           "kdray Serve via its proxy" + access["label"], marks, settle=a.settle, headers=headers)
         marks.append((time.time(), "load stopped"))
         time.sleep(a.cooldown)
         return rows, replicas.changes, [(round(t - started), what) for t, what in marks]
@@ -201,6 +216,8 @@ def main() -> None:
                    help="environment of the Ray/Serve processes (e.g. RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
     p.add_argument("--explain-clients", type=int, default=0,
                    help="kdray only: this many more clients send ?explain=true beside every level")
+    p.add_argument("--access-compare", type=int, default=0,
+                   help="1: run kdray twice, authentication and access log off, then on; print the peaks' ratio")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdray-bench-score"))
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.md"))
     a = p.parse_args()
@@ -214,9 +231,26 @@ def main() -> None:
     if "anchor" in a.sides:
         rows += bench_anchor(model, body, a)
     if "kdray" in a.sides:
-        kd_rows, replicas, marks = bench_kdray(model, body, a)
-        rows += kd_rows
+        for access in access_sides(workdir) if a.access_compare else [None]:
+            kd_rows, replicas, marks = bench_kdray(model, body, a, access)
+            rows += kd_rows
     report(a, rows, replicas, marks, image, started)
+
+
+ACCESS_OFF, ACCESS_ON = " [auth+log off]", " [auth+log on]"
+
+
+def access_sides(workdir: Path) -> list[dict]:
+    """kdray with authentication and its access log off, then on (a tokens file; each request its token)."""
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    tokens = workdir / "bench-tokens"
+    tokens.write_text(token + "\n")
+    tokens.chmod(0o600)
+    return [{"env": {"KDRAY_ACCESS_LOG": "0"}, "headers": {}, "label": ACCESS_OFF},
+            {"env": {"KDRAY_ACCESS_LOG": "1", "KDRAY_AUTH_TOKENS_FILE": str(tokens)},
+             "headers": {"Authorization": f"Bearer {token}"}, "label": ACCESS_ON}]
 
 
 def report(a, rows: list[dict], replicas: list, marks: list, image: Path, started) -> None:
@@ -232,6 +266,12 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
         lines += [f"{side} / anchor peak: {v / anchor:.2f}" for side, v in sorted(peaks.items())
                   if side != "plain uvicorn"]
         lines.append("")
+    for side, v in sorted(peaks.items()):
+        off = peaks.get(side.replace(ACCESS_ON, ACCESS_OFF)) if side.endswith(ACCESS_ON) else None
+        if off:
+            lines += [f"{side.removesuffix(ACCESS_ON)}: auth + access log on / off peak: {v:.0f} / {off:.0f} req/s "
+                      f"= {v / off:.3f}", ""]
+            print(lines[-2], flush=True)
     table = [{k: v for k, v in r.items() if k != "statuses"} | {"statuses": json.dumps(r["statuses"])}
              for r in rows]
     lines += [format_table(table, list(table[0])), ""]
