@@ -53,7 +53,7 @@ def test_the_body_is_read_whole_and_handed_on() -> None:
 
     chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True},
               {"type": "http.request", "body": b"y" * 5, "more_body": False}]
-    sent = _call(BodyDeadline(_echo, timeout_s=5), chunks)
+    sent = _call(BodyDeadline(_echo, timeout_s=5, max_receiving_bytes=100, retry_after_s=1), chunks)
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"15"
 
 
@@ -63,11 +63,53 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_closes_before_the_app_
     async def app(scope, receive, send):
         raise AssertionError("the app must not see a request whose body never arrived")
 
-    gate = BodyDeadline(app, timeout_s=0.2)
+    gate = BodyDeadline(app, timeout_s=0.2, max_receiving_bytes=100, retry_after_s=1)
     sent = _call(gate, [{"type": "http.request", "body": b"x", "more_body": True}])
     headers = dict(sent[0]["headers"])
     assert sent[0]["status"] == 408 and headers[b"connection"] == b"close"
     assert json.loads(sent[1]["body"])["reason"] == "body_timeout" and gate.timed_out == 1
+
+
+def test_bodies_still_arriving_hold_a_bounded_number_of_bytes() -> None:
+    """Uploads that never finish cannot fill memory before their deadline: past the bound, 503 + Retry-After."""
+    from serve.deadline import BodyDeadline
+
+    gate = BodyDeadline(_echo, timeout_s=5, max_receiving_bytes=100, retry_after_s=2)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+
+    def client(messages: list, finish: asyncio.Event | None = None):
+        """(receive, send, sent) of a client that sends ``messages``, then the end of its body when ``finish``."""
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await finish.wait()
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        return receive, send, sent
+
+    async def scenario():
+        finish = asyncio.Event()
+        receive, send, stalled = client([{"type": "http.request", "body": b"x" * 80, "more_body": True}], finish)
+        first = asyncio.create_task(gate(scope, receive, send))
+        await asyncio.sleep(0.05)
+        assert gate.receiving == 80
+        receive, send, sent = client([{"type": "http.request", "body": b"y" * 30, "more_body": False}])
+        await gate(scope, receive, send)
+        headers = dict(sent[0]["headers"])
+        assert sent[0]["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"connection"] == b"close"
+        assert json.loads(sent[1]["body"])["reason"] == "busy_receiving" and gate.refused == 1
+        finish.set()
+        await first
+        assert stalled[0]["status"] == 200 and stalled[1]["body"] == b"80"
+        assert gate.receiving == 0  # what arrived is no longer counted once handed on
+
+    asyncio.run(scenario())
 
 
 def test_a_request_that_takes_too_long_gets_503_with_retry_after() -> None:
