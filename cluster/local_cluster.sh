@@ -10,6 +10,8 @@
 #
 # Environment: KDRAY_CLUSTER_DIR (state and logs) [<repo>/.kdray/local_cluster], KDRAY_RAY_PORT [6390],
 # KDRAY_DASHBOARD_PORT [8275], KDRAY_PYTHON [<repo>/.venv/bin/python].
+# S3 keys: every node keeps the AWS_* variables of the shell that starts it; kdray sends none through Ray
+# (docs/deployment.md, "No keys in what Ray keeps").
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${KDRAY_CLUSTER_DIR:-${REPO_ROOT}/.kdray/local_cluster}"

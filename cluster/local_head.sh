@@ -16,6 +16,10 @@
 # Ray 2.60 enables token authentication when a token exists in
 # ~/.ray/auth_token; this script makes sure one exists and starts the head with
 # RAY_AUTH_MODE=token so the behaviour does not depend on leftover state.
+#
+# S3 keys: the head's processes, and so its workers, keep the AWS_* variables of the shell that starts it
+# (or use the machine's role). kdray sends no key through a job's runtime_env (Ray logs it): start the head
+# from a shell with the keys, or submit drivers that bring their own (docs/deployment.md).
 # Clients then need RAY_AUTH_MODE=token (they read ~/.ray/auth_token) or
 # RAY_AUTH_TOKEN=<token>.
 set -euo pipefail

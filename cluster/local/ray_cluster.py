@@ -3,7 +3,8 @@
 One holder process starts a head and ``nodes - 1`` worker nodes with ``ray.cluster_utils.Cluster``: separate
 raylets, each with its own CPUs and object store, every one at 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
 keeps Ray on loopback; with ``ray start --address`` that setting refuses a second node, the holder does not
-need it). Token authentication stays on, and jobs submitted to the head's dashboard run with the project's
+need it). Every node inherits this environment, AWS_* keys included (kdray sends none through Ray). Token
+authentication stays on, and jobs submitted to the head's dashboard run with the project's
 ``python`` first on PATH. The holder writes ``state.json`` (addresses, nodes, its pid) into ``--state-dir``
 once every node is up, then waits; SIGTERM or SIGINT shuts the whole cluster down.
 
