@@ -9,7 +9,9 @@ labelled val split (all of it by default): every artifact must agree with the to
 top-1, then each ONNX artifact gets its own temperature and covid threshold fitted on its own
 logits, and its covid_suspect must agree with torch at that threshold. int8 is served if it
 passes, else fp32. The export folder gets the artifacts, ``args.yaml`` (this job's resolved
-config) and, last, ``metadata.json`` (the model card and commit marker). An artifact below a bar
+config) and, last, ``metadata.json`` (the model card and commit marker). The job prints the pinned
+reference ``<output>@sha256:<digest of metadata.json>``: serving, scoring, ``kdray predict`` and ``kdray explain``
+given it load exactly this export or refuse (``model_digest_mismatch``). An artifact below a bar
 makes the job fail (exit 2) after printing the parity table; with ``--strict false`` a failing
 int8 or TorchScript artifact is only marked ``validated: false`` and the job succeeds with fp32.
 """
@@ -24,7 +26,7 @@ from kdray.runner import run_job
 from kdray.config import ExportJobConfig, dump_yaml, load_config
 from kdray.data import sample_images
 from kdray.evaluate import format_table
-from kdray.export import ParityError, export_student
+from kdray.export import ParityError, export_student, pinned_reference
 from kdray.schemas import ModelCard
 
 
@@ -47,15 +49,15 @@ def main(argv: list[str]) -> ModelCard:
                               target_sensitivity=cfg.target_sensitivity, split=cfg.val_split)
     except ParityError as exc:
         if exc.metadata:  # committed, with the failing artifact marked validated=false
-            print_summary(exc.metadata)
+            print_summary(exc.metadata, cfg.output)
         raise
-    print_summary(card)
+    print_summary(card, cfg.output)
     print(f"exported {cfg.model} -> {cfg.output}")
     return card
 
 
-def print_summary(card: ModelCard) -> None:
-    """The parity table, then the served artifact's operating point."""
+def print_summary(card: ModelCard, output: str) -> None:
+    """The parity table, the served artifact's operating point, then the export's pinned reference."""
     rows = []
     for kind, artifact in card.artifacts.items():
         parity, op = card.parity[kind], card.operating_point(kind)
@@ -71,6 +73,7 @@ def print_summary(card: ModelCard) -> None:
     print(f"served: {card.served_artifact}, temperature {op.temperature:.3f} (ECE {op.ece_before:.4f} -> "
           f"{op.ece_after:.4f}), covid threshold {op.covid_threshold} for sensitivity {op.target_sensitivity:.0%} "
           f"on {op.split}")
+    print(f"pinned: {pinned_reference(output, card)}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ best checkpoint), on local disk or S3.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kdray import KdrayError, first_line, storage
+from kdray.pinning import check_digest, sha256_hex
 from kdray.schemas import CheckpointMeta, RunSummary, dump, parse
 
 if TYPE_CHECKING:  # torch loads only where weights are read or written
@@ -61,20 +62,41 @@ def write_checkpoint_meta(folder: str, meta: CheckpointMeta) -> None:
     storage.write_json(storage.join(folder, META_FILE), dump(meta))
 
 
-def load_model(uri: str) -> tuple[torch.nn.Module, CheckpointMeta]:
-    """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint's model (eval mode), its meta, its folder, and the sha256 of the weights bytes it was built from."""
+
+    model: torch.nn.Module
+    meta: CheckpointMeta
+    folder: str
+    sha256: str
+
+
+def load_checkpoint(uri: str, expected_sha256: str | None = None) -> LoadedCheckpoint:
+    """Build the model a checkpoint describes and load its weights (``weights_only=True``). The weights file is
+    read once: its digest (checked against ``expected_sha256`` when given) is that of the bytes loaded."""
     from kdray.models import build_model
 
     folder = resolve_checkpoint(uri)
     meta = read_checkpoint_meta(folder)
-    state = _torch_load(storage.read_bytes(storage.join(folder, MODEL_FILE)), folder)
+    weights = storage.join(folder, MODEL_FILE)
+    data = storage.read_bytes(weights)
+    if expected_sha256 is not None:
+        check_digest(weights, data, expected_sha256, "checkpoint_digest_mismatch", "the model card's")
+    state = _torch_load(data, folder)
     model = build_model(meta.model_name, len(meta.classes), meta.dropout)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise KdrayError(f"{folder}: weights do not match model {meta.model_name} ({str(exc)[:160]})") from None
     model.eval()
-    return model, meta
+    return LoadedCheckpoint(model, meta, folder, sha256_hex(data))
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
+    loaded = load_checkpoint(uri)
+    return loaded.model, loaded.meta
 
 
 def load_train_state(folder: str) -> dict | None:
@@ -88,7 +110,7 @@ def load_train_state(folder: str) -> dict | None:
 def weights_digest(uri: str) -> str:
     """sha256 of a checkpoint's weights file: the teacher's identity in logit-cache fingerprints."""
     folder = resolve_checkpoint(uri)
-    return hashlib.sha256(storage.read_bytes(storage.join(folder, MODEL_FILE))).hexdigest()
+    return sha256_hex(storage.read_bytes(storage.join(folder, MODEL_FILE)))
 
 
 def read_run_summary(run_uri: str) -> RunSummary:

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdray import KdrayError, first_line, storage
+from kdray import KdrayError, first_line
 from kdray.checkpoints import load_model
 from kdray.data import to_model_input
 from kdray.models import build_model
-from kdray.predictor import is_export, read_model_card, verified_local_file
+from kdray.predictor import is_export, open_export
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +78,27 @@ class Explainer:
 
     @classmethod
     def load(cls, uri: str, threads: int | None = None) -> "Explainer":
-        """From an export folder (its ``torch_weights``, checked against the card's sha256) or a checkpoint."""
+        """From an export (a folder or a pinned reference: its ``torch_weights``, loaded from the bytes checked
+        against the card's sha256) or a checkpoint."""
         if not is_export(uri):
             model, meta = load_model(uri)
             return cls(model, meta.classes, meta.image_size, uri, threads)
-        card = read_model_card(uri)
+        export = open_export(uri)
+        card = export.card
         weights = card.torch_weights
         if weights is None:
-            raise KdrayError(f"{uri}: the export has no torch weights, which explanations need (exported by an "
-                             f"older kdray); run jobs.export again")
-        path = verified_local_file(uri, weights.file, weights.sha256)
+            raise KdrayError(f"{export.uri}: the export has no torch weights, which explanations need (exported by "
+                             f"an older kdray); run jobs.export again")
+        data = export.read_verified(weights.file, weights.sha256)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             model = build_model(card.model_name, len(card.classes))
             model.load_state_dict(state)
         except (RuntimeError, ValueError, EOFError) as exc:
-            raise KdrayError(f"{storage.join(uri, weights.file)}: cannot load the torch weights for "
+            raise KdrayError(f"{export.file_uri(weights.file)}: cannot load the torch weights for "
                              f"{card.model_name} ({first_line(exc, 160)})") from None
-        log.info("explainer: %s torch weights from %s", card.model_name, uri)
-        return cls(model, card.classes, card.image_size, uri, threads)
+        log.info("explainer: %s torch weights of %s", card.model_name, export.model_id("torch"))
+        return cls(model, card.classes, card.image_size, export.uri, threads)
 
     def explain(self, images: np.ndarray, classes: list[int] | np.ndarray) -> list[Explanation]:
         """Grad-CAM of ``classes[i]`` (the served prediction) for each uint8 [S, S] image in ``images``."""

@@ -11,7 +11,11 @@ An export folder (local or ``s3://``) holds::
     model.weights.pt       the student's torch state_dict (``torch.load(..., weights_only=True)``), which
                            Grad-CAM explanations run on (:mod:`kdray.explain`); its sha256 is in the card
     metadata.json          the model card (:class:`kdray.schemas.ModelCard`); written LAST, it is the
-                           folder's commit marker
+                           folder's commit marker. The sha256 of its bytes pins the export:
+                           ``<folder>@sha256:<digest>`` (:func:`pinned_reference`, printed by jobs.export)
+
+Artifacts are plain file names inside the folder; the card also records the sha256 of the source
+checkpoint's weights (``source_checkpoint_sha256``), which the torch backend of the export is checked against.
 
 The order of decisions:
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import json
 import logging
 import os
 import tempfile
@@ -40,10 +45,11 @@ import torch
 
 import kdray
 from kdray import KdrayError, storage
-from kdray.checkpoints import load_model, resolve_checkpoint
+from kdray.checkpoints import LoadedCheckpoint, load_checkpoint
 from kdray.config import ExportJobConfig  # noqa: F401 - its config, with the others in kdray.config
 from kdray.data import IMAGENET_MEAN, IMAGENET_STD, preprocess_config, to_model_input
 from kdray.metrics import calibration_report, covid_index, covid_suspect, softmax
+from kdray.pinning import ModelRef, sha256_hex
 from kdray.predictor import INPUT_NAME, MODEL_CARD_FILE, OUTPUT_NAME, batches, ort_session, sha256_file
 from kdray.schemas import (
     MODEL_CARD_SCHEMA_VERSION,
@@ -241,7 +247,8 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
     is written. If only int8/TorchScript fails, the folder is committed with that artifact marked
     ``validated: false`` (fp32 is served), and the error is still raised unless ``strict=False``.
     """
-    model, meta = load_model(checkpoint_uri)
+    source = load_checkpoint(checkpoint_uri)
+    model, meta = source.model, source.meta
     size, classes = meta.image_size, meta.classes
     val_images = _check_images(val_images, size, "validation")
     labels = np.asarray(val_labels, dtype=np.int64)
@@ -295,7 +302,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
         torch.save(model.state_dict(), files["weights"])
         weights = TorchWeights(file=TORCH_WEIGHTS_FILE, sha256=sha256_file(files["weights"]),
                                size_mb=round(os.path.getsize(files["weights"]) / 2**20, 3), model_name=meta.model_name)
-        card = _model_card(meta, checkpoint_uri, artifacts, weights, served, parity, operating_points,
+        card = _model_card(meta, source, artifacts, weights, served, parity, operating_points,
                            {"backend": "torch-fp32", "n": int(len(labels)), "split": split,
                             "accuracy": float(np.mean(ref_logits.argmax(1) == labels))}, extra_metadata)
 
@@ -304,7 +311,7 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
         for f in files.values():
             with open(f, "rb") as fh:
                 storage.write_bytes(out.join(os.path.basename(f)), fh.read())
-        storage.write_json(out.join(MODEL_CARD_FILE), dump(card))  # commit marker, last
+        storage.write_bytes(out.join(MODEL_CARD_FILE), card_bytes(card))  # commit marker, last
     if problems and strict:
         raise ParityError(f"{output_uri}: {message}; recorded as validated=false, {served} is served", card)
     if problems:
@@ -314,8 +321,18 @@ def export_student(checkpoint_uri: str, output_uri: str, calibration_images: np.
     return card
 
 
-def _model_card(meta, checkpoint_uri: str, artifacts: dict, weights: TorchWeights, served: str, parity: dict, operating_points: dict,
-                reference: dict, extra: dict | None) -> ModelCard:
+def card_bytes(card: ModelCard) -> bytes:
+    """``metadata.json`` as export writes it: the bytes whose sha256 pins the export."""
+    return (json.dumps(dump(card), indent=2) + "\n").encode()
+
+
+def pinned_reference(output_uri: str, card: ModelCard) -> str:
+    """``<output_uri>@sha256:<digest of metadata.json>``: the export as written, and only as written."""
+    return str(ModelRef(storage.resolve(output_uri).uri, sha256_hex(card_bytes(card))))
+
+
+def _model_card(meta, source: LoadedCheckpoint, artifacts: dict, weights: TorchWeights, served: str, parity: dict,
+                operating_points: dict, reference: dict, extra: dict | None) -> ModelCard:
     size, classes = meta.image_size, meta.classes
     fields = dict(
         schema_version=MODEL_CARD_SCHEMA_VERSION, name=f"kdray-{meta.model_name}", version=kdray.__version__,
@@ -335,7 +352,8 @@ def _model_card(meta, checkpoint_uri: str, artifacts: dict, weights: TorchWeight
         parity_bars={**{k: PARITY_BARS[k] for k in artifacts}, "covid_suspect": COVID_SUSPECT_BAR},
         parity_reference=reference, operating_points=operating_points, eval_metrics=meta.metrics,
         validation=meta.validation, data_source=meta.training_data,
-        source_checkpoint=storage.resolve(resolve_checkpoint(checkpoint_uri)).uri,  # absolute
+        source_checkpoint=storage.resolve(source.folder).uri,  # absolute
+        source_checkpoint_sha256=source.sha256,  # of the very weights exported
         torch_weights=weights,
         intended_use=INTENDED_USE, known_biases=KNOWN_BIASES,
         versions=Versions(kdray=kdray.__version__, torch=torch.__version__, onnx_opset=OPSET,

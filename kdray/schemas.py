@@ -12,15 +12,19 @@ The model card (``metadata.json`` in an export folder) follows the MONAI bundle'
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdray import KdrayError
+from kdray.pinning import plain_file_name
 
 MODEL_CARD_SCHEMA_VERSION = 2  # 1: the untyped cards written before the schema existed
 ArtifactKind = Literal["fp32", "int8", "torchscript"]
 M = TypeVar("M", bound=BaseModel)
+#: A file of an export, named as it sits in the folder: a card cannot point outside its export.
+ExportFileName = Annotated[str, AfterValidator(plain_file_name)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 #: The networks kdray builds (kdray.models.build_model); config, checkpoints and model cards name one of these.
@@ -227,10 +231,10 @@ class NetworkDataFormat(Contract):
 
 
 class Artifact(Contract):
-    file: str
+    file: ExportFileName
     format: Literal["onnx", "torchscript"]
     precision: Literal["fp32", "int8"]
-    sha256: str = Field(min_length=64, max_length=64)
+    sha256: Sha256
     size_mb: float
     validated: bool
     quantization: dict[str, Any] | None = None
@@ -240,8 +244,8 @@ class TorchWeights(Contract):
     """The student's torch weights in an export (a ``state_dict``), for Grad-CAM explanations (kdray.explain).
     Predictions come from the served artifact; these weights only explain them."""
 
-    file: str
-    sha256: str = Field(min_length=64, max_length=64)
+    file: ExportFileName
+    sha256: Sha256
     size_mb: float
     model_name: str
     purpose: str = "explanations (Grad-CAM); predictions come from the served artifact"
@@ -304,6 +308,8 @@ class ModelCard(Contract):
     validation: dict[str, Any] | None = None
     data_source: dict[str, Any] | None = None
     source_checkpoint: str
+    # sha256 of the source checkpoint's weights (model.pt); absent in exports written before it was recorded
+    source_checkpoint_sha256: Sha256 | None = None
     torch_weights: TorchWeights | None = None  # absent in exports written before explanations existed
     intended_use: str
     known_biases: str

@@ -8,10 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdray.checkpoints import load_model, resolve_checkpoint
+from kdray.checkpoints import load_checkpoint
 from kdray.config import AugmentConfig
 from kdray.data import to_model_input
+from kdray.pinning import model_id
 from kdray.predictor_base import Predictor
+
+
+CHECKPOINT_VERSION = "checkpoint"  # the version in a training checkpoint's model_id (it has no model card)
 
 
 class TorchPredictor(Predictor):
@@ -29,10 +33,14 @@ class TorchPredictor(Predictor):
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, uri: str, threads: int | None = None, device: str | None = None) -> "TorchPredictor":
-        model, meta = load_model(uri)
-        return cls(model, meta.classes, meta.image_size, meta.temperature, meta.covid_threshold, threads, device,
-                   model_id=resolve_checkpoint(uri))
+    def from_checkpoint(cls, uri: str, threads: int | None = None, device: str | None = None,
+                        expected_sha256: str | None = None) -> "TorchPredictor":
+        """The checkpoint's model with its own calibration; ``model_id`` is its name and weights digest
+        (``kdray-student:checkpoint@sha256:…#torch``), not its folder."""
+        loaded = load_checkpoint(uri, expected_sha256)
+        meta = loaded.meta
+        return cls(loaded.model, meta.classes, meta.image_size, meta.temperature, meta.covid_threshold, threads,
+                   device, model_id=model_id(f"kdray-{meta.model_name}", CHECKPOINT_VERSION, loaded.sha256, "torch"))
 
     @torch.no_grad()
     def logits(self, images, augment: AugmentConfig | None = None, seeds=None) -> np.ndarray:

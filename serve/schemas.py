@@ -21,7 +21,8 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="class → probability (sums to 1)")
     covid_suspect: bool | None = Field(description="P(covid) >= the model's stored threshold; "
                                                     "null when the model has no threshold")
-    model_id: str
+    model_id: str = Field(description="name:version@sha256:<12 hex of metadata.json>#<artifact>: what answered, "
+                                      "never where it is stored")
     backend: str
     explanation: ExplanationOut | None = Field(None, description="with ?explain=true only")
 

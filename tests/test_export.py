@@ -9,6 +9,7 @@ operating point). Each decision is then forced deterministically: the parity bar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,6 +122,21 @@ def _torch_logits(checkpoint: str, images: np.ndarray) -> np.ndarray:
     return TorchPredictor.from_checkpoint(checkpoint).logits(images)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pin(folder: str) -> str:
+    """The pinned reference of an export as it is now: the folder and the sha256 of its metadata.json."""
+    return f"{folder}@sha256:{_sha256(Path(folder, 'metadata.json').read_bytes())}"
+
+
+def _edit_card(folder: str, edit) -> None:
+    card = json.loads(Path(folder, "metadata.json").read_text())
+    edit(card)
+    Path(folder, "metadata.json").write_text(json.dumps(card))
+
+
 # ----------------------------------------------------------------------------- the default export
 
 
@@ -137,6 +153,7 @@ def test_export_writes_artifacts_and_a_consistent_model_card(exported, checkpoin
     assert card.preprocessing == preprocess_config(SIZE)
     assert card.intended_use == "research; not for diagnosis" and card.known_biases
     assert card.eval_metrics == {} and card.source_checkpoint == checkpoint
+    assert card.source_checkpoint_sha256 == _sha256(Path(checkpoint, "model.pt").read_bytes())
     assert card.versions.onnx_opset == export.OPSET and card.versions.torch == torch.__version__
 
     for kind in ONNX_KINDS:
@@ -245,6 +262,121 @@ def test_missing_or_corrupt_metadata_is_an_error(exported, tmp_path):
     os.remove(os.path.join(folder, "metadata.json"))
     with pytest.raises(KdrayError, match="metadata.json missing"):
         read_model_card(folder)
+
+
+# ----------------------------------------------------------------------------- integrity: pins, paths, the source
+
+
+def test_a_pinned_export_refuses_a_swapped_artifact_whose_card_was_edited_to_match(exported, tmp_path):
+    """Unpinned, the card vouches for the artifacts beside it; pinned, the card itself must be the one exported."""
+    folder = _copy(exported[0], tmp_path)
+    pinned = _pin(folder)
+    digest = pinned.rsplit(":", 1)[1]
+    before = load_predictor(pinned, backend="onnx-fp32")
+    name, version = exported[1].name, exported[1].version
+    assert before.model_id == f"{name}:{version}@sha256:{digest[:12]}#fp32" and folder not in before.model_id
+
+    intruder = Path(folder, "model.int8.onnx").read_bytes()  # another valid graph of the same shapes
+    Path(folder, "model.fp32.onnx").write_bytes(intruder)
+    _edit_card(folder, lambda card: card["artifacts"]["fp32"].update(sha256=_sha256(intruder)))
+    swapped = load_predictor(folder, backend="onnx-fp32")  # self-attested: accepted, and it is not the export
+    assert not np.allclose(swapped.logits(TRAIN[0]), before.logits(TRAIN[0]), atol=1e-6)
+    with pytest.raises(KdrayError, match=r"metadata.json: sha256 .* is not the pinned .*\(model_digest_mismatch\)"):
+        load_predictor(pinned, backend="onnx-fp32")
+
+
+def test_a_swapped_artifact_under_a_pin_is_refused_by_the_trusted_card(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    pinned = _pin(folder)
+    Path(folder, "model.weights.pt").write_bytes(b"not the weights")
+    Path(folder, "model.fp32.onnx").write_bytes(Path(folder, "model.int8.onnx").read_bytes())
+    with pytest.raises(KdrayError, match=r"model.fp32.onnx: sha256 .* does not match .*\(artifact_digest_mismatch\)"):
+        load_predictor(pinned, backend="onnx-fp32")
+    from kdray.explain import Explainer
+
+    with pytest.raises(KdrayError, match=r"model.weights.pt: sha256 .*\(artifact_digest_mismatch\)"):
+        Explainer.load(pinned)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_an_artifact_outside_the_export_is_refused_even_with_its_true_sha256(exported, tmp_path, where):
+    folder = _copy(exported[0], tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(Path(folder, "model.fp32.onnx"), outside / "model.onnx")
+    file = "../outside/model.onnx" if where == "parent" else str(outside / "model.onnx")
+    _edit_card(folder, lambda card: card["artifacts"]["fp32"].update(file=file))
+    with pytest.raises(KdrayError, match=r"artifacts.fp32.file: .*not a plain file name"):
+        load_predictor(folder, backend="onnx-fp32")
+    _edit_card(folder, lambda card: card["artifacts"]["fp32"].update(file="model.fp32.onnx"))
+    _edit_card(folder, lambda card: card["torch_weights"].update(file=file))
+    with pytest.raises(KdrayError, match=r"torch_weights.file: .*not a plain file name"):
+        read_model_card(folder)
+
+
+def test_a_card_built_around_the_schema_still_cannot_name_a_file_outside(exported):
+    """Where the file is joined to the folder, the name is checked again (a card made without validation)."""
+    from kdray.pinning import IntegrityError
+    from kdray.predictor import Export
+
+    folder, card = exported
+    entry = card.artifacts["fp32"]
+    bad = card.model_copy(update={"artifacts": {"fp32": entry.model_copy(update={"file": "../model.fp32.onnx"})}})
+    with pytest.raises(IntegrityError, match=r"not a plain file name .*\(artifact_outside_export\)"):
+        Export(folder, bad, "0" * 64, pinned=True).read_verified("../model.fp32.onnx", entry.sha256)
+
+
+def test_an_artifact_swapped_after_its_check_is_not_what_gets_loaded(exported, tmp_path, monkeypatch):
+    """The file changes on disk the moment its sha256 has been computed: what runs must be the bytes that were
+    checked (they are loaded from memory; there is no path or cache to load again)."""
+    folder = _copy(exported[0], tmp_path)
+    fp32, int8 = Path(folder, "model.fp32.onnx"), Path(folder, "model.int8.onnx").read_bytes()
+    checked = _sha256(fp32.read_bytes())
+    expected = load_predictor(folder, backend="onnx-fp32").logits(TRAIN[0])
+    real_sha256 = hashlib.sha256
+
+    class SwapAfterHashing:
+        def __init__(self, data: bytes = b""):
+            self.inner = real_sha256(data)
+
+        def update(self, data: bytes) -> None:
+            self.inner.update(data)
+
+        def hexdigest(self) -> str:
+            digest = self.inner.hexdigest()
+            if digest == checked:
+                fp32.write_bytes(int8)
+            return digest
+
+    monkeypatch.setattr(hashlib, "sha256", SwapAfterHashing)
+    predictor = load_predictor(folder, backend="onnx-fp32")
+    monkeypatch.setattr(hashlib, "sha256", real_sha256)
+    assert _sha256(fp32.read_bytes()) == _sha256(int8)  # the swap did happen, after the check
+    assert np.allclose(predictor.logits(TRAIN[0]), expected, atol=1e-6)
+
+
+def test_the_torch_backend_checks_the_source_checkpoint_against_the_card(checkpoint, tmp_path):
+    source = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, source)
+    card = _export(source, tmp_path / "exp", int8=False)
+    out = str(tmp_path / "exp")
+    assert card.source_checkpoint_sha256 == _sha256(Path(source, "model.pt").read_bytes())
+    pinned = _pin(out)
+    assert load_predictor(pinned, backend="torch").model_id == f"{card.name}:{card.version}@sha256:" \
+        f"{pinned.rsplit(':', 1)[1][:12]}#torch"
+    other = build_model("tiny_student", len(CLASSES), 0.2).state_dict()
+    torch.save(other, Path(source, "model.pt"))  # another net's weights in the source checkpoint
+    for reference in (out, pinned):
+        with pytest.raises(KdrayError, match=r"model.pt: sha256 .* does not match .*\(checkpoint_digest_mismatch\)"):
+            load_predictor(reference, backend="torch")
+
+
+def test_a_pinned_export_without_the_source_digest_has_no_torch_backend(exported, tmp_path):
+    folder = _copy(exported[0], tmp_path)
+    _edit_card(folder, lambda card: card.pop("source_checkpoint_sha256"))
+    assert isinstance(load_predictor(folder, backend="torch"), TorchPredictor)  # unpinned: loads as before
+    with pytest.raises(KdrayError, match=r"\(checkpoint_unverifiable\)"):
+        load_predictor(_pin(folder), backend="torch")
 
 
 # ----------------------------------------------------------------------------- each decision, forced
@@ -409,6 +541,8 @@ def test_export_job_writes_args_and_prints_the_served_operating_point(checkpoint
                             "--parity", "24", "--torchscript", "true"])
     printed = capsys.readouterr().out
     assert "top-1 agreement" in printed and f"-> {out}" in printed and "served: int8" in printed
+    assert f"pinned: {_pin(out)}\n" in printed  # the digest of the metadata.json bytes written
+    assert export.pinned_reference(out, card) == _pin(out)
     assert "calibration: 16" in Path(out, "args.yaml").read_text()
     assert card == read_model_card(out)
     assert card.parity["int8"].n == 24 and card.artifacts["torchscript"].validated is True
@@ -461,5 +595,7 @@ def test_export_to_and_load_from_s3(checkpoint_factory, s3_bucket):
     assert read_model_card(uri) == card
     predictor = load_predictor(uri)
     assert predictor.backend == f"onnx-{card.served_artifact}"
-    assert predictor.model_id.startswith(f"{uri}#onnx-{card.served_artifact}:")
+    digest = hashlib.sha256(export.storage.read_bytes(f"{uri}/metadata.json")).hexdigest()
+    assert predictor.model_id == f"{card.name}:{card.version}@sha256:{digest[:12]}#{card.served_artifact}"
+    assert read_model_card(f"{uri}@sha256:{digest}") == card  # a pinned S3 export
     assert predictor.probabilities(_images(5, 6)[0]).shape == (5, 3)
