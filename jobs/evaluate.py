@@ -11,12 +11,13 @@ from kdray import storage
 from kdray.runner import run_job
 from kdray.config import EvalJobConfig, dump_yaml, load_config
 from kdray.evaluate import evaluate_model
+from kdray.pinning import parse_ref
 from kdray.schemas import Evaluation
 
 
 def main(argv: list[str]) -> Evaluation:
     cfg = load_config(EvalJobConfig, argv)
-    output = cfg.output or storage.join(cfg.model, f"eval-{cfg.split}")
+    output = cfg.output or storage.join(parse_ref(cfg.model).uri, f"eval-{cfg.split}")  # beside a pinned export too
     storage.makedirs(output)
     storage.write_text(storage.join(output, "args.yaml"), dump_yaml(cfg))
     m = evaluate_model(cfg.model, cfg.data.root, cfg.split, output, cfg.backend, cfg.batch_size, cfg.name,
