@@ -159,7 +159,8 @@ class AccessOptions:
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     log: bool = True
-    open_paths: tuple[str, ...] = ("/v2/health/live",)
+    # Liveness, kdray's and Serve's (a replica's own /-/healthz: what HAProxy ingress checks): no work, no data.
+    open_paths: tuple[str, ...] = ("/v2/health/live", "/-/healthz")
     min_token_chars: int = Field(16, ge=1)
     max_request_id_chars: int = Field(64, ge=8)
 
