@@ -22,7 +22,7 @@ import threading
 import time
 
 from kdray.ray_private import refresh_loopback_constant
-from kdray.raycluster import LOOPBACK_ENV, NODE_ENV
+from kdray.raycluster import LOOPBACK_ENV, NODE_ENV, free_loopback_port
 
 STATE_FILE = "state.json"
 
@@ -45,9 +45,11 @@ def start(nodes: int, cpus_per_node: int, port: int, dashboard_port: int, object
 
     common = {"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1",
               "object_store_memory": object_store_mb * 2**20}
+    # The head's dashboard agent takes a free port, not Ray's fixed 52365: any other Ray on this machine may hold
+    # that one, and then the head's agent serves no HTTP and every job submission fails ("No available agent").
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         **common, "gcs_server_port": port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port})
+        "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_loopback_port()})
     for number in range(1, nodes):
         # Each node unpacks runtime environments (a job's --working-dir) into a folder of its own: in the shared
         # one, a worker node's unpacking and clean-up deleted the files under a running job's driver on the head
