@@ -116,6 +116,7 @@ def test_with_tokens_every_route_but_liveness_needs_one(tokens_file: str, layer:
     assert _call(gate, "/kdray/predict", headers={"authorization": f"bearer {TOKENS[1]}"})[0] == 200
     assert _call(gate, "/v2/health/live", "GET")[0] == 200  # liveness: kubelet probes carry no token
     assert _call(gate, "/app/v2/health/live", "GET")[0] == 200  # in front of Serve: the route prefix
+    assert _call(gate, "/-/healthz", "GET")[0] == 200  # Serve's own, on a replica's port (HAProxy checks it)
 
 
 @pytest.mark.unit
@@ -149,7 +150,8 @@ def test_a_tokens_file_that_cannot_be_used_is_an_error_that_shows_no_token(tmp_p
 def test_a_cross_origin_request_is_refused_unless_its_origin_is_allowed() -> None:
     calls = []
     gate = Access(_app(calls), options=ACCESS)
-    status, headers, body = _call(gate, headers={"origin": "https://evil.example", "content-type": "multipart/form-data"})
+    status, headers, body = _call(gate, headers={"origin": "https://evil.example",
+                                                 "content-type": "multipart/form-data"})
     assert status == 403 and json.loads(body)["reason"] == "origin_not_allowed" and calls == []
     assert not [k for k, _ in headers if k.startswith(b"access-control-")]
     allowed = Access(_app(calls), options=dataclasses.replace(ACCESS, allowed_origins=("https://viewer.example",)))
@@ -267,6 +269,19 @@ def test_options_travel_to_every_replica_through_its_environment(tokens_file: st
 
 
 @pytest.mark.unit
+def test_a_replica_whose_tokens_file_is_unusable_fails_instead_of_serving_openly(monkeypatch, tmp_path) -> None:
+    """The replica reads its settings when it starts (StudentClassifier.__init__): a tokens file named but
+    missing is an error there, never authentication off."""
+    monkeypatch.setenv("KDRAY_AUTH_TOKENS_FILE", str(tmp_path / "missing"))
+    access.process_settings.cache_clear()
+    try:
+        with pytest.raises(KdrayError, match="cannot be read"):
+            access.process_settings()
+    finally:
+        access.process_settings.cache_clear()
+
+
+@pytest.mark.unit
 def test_the_front_copy_wraps_everything_serve_runs_in_the_replica() -> None:
     """Serve applies the callback's middlewares in list order (the last is the outermost): the front Access must
     be the outermost, so that it logs the other gates' refusals too and guards before any of them works."""
@@ -276,3 +291,24 @@ def test_the_front_copy_wraps_everything_serve_runs_in_the_replica() -> None:
 
     outermost = _apply_middlewares(_app([]), replica_middlewares())
     assert isinstance(outermost, Access) and outermost.layer == "front"
+
+
+@pytest.mark.unit
+def test_the_rayservice_turns_authentication_on_for_every_ray_container() -> None:
+    """Every Ray container of the RayService reads its tokens from a mounted Secret (replicas may run on any)."""
+    import yaml
+
+    service = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster/kuberay/rayservice-student.yaml")
+                             .read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                            for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        secrets_by_volume = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            tokens = env.get("KDRAY_AUTH_TOKENS_FILE")
+            assert tokens, container["name"]
+            mounts = [m for m in container.get("volumeMounts", [])
+                      if tokens.startswith(m["mountPath"].rstrip("/") + "/")]
+            assert mounts and mounts[0]["name"] in secrets_by_volume and mounts[0].get("readOnly"), container["name"]
