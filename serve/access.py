@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import logging.handlers
 import os
 import re
 import secrets
@@ -98,7 +99,7 @@ class Access:
         self.app, self.layer = app, layer
         self.options, self.guard = (options, Guard(options)) if options is not None else process_settings()
         if self.options.log:
-            _install_handler()
+            _install_handler(self.options)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -163,8 +164,9 @@ class Access:
             "model": _served["model"], "via": self.layer}))
 
 
-def _install_handler() -> None:
-    """Once per process: the ``kdray.access`` logger writes bare lines to its own file (see the module doc)."""
+def _install_handler(options: AccessOptions) -> None:
+    """Once per process: the ``kdray.access`` logger writes bare lines to its own file (see the module doc),
+    rotated as Ray rotates its logs."""
     if log.handlers:
         return
     from kdray import ray_private
@@ -172,8 +174,9 @@ def _install_handler() -> None:
     folder = ray_private.logs_dir()
     if folder:
         os.makedirs(os.path.join(folder, "serve"), exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(
-            os.path.join(folder, "serve", f"kdray_access_{os.getpid()}.jsonl"), encoding="utf-8")
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+            os.path.join(folder, "serve", f"kdray_access_{os.getpid()}.jsonl"), maxBytes=options.log_max_bytes,
+            backupCount=options.log_backups, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -163,6 +163,9 @@ class AccessOptions:
     open_paths: tuple[str, ...] = ("/v2/health/live", "/-/healthz")
     min_token_chars: int = Field(16, ge=1)
     max_request_id_chars: int = Field(64, ge=8)
+    # The log file rotates as Ray's own logs do (RAY_ROTATION_MAX_BYTES, RAY_ROTATION_BACKUP_COUNT defaults).
+    log_max_bytes: int = Field(512 * 2**20, ge=2**20)
+    log_backups: int = Field(5, ge=1)
 
 
 ACCESS = AccessOptions()
