@@ -21,7 +21,7 @@ from kdray.checkpoints import RESULT_FILE, read_checkpoint_meta, read_run_summar
 from kdray.config import PipelineConfig, dump_yaml
 from kdray.data import Listing, TrainingData, TrainingSplits, list_training_splits, take_images
 from kdray.evaluate import decoded_logits, evaluate_logits
-from kdray.export import export_student
+from kdray.export import export_student, pinned_reference
 from kdray.models import build_model, model_cost
 from kdray.predictor import load_predictor, measure_throughput, model_info
 from kdray.raycluster import free_loopback_port, init_ray
@@ -94,8 +94,9 @@ def _stages(cfg: PipelineConfig, splits: TrainingSplits, out: str, deploy: Deplo
     export = None
     if cfg.demo.export:
         stage("export the KD student: ONNX fp32 + int8, parity, served operating point")
-        served_model = storage.join(out, "export", "student")
-        export = _export(kd.best_checkpoint, student_data, cfg.calibrate.target_sensitivity, served_model)
+        export_dir = storage.join(out, "export", "student")
+        export = _export(kd.best_checkpoint, student_data, cfg.calibrate.target_sensitivity, export_dir)
+        served_model = pinned_reference(export_dir, export)  # served and scored as written, nothing swapped in
     if cfg.demo.serve:
         stage("serve it with Ray Serve and send one request")
     reply = _serve_once(deploy, served_model, splits.val_listing, cfg.demo.serve_port) if cfg.demo.serve else None

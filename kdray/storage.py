@@ -360,21 +360,6 @@ def copy_dir(src: str, dst: str) -> None:
     _call(d, lambda: pafs.copy_files(s.path, d.path, source_filesystem=s.fs, destination_filesystem=d.fs), "copying to")
 
 
-def local_copy(uri: str, cache_root: str) -> str:
-    """Return a local path holding ``uri`` (a file or folder), downloading it from S3 if needed."""
-    loc = resolve(uri)
-    if not loc.is_s3:
-        if not exists(loc):
-            raise KdrayError(f"{uri}: no such file or folder")
-        return loc.path
-    dest = os.path.join(cache_root, loc.path.replace("/", "__"))
-    if info(loc).type == pafs.FileType.Directory:
-        copy_dir(uri, dest)
-    else:
-        write_bytes(dest, read_bytes(loc))
-    return dest
-
-
 # ----------------------------------------------------------------------------- roots: where a job may read
 
 
