@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import NamedTuple
 
 from kdray import KdrayError
@@ -62,11 +63,21 @@ class Guard:
         if self.hosts and host_name(headers.get(b"host", b"")) not in self.hosts:
             return Refused(421, "host_not_allowed", "this server does not answer for that Host name")
         origin = headers.get(b"origin")
-        if origin is not None and origin not in self.origins:
+        if origin is not None and origin not in self.origins and not self._same_origin(origin, headers):
             return Refused(403, "origin_not_allowed", "cross-origin requests from that Origin are not allowed")
         if self.tokens:
             return self._check_token(headers.get(b"authorization"))
         return None
+
+    def _same_origin(self, origin: bytes, headers: dict[bytes, bytes]) -> bool:
+        """A page of this server itself (``/docs``): its Origin names the Host asked. Only for a Host on the
+        allow-list, or an address or ``localhost`` when there is none: a rebound DNS name (the one way a page of
+        another site becomes "same-origin") never passes."""
+        host = headers.get(b"host", b"").strip().lower()
+        if not host or origin.lower().partition(b"://")[2] != host:
+            return False
+        name = host_name(host)
+        return name in self.hosts if self.hosts else _is_address(name)
 
     def _check_token(self, authorization: bytes | None) -> Refused | None:
         scheme, _, token = (authorization or b"").strip().partition(b" ")
@@ -92,3 +103,14 @@ def host_name(host: bytes) -> bytes:
     if host.startswith(b"["):
         return host.partition(b"]")[0] + b"]"
     return host.rpartition(b":")[0] if host.count(b":") == 1 else host
+
+
+def _is_address(name: bytes) -> bool:
+    """Whether a Host name is ``localhost`` or an IP address (``[::1]`` too): names no DNS can rebind."""
+    if name == b"localhost":
+        return True
+    try:
+        ipaddress.ip_address(name.decode("ascii").strip("[]"))
+    except ValueError:
+        return False
+    return True

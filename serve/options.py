@@ -149,7 +149,7 @@ class AccessOptions:
     ``tokens_file``: one bearer token a line (a mounted Kubernetes Secret works); when set, every route but
     ``open_paths`` needs ``Authorization: Bearer <token>`` (401 otherwise); unset, there is no authentication.
     ``allowed_origins``: browser origins that may call (CORS); a request with any other ``Origin`` is refused
-    403, since a cross-site multipart POST needs no preflight. ``allowed_hosts``: the Host names served (empty:
+    403, since a cross-site multipart POST needs no preflight (the server's own pages pass: serve/auth.py). ``allowed_hosts``: the Host names served (empty:
     any); another Host gets 421 (DNS rebinding). ``log``: one JSON line per request on the ``kdray.access``
     logger (``<Ray logs dir>/serve/kdray_access_<pid>.jsonl`` in a replica). Each replica reads them from its environment (``KDRAY_AUTH_TOKENS_FILE``,
     ``KDRAY_ALLOWED_ORIGINS``, ``KDRAY_ALLOWED_HOSTS``: comma-separated; ``KDRAY_ACCESS_LOG``: 1/0), which

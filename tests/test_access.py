@@ -164,6 +164,21 @@ def test_a_cross_origin_request_is_refused_unless_its_origin_is_allowed() -> Non
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("origin, host, allowed_hosts, status", [
+    ("http://127.0.0.1:8000", "127.0.0.1:8000", (), 200),          # the server's own /docs page
+    ("http://[::1]:8000", "[::1]:8000", (), 200),
+    ("http://localhost:8000", "localhost:8000", (), 200),
+    ("http://rebound.evil.example:8000", "rebound.evil.example:8000", (), 403),  # DNS rebinding: same-origin
+    ("http://127.0.0.1:9999", "127.0.0.1:8000", (), 403),          # another port is another origin
+    ("https://kdray.example", "kdray.example", ("kdray.example",), 200),
+])
+def test_a_page_of_the_server_itself_may_call_it_but_a_rebound_name_may_not(origin, host, allowed_hosts,
+                                                                               status) -> None:
+    gate = Access(_app([]), options=dataclasses.replace(ACCESS, allowed_hosts=allowed_hosts))
+    assert _call(gate, headers={"origin": origin, "host": host})[0] == status
+
+
+@pytest.mark.unit
 def test_a_host_allow_list_refuses_other_host_names() -> None:
     calls = []
     assert _call(Access(_app(calls), options=ACCESS), headers={"host": "rebound.evil.example"})[0] == 200
