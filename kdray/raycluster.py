@@ -52,7 +52,7 @@ def write_driver_keys() -> str | None:
     """This driver's keys in a private file for the workers of a cluster it joins, or None when it has none.
 
     A folder of its own (mode 0700, the file 0600, outside Ray's session folder), removed as this process exits
-    (not when a signal kills it, as ``ray job stop`` may: then it stays, readable by its user only).
+    (SIGTERM included: ``ray.init`` turns it into an exit; after SIGKILL it stays, readable by its user only).
     Why a file and not Ray's object store, which reaches other machines: a value there is fetched with Ray calls
     that a worker's setup hook cannot rely on, and a node on another machine needs credentials of its own anyway
     (a role, or keys in its environment). The driver that brings keys its nodes lack, the demo pipeline with its
