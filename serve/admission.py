@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import os
 
 from serve.options import ADMISSION, CALLBACK, CALLBACK_ENV, DEPLOYMENT  # noqa: F401 - CALLBACK*: re-exported
 from serve.options import MAX_BODY_BYTES, REQUEST
-from serve.refusal import send_refusal
+from serve.refusal import retry_after, send_refusal
 
 OVERLOADED = 503
 #: Environment variable that overrides ``ADMISSION.limit`` (set per deployment: ``deploy(admission_limit=N)``).
@@ -42,8 +41,9 @@ class Admission:
                  layer: str = "app"):
         self.app, self.hold_s, self.prefixes = app, float(hold_s), tuple(prefixes)
         self.limit = admission_limit(limit)
-        self.retry_after = str(max(1, math.ceil(retry_after_s)))
-        self.headers = ((b"retry-after", self.retry_after.encode()), (b"x-kdray-refused-by", layer.encode()))
+        retry = retry_after(retry_after_s)
+        self.retry_after = retry[1].decode()
+        self.headers = (retry, (b"x-kdray-refused-by", layer.encode()))
         self.in_flight = 0
         self.rejected = 0
 

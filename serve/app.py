@@ -53,6 +53,7 @@ from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
 from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
 from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
 from serve.options import ACCESS, BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S, AccessOptions
+from serve.refusal import retry_after
 from serve.schemas import Health, Prediction, Refusal
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def _oip_error(message: str, status: int = 400, headers: dict | None = None,
 
 
 def _retry_later() -> dict[str, str]:
-    return {"retry-after": str(max(1, math.ceil(DEPLOYMENT.backpressure.retry_after_s)))}
+    name, value = retry_after(DEPLOYMENT.backpressure.retry_after_s)
+    return {name.decode(): value.decode()}
 
 
 async def _image_body(request: Request) -> bytes | JSONResponse:
@@ -185,12 +187,10 @@ class StudentClassifier:
             return data
         try:
             prediction = await self.handler.predict(data, explain)
-        except (ImageRefused, DecodeBudgetSpent) as exc:
+        except (ImageRefused, DecodeBudgetSpent, ExplainTooLarge) as exc:
             return _refusal(400, exc.reason, str(exc))
         except ExplainBusy as exc:
             return _refusal(503, "explain_busy", str(exc), _retry_later())
-        except ExplainTooLarge as exc:
-            return _refusal(400, oip.TOO_MANY_IMAGES, str(exc))
         except ExplainUnavailable as exc:
             return _refusal(501, "explain_unavailable", str(exc))
         return prediction.model_dump(exclude_unset=True)
@@ -230,7 +230,7 @@ class StudentClassifier:
         except ExplainBusy as exc:
             return _oip_error(str(exc), 503, _retry_later(), "explain_busy")
         except ExplainTooLarge as exc:
-            return _oip_error(str(exc), reason=oip.TOO_MANY_IMAGES)
+            return _oip_error(str(exc), reason=exc.reason)
         except ExplainUnavailable as exc:
             return _oip_error(str(exc), 501)
         return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},

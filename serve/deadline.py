@@ -16,9 +16,8 @@
 from __future__ import annotations
 
 import asyncio
-import math
 
-from serve.refusal import send_refusal
+from serve.refusal import retry_after, send_refusal
 
 BODY_TIMEOUT = 408
 BUSY = REQUEST_TIMEOUT = 503
@@ -28,7 +27,7 @@ CLOSE = (b"connection", b"close")  # the rest of the body is not read
 class BodyDeadline:
     def __init__(self, app, timeout_s: float, max_receiving_bytes: int, retry_after_s: float):
         self.app, self.timeout_s, self.max_receiving_bytes = app, float(timeout_s), int(max_receiving_bytes)
-        self.busy_headers = (CLOSE, (b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()))
+        self.busy_headers = (CLOSE, retry_after(retry_after_s))
         self.receiving = 0  # bytes of the bodies still arriving
         self.timed_out = self.refused = 0
 
@@ -76,7 +75,7 @@ class BodyDeadline:
 class RequestTimeout:
     def __init__(self, app, timeout_s: float, retry_after_s: float):
         self.app, self.timeout_s = app, float(timeout_s)
-        self.headers = ((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),)
+        self.headers = (retry_after(retry_after_s),)
         self.timed_out = 0
 
     async def __call__(self, scope, receive, send):

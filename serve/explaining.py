@@ -21,6 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from kdray import KdrayError
 from kdray.explain import Explainer, Explanation
+from serve.oip import TOO_MANY_IMAGES
 from serve.options import REQUEST
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class ExplainBusy(Exception):
 
 class ExplainTooLarge(Exception):
     """An explanation request with more images than a replica explains at once."""
+
+    reason = TOO_MANY_IMAGES
 
 
 class ExplainUnavailable(KdrayError):

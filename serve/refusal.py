@@ -6,9 +6,15 @@ Protocol's do, so that either kind of client reads it."""
 from __future__ import annotations
 
 import json
+import math
 
 #: The response header that carries a refusal's reason code (kdray's own refusals all set it), for the access log.
 REASON_HEADER = b"x-kdray-reason"
+
+
+def retry_after(seconds: float) -> tuple[bytes, bytes]:
+    """The ``Retry-After`` header every 503 carries: whole seconds (what the header allows), at least 1."""
+    return b"retry-after", str(max(1, math.ceil(seconds))).encode()
 
 
 async def send_refusal(send, status: int, reason: str, message: str, headers: tuple = ()) -> None:
