@@ -197,10 +197,12 @@ def test_scoring_survives_a_killed_node_exactly_once(two_nodes_writing_slowly, e
     os.kill(state["raylet_pids"][1], 9)
     first_output = job.communicate(timeout=600)[0]
     before = _markers(out)
-    assert {m["node"] for m in before} == {head, victim}, "scoring did not run on both nodes"
     if job.returncode != 0:  # the job may fail with the node; then the same command resumes it
         rerun = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, (first_output[-3000:], rerun.stdout[-3000:], rerun.stderr[-3000:])
+    # Across both attempts: SPREAD is best effort, and Ray at times put every scorer on the victim (CI, 1 run
+    # in 3), so the head's shards came only from the re-run; the victim's were done before the kill either way.
+    assert {m["node"] for m in _markers(out)} == {head, victim}, "scoring did not run on both nodes"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 96 and summary["nodes"] == 2, summary
     assert_exactly_once(str(out), {str(inputs / "d" / f"{i:03d}.png") for i in range(96)})
