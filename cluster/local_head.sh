@@ -46,6 +46,10 @@ export RAY_SERVE_ENABLE_DIRECT_INGRESS="${RAY_SERVE_ENABLE_DIRECT_INGRESS:-1}"
 # Serve's throughput-optimized mode: user code on the replica's own event loop, buffered request logs
 # (bench/results/serve-throughput-optimized.md).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+# HAProxy, not Serve's Python proxy, answers on Serve's port and forwards to the replicas' ports
+# (kdray/ingress.py; docs/deployment.md, "What listens where"). Its admin listeners stay on loopback through
+# kdray-haproxy (set below, once the ray executable is known).
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 
 find_ray() {
     if [[ -n "${RAY_BIN:-}" ]]; then
@@ -61,6 +65,7 @@ find_ray() {
 }
 
 RAY="$(find_ray)"
+export RAY_SERVE_HAPROXY_BINARY_PATH="${RAY_SERVE_HAPROXY_BINARY_PATH:-$(dirname "${RAY}")/kdray-haproxy}"
 # Job entrypoints run `python` from the head's PATH: put the ray's own environment first, so that
 # `ray job submit -- python -m jobs.X` finds kdray's dependencies.
 export PATH="$(dirname "${RAY}"):${PATH}"

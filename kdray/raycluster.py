@@ -110,7 +110,24 @@ def keep_ray_on_loopback() -> None:
 #: hop fewer than through Serve's proxy, which keeps running and balancing all replicas. Serve's
 #: throughput-optimized mode: the user code runs on the replica's own event loop (no hop to a second thread
 #: per request), request logs are buffered, GC frozen after start-up. What each gained: docs/running.md.
-NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#: HAProxy ingress: HAProxy, not Serve's Python proxy, answers on Serve's HTTP port and forwards each request to a
+#: replica's own port (:mod:`kdray.ingress`; measured: docs/deployment.md, "What listens where").
+NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def local_node_env() -> dict[str, str]:
+    """:data:`NODE_ENV` for a node started on this machine, with HAProxy's admin listeners on loopback and its
+    files in a folder of this Ray's own (:func:`kdray.ingress.node_env`). ``RAY_SERVE_ENABLE_HA_PROXY=0`` in
+    the environment keeps Serve's Python proxy."""
+    from kdray import ingress
+
+    env = dict(NODE_ENV)
+    if os.environ.get(ingress.HAPROXY_ENV, "1") == "0":
+        env.pop(ingress.HAPROXY_ENV)
+    else:
+        env.update(ingress.node_env())
+    return env
 
 
 def free_loopback_port() -> int:
@@ -153,7 +170,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting a local Ray on 127.0.0.1")  # its raylet, hence every worker, inherits the keys
-        for key, value in NODE_ENV.items():  # read by Ray's processes as they start: set where the node starts
+        for key, value in local_node_env().items():  # read by Ray's processes as they start: set where the node starts
             os.environ.setdefault(key, value)
         runtime_env["worker_process_setup_hook"] = "kdray.raycluster.drop_state_api_warnings"
         # address="local": a new Ray, never the last cluster started on this machine (/tmp/ray/ray_current_cluster),

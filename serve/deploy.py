@@ -50,6 +50,9 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
         log.warning("Serve was already running on port %d; port %d was not applied", actual_port, port)
     serve.run(app, name=name, route_prefix=route_prefix, logging_config=ACCESS_LOG_OFF)
     proxy_url = f"http://{host}:{actual_port}{route_prefix.rstrip('/')}"
+    if haproxy_ingress():
+        log.info("serving at %s (HAProxy, balancing every replica)", proxy_url)
+        return proxy_url
     direct = replica_urls(name, actual_port)
     if len(direct) == 1:  # direct ingress: the replica answers HTTP itself, one Python hop fewer
         log.info("serving at %s (the replica, direct ingress); through Serve's proxy at %s", direct[0], proxy_url)
@@ -57,6 +60,11 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
     if direct:
         log.info("replicas answer directly at %s; Serve's proxy balances them at %s", ", ".join(direct), proxy_url)
     return proxy_url
+
+
+def haproxy_ingress(environ=os.environ) -> bool:
+    """Whether Serve's HTTP address is HAProxy (:mod:`kdray.ingress`): set where the node started."""
+    return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
 
 def _replicas_that_fit(num_cpus: float) -> int:

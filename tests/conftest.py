@@ -125,6 +125,10 @@ def ray_local(local_s3: LocalS3) -> Iterator[None]:
 
     from kdray.raycluster import init_ray
 
+    # Serve's Python proxy, not HAProxy (the product's default, tested by tests/test_ingress.py): the integration
+    # tests reach a replica both ways, through its own port and through the proxy, which runs kdray's other
+    # middleware copy (serve/access.py).
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     init_ray()
     yield
     ray.shutdown()

@@ -22,18 +22,18 @@ import threading
 import time
 
 from kdray.ray_private import refresh_loopback_constant
-from kdray.raycluster import LOOPBACK_ENV, NODE_ENV, free_loopback_port
+from kdray.raycluster import LOOPBACK_ENV, free_loopback_port, local_node_env
 
 STATE_FILE = "state.json"
 
 
 def _prepare_environment() -> None:
-    """What every node inherits: loopback, token auth, direct ingress, and this environment's python first.
+    """What every node inherits: loopback, token auth, direct ingress, HAProxy, and this environment's python first.
     Set before Ray starts; Ray's cached copy of the loopback setting is refreshed in case it was imported first."""
     os.environ[LOOPBACK_ENV] = "0"
     refresh_loopback_constant(LOOPBACK_ENV)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    for key, value in NODE_ENV.items():
+    for key, value in local_node_env().items():  # HAProxy on the head only: deploy() asks for HeadOnly
         os.environ.setdefault(key, value)
     bin_dir = os.path.dirname(sys.executable)
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
