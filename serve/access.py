@@ -18,6 +18,10 @@ drops any copy a client sends.
   serves) and ``via`` (the copy that logged). Never a body, a query string, a token or any other header. In a
   Ray worker it goes to ``<Ray logs dir>/serve/kdray_access_<pid>.jsonl``, beside Serve's replica logs (not
   to stdout, which Serve routes through its logger and Ray streams to the driver); elsewhere to stderr.
+* **Metrics** (:mod:`serve.metrics`, unless ``KDRAY_METRICS=0``): the same request, recorded once, into the
+  replica's Prometheus series. ``/metrics`` needs a token like every other route unless ``KDRAY_METRICS_OPEN=1``.
+* **Which model answered:** every response carries ``x-kdray-model`` (the model id) once the replica has loaded
+  its model, refusals and Open Inference Protocol answers too.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import sys
 import time
 import uuid
 
+from serve import metrics
 from serve.auth import Guard
-from serve.options import ACCESS, AccessOptions
+from serve.options import ACCESS, AccessOptions, MetricsOptions
 from serve.refusal import REASON_HEADER, send_refusal
 
 log = logging.getLogger("kdray.access")
@@ -44,18 +49,20 @@ log = logging.getLogger("kdray.access")
 MARK_HEADER = b"x-kdray-access"
 MARK = secrets.token_hex(16).encode()
 REQUEST_ID = b"x-request-id"
+MODEL_HEADER = b"x-kdray-model"
 ENV = {"tokens_file": "KDRAY_AUTH_TOKENS_FILE", "allowed_origins": "KDRAY_ALLOWED_ORIGINS",
        "allowed_hosts": "KDRAY_ALLOWED_HOSTS", "log": "KDRAY_ACCESS_LOG"}
 CORS_PREFLIGHT = ((b"access-control-allow-methods", b"GET, POST"),
                   (b"access-control-allow-headers", b"authorization, content-type, x-request-id"),
                   (b"access-control-max-age", b"600"))
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
-_served = {"model": None}
+_served = {"model": None, "header": None}
 
 
 def serving(model: str) -> None:
-    """Name the model this process serves, for its log lines (the replica calls it once loaded)."""
-    _served["model"] = model
+    """Name the model this process serves, for its log lines and ``x-kdray-model`` (the replica calls it once
+    loaded)."""
+    _served["model"], _served["header"] = model, model.encode("latin-1", "replace")
 
 
 def options_from_env(environ=os.environ, base: AccessOptions = ACCESS) -> AccessOptions:
@@ -95,9 +102,11 @@ def request_id(given: bytes | None, max_chars: int) -> bytes:
 
 
 class Access:
-    def __init__(self, app, layer: str = "app", options: AccessOptions | None = None):
+    def __init__(self, app, layer: str = "app", options: AccessOptions | None = None,
+                 metrics_options: MetricsOptions | None = None):
         self.app, self.layer = app, layer
         self.options, self.guard = (options, Guard(options)) if options is not None else process_settings()
+        self.metrics = metrics_options if metrics_options is not None else metrics.process_options()
         if self.options.log:
             _install_handler(self.options)
 
@@ -111,6 +120,7 @@ class Access:
         serve_sets_id = self.layer == "app" and REQUEST_ID in headers  # behind Serve: it sets the response's id
         scope = dict(scope, headers=self._forwarded(scope, rid))
         started, seen = time.perf_counter(), {"in": 0, "out": 0, "status": None, "reason": None}
+        tracked = metrics.Tracked(scope.get("path", "")) if self.metrics.enabled else None
         origin = headers.get(b"origin")
         cors = self.guard.allows_origin(origin)
 
@@ -124,6 +134,8 @@ class Access:
                 kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID or serve_sets_id]
                 if not serve_sets_id:
                     kept.append((REQUEST_ID, rid))
+                if _served["header"] is not None:
+                    kept.append((MODEL_HEADER, _served["header"]))
                 if cors:
                     kept += [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
                 seen["status"] = message["status"]
@@ -134,7 +146,8 @@ class Access:
             await send(message)
 
         try:
-            refused = self.guard.check(scope.get("path", ""), headers)
+            metrics_open = tracked is not None and self.metrics.open and tracked.route == metrics.METRICS_ROUTE
+            refused = None if metrics_open else self.guard.check(scope.get("path", ""), headers)
             if refused is not None:
                 await send_refusal(tagging_send, refused.status, refused.reason, refused.message, refused.headers)
             elif cors and scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers:
@@ -143,6 +156,8 @@ class Access:
             else:
                 await self.app(scope, counting_receive, tagging_send)
         finally:
+            if tracked is not None:
+                tracked.end(seen["status"], seen["reason"])
             if self.options.log:
                 self._log(scope, rid, seen, started)
 

@@ -13,6 +13,7 @@ Endpoints (route prefix ``/``):
   ``/v2/health/ready``, ``/v2/models/{model}``, ``/v2/models/{model}/ready``; ``POST
   /v2/models/{model}/infer`` with a BYTES tensor ``image`` of encoded files, JSON (base64) or binary.
 * ``GET /healthz`` — model identity plus this replica's counters (model calls, images).
+* ``GET /metrics`` — this replica's Prometheus metrics (:mod:`serve.metrics`); 404 with ``KDRAY_METRICS=0``.
 * ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
 
 What a request may be and cost is bounded in front of the routes (:func:`serve.admission.guard_middlewares`):
@@ -48,11 +49,11 @@ from kdray import KdrayError
 from kdray.images import ImageRefused
 from kdray.pinning import ModelRef, parse_ref
 from kdray.predictor import BACKENDS
-from serve import access, oip
+from serve import access, metrics, oip
 from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
 from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
 from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
-from serve.options import ACCESS, BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S, AccessOptions
+from serve.options import ACCESS, BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S, AccessOptions, MetricsOptions
 from serve.refusal import retry_after
 from serve.schemas import Health, Prediction, Refusal
 
@@ -86,6 +87,16 @@ def replica_cpus() -> int:
     except Exception:  # noqa: BLE001 - outside a Ray worker
         cpus = 0.0
     return max(1, math.ceil(cpus))
+
+
+def replica_name() -> str:
+    """Serve's id of this replica (the ``replica`` label of its metrics); outside Serve, host and pid."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _media_type(content_type: str | None) -> str:
@@ -150,6 +161,8 @@ class StudentClassifier:
             log.warning("front admission gate off: %s", missing)
         predictor = self.handler.predictor
         access.serving(predictor.model_id)
+        metrics.serving(predictor.model_id, replica_name(), self.handler.model_name, self.handler.model_version,
+                        predictor.backend, self.handler.explaining)
         log.info("kdray student %s (%s, %d threads, batching %s) ready", predictor.model_id, predictor.backend,
                  threads, "on" if batched else "off")
 
@@ -248,6 +261,13 @@ class StudentClassifier:
     async def index(self) -> dict:
         return self.handler.index()
 
+    @fastapi_app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(self) -> Response:
+        """This replica's series (each replica exposes its own; see docs/serving.md)."""
+        if not metrics.process_options().enabled:
+            return _refusal(404, "metrics_off", "metrics are off on this replica (KDRAY_METRICS=0)")
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
 
 # -- building the application
 
@@ -287,10 +307,11 @@ def _resolve_model_dir(model_dir: str) -> str:
 
 def deployment_options(max_replicas: int | None = None, num_cpus: float | None = None,
                        admission_limit: int | None = None, access_options: AccessOptions | None = None,
-                       **overrides) -> dict:
+                       metrics_options: MetricsOptions | None = None, **overrides) -> dict:
     """:data:`serve.options.DEPLOYMENT` with the environment's replica bound and CPUs per replica applied
     (and, for tests and benchmarks, another admission limit: ``KDRAY_ADMISSION_LIMIT`` in the replica).
-    ``access_options`` (authentication, allow-lists, access log) go to every replica's environment."""
+    ``access_options`` (authentication, allow-lists, access log) and ``metrics_options`` go to every replica's
+    environment."""
     options = DEPLOYMENT.serve_options()
     if max_replicas is not None:
         scaling = options["autoscaling_config"]
@@ -302,6 +323,8 @@ def deployment_options(max_replicas: int | None = None, num_cpus: float | None =
         options["ray_actor_options"]["runtime_env"]["env_vars"][LIMIT_ENV] = str(int(admission_limit))
     if access_options is not None:
         options["ray_actor_options"]["runtime_env"]["env_vars"].update(access.env_of(access_options))
+    if metrics_options is not None:
+        options["ray_actor_options"]["runtime_env"]["env_vars"].update(metrics.env_of(metrics_options))
     options.update(overrides)
     return options
 

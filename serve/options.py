@@ -172,6 +172,21 @@ ACCESS = AccessOptions()
 
 
 @dataclass(frozen=True, config=CONFIG)
+class MetricsOptions:
+    """Each replica's Prometheus metrics (serve/metrics.py): ``enabled`` records them from the access middleware
+    and serves ``GET /metrics``; off, neither happens (the route answers 404). ``open``: ``/metrics`` needs no
+    bearer token even when authentication is on (the Host check and the rest of the guard are skipped for it
+    too, as for liveness). Each replica reads them from its environment (``KDRAY_METRICS``,
+    ``KDRAY_METRICS_OPEN``: 1/0), which ``serve.app.build_app`` sets for all replicas from these options."""
+
+    enabled: bool = True
+    open: bool = False
+
+
+METRICS = MetricsOptions()
+
+
+@dataclass(frozen=True, config=CONFIG)
 class RequestOptions:
     """What one inference request may ask for and how long it may take (serve/deadline.py, serve/oip.py,
     serve/handler.py), so that one client cannot take a replica's memory, CPU or admission slots.
