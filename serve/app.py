@@ -12,6 +12,9 @@ Endpoints (route prefix ``/``):
 * Open Inference Protocol v2 (KServe / Triton REST; :mod:`serve.oip`): ``GET /v2``, ``/v2/health/live``,
   ``/v2/health/ready``, ``/v2/models/{model}``, ``/v2/models/{model}/ready``; ``POST
   /v2/models/{model}/infer`` with a BYTES tensor ``image`` of encoded files, JSON (base64) or binary.
+  Liveness does no model work; readiness runs one tiny inference (:mod:`serve.readiness`): 200
+  ``{"ready": true}`` or 503 ``{"ready": false, "reason"}`` (``not_ready``, ``ready_timeout``). Serve's
+  replica health check (:meth:`StudentClassifier.check_health`) asks the same probe.
 * ``GET /healthz`` — model identity plus this replica's counters (model calls, images).
 * ``GET /metrics`` — this replica's Prometheus metrics (:mod:`serve.metrics`); 404 with ``KDRAY_METRICS=0``.
 * ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
@@ -53,7 +56,8 @@ from serve import access, metrics, oip
 from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
 from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
 from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
-from serve.options import ACCESS, BATCHING, DEPLOYMENT, SWITCH_INTERVAL_S, AccessOptions, MetricsOptions
+from serve.options import ACCESS, BATCHING, DEPLOYMENT, READINESS, SWITCH_INTERVAL_S, AccessOptions, MetricsOptions
+from serve.readiness import Readiness
 from serve.refusal import retry_after
 from serve.schemas import Health, Prediction, Refusal
 
@@ -163,6 +167,7 @@ class StudentClassifier:
         access.serving(predictor.model_id)
         metrics.serving(predictor.model_id, replica_name(), self.handler.model_name, self.handler.model_version,
                         predictor.backend, self.handler.explaining)
+        self.readiness = Readiness(self.handler.probe, READINESS.timeout_s, READINESS.cache_s)
         log.info("kdray student %s (%s, %d threads, batching %s) ready", predictor.model_id, predictor.backend,
                  threads, "on" if batched else "off")
 
@@ -218,8 +223,8 @@ class StudentClassifier:
         return {"live": True}
 
     @fastapi_app.get("/v2/health/ready")
-    async def oip_ready(self) -> dict:
-        return {"ready": True}
+    async def oip_ready(self):
+        return await self._ready({})
 
     @fastapi_app.get("/v2/models/{model}")
     async def oip_model(self, model: str):
@@ -227,7 +232,7 @@ class StudentClassifier:
 
     @fastapi_app.get("/v2/models/{model}/ready")
     async def oip_model_ready(self, model: str):
-        return {"name": model, "ready": True} if self.handler.knows_model(model) else self._unknown_model(model)
+        return await self._ready({"name": model}) if self.handler.knows_model(model) else self._unknown_model(model)
 
     @fastapi_app.post("/v2/models/{model}/infer")
     async def oip_infer(self, model: str, request: Request):
@@ -251,6 +256,21 @@ class StudentClassifier:
 
     def _unknown_model(self, model: str) -> JSONResponse:
         return _oip_error(self.handler.unknown_model(model), 404)
+
+    async def _ready(self, body: dict):
+        """200 ``{..., "ready": true}`` when the readiness probe passes, else 503 with its reason."""
+        reason = await self.readiness.check()
+        if reason is None:
+            return {**body, "ready": True}
+        return JSONResponse({**body, "ready": False, "reason": reason}, status_code=503,
+                            headers=_with_reason(_retry_later(), reason))
+
+    async def check_health(self) -> None:
+        """Serve's replica health check (every 10 s; three failures in a row restart the replica): the readiness
+        probe with no timeout of its own, so that a busy replica, whose probe waits its turn in the pool, is not
+        restarted, while a model that fails, or hangs past Serve's 30 s health-check timeout, is."""
+        if reason := await self.readiness.check(bounded=False):
+            raise RuntimeError(f"kdray readiness probe: {reason}")
 
     # -- HTTP: health and index
     @fastapi_app.get("/healthz", response_model=Health)

@@ -96,9 +96,10 @@ class StudentHandler:
             self.model_name, self.model_version = DEFAULT_MODEL_NAME, self.predictor.model_id
         self.pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="kdray-image")
         size = self.predictor.image_size
+        self.probe_pixels = np.zeros((size, size), dtype=np.uint8)  # the readiness probe's image
         # Warm-up: the first request should not pay for lazy initialisation, and a model that cannot run should
         # fail the replica's start, not its first user.
-        self.predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))
+        self.predictor.probabilities(self.probe_pixels[None])
         self.batches = self.batched_images = self.max_batch_size_seen = 0
         self.counting = threading.Lock()  # pool threads count concurrently
         self.explaining = ExplainGate(model_dir, explain.max_in_flight, explain.threads, explain.nice,
@@ -220,6 +221,18 @@ class StudentHandler:
         return oip.encode_infer_response(self.model_name, self.model_version, infer, probs, labels, explanations)
 
     # -- health
+    async def probe(self) -> None:
+        """One inference of a small blank image through the serving path (the pool on a CPU, the batcher on a
+        GPU, where /healthz's counters count it); raises when the model does not answer with probabilities."""
+        if self.batch_classifier is None:
+            probs = await asyncio.get_running_loop().run_in_executor(self.pool, self.predictor.probabilities,
+                                                                     self.probe_pixels[None])
+        else:
+            probs = (await self.batch_classifier(self.probe_pixels))[None]
+        if probs.shape != (1, len(self.classes)) or not np.isfinite(probs).all():
+            raise ValueError(f"the model answered {probs.shape} values (finite: {bool(np.isfinite(probs).all())}), "
+                             f"not {len(self.classes)} probabilities")
+
     def health(self) -> Health:
         return Health(status="ok", model_id=self.predictor.model_id, backend=self.predictor.backend,
                       classes=self.classes, image_size=self.predictor.image_size, threads=self.threads,

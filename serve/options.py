@@ -187,6 +187,20 @@ METRICS = MetricsOptions()
 
 
 @dataclass(frozen=True, config=CONFIG)
+class ReadinessOptions:
+    """Readiness (``/v2/health/ready``, ``/v2/models/{model}/ready``; serve/readiness.py): one tiny inference
+    through the serving path, answered 503 ``ready_timeout`` when it takes more than ``timeout_s``; its
+    outcome is kept ``cache_s``, and at most one probe inference runs at a time per replica, so a flood of
+    probes costs at most one inference per ``cache_s``."""
+
+    timeout_s: float = Field(2, gt=0)
+    cache_s: float = Field(1, ge=0)
+
+
+READINESS = ReadinessOptions()
+
+
+@dataclass(frozen=True, config=CONFIG)
 class RequestOptions:
     """What one inference request may ask for and how long it may take (serve/deadline.py, serve/oip.py,
     serve/handler.py), so that one client cannot take a replica's memory, CPU or admission slots.
