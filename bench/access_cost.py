@@ -1,6 +1,6 @@
 """CPU each request pays for authentication and the access log (serve/access.py), side by side in one run.
 
-The whole-endpoint comparison (``bench/serve.py --access-compare 1``) varies ±15% from run to run on a 2-core
+The whole-endpoint comparison (``bench/serve.py --compare access``) varies ±15% from run to run on a 2-core
 box, more than the effect it looks for. This measures the layer itself: the same ASGI stack around a trivial
 app, called in-process, with auth and the log off and then on (a tokens file, a bearer token per request, each
 line written to a file), alternating rounds. Run: ``python bench/access_cost.py [--requests 20000]``.

@@ -226,6 +226,19 @@ class PredictJobConfig:
 
 
 @dataclass(frozen=True, config=CONFIG)
+class ServeJobConfig:
+    """``jobs.serve``: serve an export on this machine (a local Ray on 127.0.0.1, HAProxy in front) until stopped."""
+
+    model: str = Field("", description="export folder (jobs.export), its pinned reference, or a checkpoint")
+    port: Int = Field(8000, ge=1, le=65535, description="the HTTP port on 127.0.0.1 (HAProxy, every replica behind it)")
+    backend: Backend = "auto"
+    replicas: Int | None = Field(None, ge=1, description="a fixed replica count (default: autoscaling)")
+    auth_tokens_file: str = Field("", description="bearer tokens, one a line (default: authentication off)")
+
+    REQUIRED: ClassVar[dict[str, str]] = {"model": "an export folder or a checkpoint"}
+
+
+@dataclass(frozen=True, config=CONFIG)
 class ExplainJobConfig:
     """``kdray explain``: Grad-CAM overlay PNGs of the served model's predictions, without Ray."""
 

@@ -126,7 +126,7 @@ def local_node_env() -> dict[str, str]:
     if os.environ.get(ingress.HAPROXY_ENV, "1") == "0":
         env.pop(ingress.HAPROXY_ENV)
     else:
-        env.update(ingress.node_env())
+        env.update(ingress.node_env((free_loopback_port(), free_loopback_port())))
     return env
 
 
