@@ -10,7 +10,8 @@
   ``auth_invalid``, both with ``WWW-Authenticate: Bearer``. The token is compared with every configured one in
   constant time (:func:`hmac.compare_digest`, no early exit), so timing tells neither which nor how much matched.
 
-``open_paths`` (liveness) pass every check: they do no work and tell nothing.
+``open_paths`` (liveness, readiness) pass every check: they tell nothing but up or ready, and readiness costs at
+most one probe inference a second per replica.
 """
 
 from __future__ import annotations

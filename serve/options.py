@@ -160,7 +160,9 @@ class AccessOptions:
     allowed_hosts: tuple[str, ...] = ()
     log: bool = True
     # Liveness, kdray's and Serve's (a replica's own /-/healthz: what HAProxy ingress checks): no work, no data.
-    open_paths: tuple[str, ...] = ("/v2/health/live", "/-/healthz")
+    # Readiness too, for probes that carry no token: it tells only ready or not, and costs at most one probe
+    # inference a second per replica whoever asks (serve/readiness.py keeps each outcome a second).
+    open_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready", "/-/healthz")
     min_token_chars: int = Field(16, ge=1)
     max_request_id_chars: int = Field(64, ge=8)
     # The log file rotates as Ray's own logs do (RAY_ROTATION_MAX_BYTES, RAY_ROTATION_BACKUP_COUNT defaults).

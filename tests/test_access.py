@@ -115,6 +115,8 @@ def test_with_tokens_every_route_but_liveness_needs_one(tokens_file: str, layer:
         assert _call(gate, headers={"authorization": f"Bearer {token}"})[0] == 200
     assert _call(gate, "/kdray/predict", headers={"authorization": f"bearer {TOKENS[1]}"})[0] == 200
     assert _call(gate, "/v2/health/live", "GET")[0] == 200  # liveness: kubelet probes carry no token
+    assert _call(gate, "/v2/health/ready", "GET")[0] == 200  # readiness: nor do readiness probes
+    assert _call(gate, "/v2/models/kdray-student/ready", "GET")[0] == 401  # the model's own: as other routes
     assert _call(gate, "/app/v2/health/live", "GET")[0] == 200  # in front of Serve: the route prefix
     assert _call(gate, "/-/healthz", "GET")[0] == 200  # Serve's own, on a replica's port (HAProxy checks it)
 

@@ -317,7 +317,9 @@ def test_readiness_runs_through_the_model_and_liveness_stays_open(served, tiny_e
         assert ready.headers["x-kdray-model"]
         model_ready = requests.get(f"{url}/v2/models/{name}/ready", headers=auth, timeout=30)
         assert model_ready.status_code == 200 and model_ready.json() == {"name": name, "ready": True}
-        assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 401
+        anonymous = requests.get(f"{url}/v2/health/ready", timeout=30)  # probes carry no token
+        assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}
+        assert requests.get(f"{url}/v2/models/{name}/ready", timeout=30).status_code == 401
         assert requests.get(f"{url}/v2/health/live", timeout=30).status_code == 200
     unknown = requests.get(f"{direct}/v2/models/resnet/ready", headers=auth, timeout=30)
     assert unknown.status_code == 404 and unknown.headers["x-kdray-model"]
