@@ -18,9 +18,10 @@ from kdray.runner import run_job
 
 def main(argv: list[str]) -> str:
     cfg = load_config(ServeJobConfig, argv)
+    from serve.app import access_args
     from serve.deploy import deploy
 
-    extra = {"access_options": _access(cfg.auth_tokens_file)} if cfg.auth_tokens_file else {}
+    extra = {"access_options": access_args({"auth_tokens_file": cfg.auth_tokens_file})} if cfg.auth_tokens_file else {}
     url = deploy(cfg.model, port=cfg.port, backend=cfg.backend, num_replicas=cfg.replicas, **extra)
     print(f"serving {cfg.model} at {url}  (POST an image to {url}/predict; Ctrl-C stops)", flush=True)
     stop = threading.Event()
@@ -29,14 +30,6 @@ def main(argv: list[str]) -> str:
     stop.wait()
     print("stopping", flush=True)
     return url
-
-
-def _access(tokens_file: str):
-    import dataclasses
-
-    from serve.options import ACCESS
-
-    return dataclasses.replace(ACCESS, tokens_file=tokens_file)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def deploy(model_dir: str, port: int = 8000, backend: str = "auto", *, num_repli
 
 def haproxy_ingress(environ=os.environ) -> bool:
     """Whether Serve's HTTP address is HAProxy (:mod:`kdray.ingress`): set where the node started."""
-    return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    from kdray.ingress import HAPROXY_ENV
+
+    return environ.get(HAPROXY_ENV) == "1"
 
 
 def _replicas_that_fit(num_cpus: float) -> int:
