@@ -194,20 +194,27 @@ def test_scoring_survives_a_killed_node_exactly_once(two_nodes_writing_slowly, e
     while not any(m.get("node") == victim for m in _markers(out)) and job.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert job.poll() is None, f"the job ended before the victim node finished a shard: {job.communicate()[0][-3000:]}"
+    scored_by_victim = {m["shard"] for m in _markers(out) if m.get("node") == victim}
     os.kill(state["raylet_pids"][1], 9)
     first_output = job.communicate(timeout=600)[0]
     before = _markers(out)
     if job.returncode != 0:  # the job may fail with the node; then the same command resumes it
         rerun = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, (first_output[-3000:], rerun.stdout[-3000:], rerun.stderr[-3000:])
-    # Across both attempts: SPREAD is best effort, and Ray at times put every scorer on the victim (CI, 1 run
-    # in 3), so the head's shards came only from the re-run; the victim's were done before the kill either way.
-    assert {m["node"] for m in _markers(out)} == {head, victim}, "scoring did not run on both nodes"
+    # The victim scored before the kill (its marker was seen). Its marker need not survive: when the node dies
+    # after writing a shard but before Ray Data has its result, the shard is scored again elsewhere and its
+    # files (marker included) are overwritten, not duplicated (CI saw this once).
+    final = {n: sum(m["node"] == n for m in _markers(out)) for n in {m["node"] for m in _markers(out)}}
+    attempts = (f"first attempt exit {job.returncode}; shards before the re-run: {len(before)} of 24; victim's "
+                f"shards seen before the kill {sorted(scored_by_victim)}; markers per node at the end "
+                f"{ {n[:8]: k for n, k in final.items()} } (head {head[:8]}, victim {victim[:8]})")
+    print(attempts)
+    assert scored_by_victim and head in final, f"scoring did not run on both nodes: {attempts}"
+    assert set(final) <= {head, victim}, attempts
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 96 and summary["nodes"] == 2, summary
+    assert summary["images"] == 96 and summary["nodes"] == len(final), summary
     assert_exactly_once(str(out), {str(inputs / "d" / f"{i:03d}.png") for i in range(96)})
     assert not list(out.rglob(".tmp-*")), "a half-written file survived"
-    print(f"first attempt exit {job.returncode}; shards before the re-run: {len(before)} of 24")
 
 
 def test_ray_job_submit_of_the_pipeline_to_two_nodes(two_nodes, tmp_path, monkeypatch):
