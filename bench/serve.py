@@ -22,7 +22,8 @@ inference thread each); ``litserve`` = ``bench/serve_litserve.py`` (LitServe, 2 
 ``--litserve-dir``); ``kdray`` = one side per ``--ingress``: ``haproxy`` (kdray's default, :mod:`kdray.ingress`)
 and ``proxy`` (Serve's Python proxy, ``RAY_SERVE_ENABLE_HA_PROXY=0``). ``--compare`` runs the first kdray side
 twice, a setting off then on, and prints the peaks' ratio: ``access`` (authentication + access log), ``metrics``
-(``KDRAY_METRICS``), ``queue`` (HAProxy's per-replica limit, ``KDRAY_HAPROXY_REPLICA_MAXCONN``).
+(``KDRAY_METRICS``), ``queue`` (HAProxy's per-replica limit, ``KDRAY_HAPROXY_REPLICA_MAXCONN``),
+``ray-metrics`` (Ray's per-request HAProxy metrics, ``RAY_SERVE_HAPROXY_METRICS_ENABLED``).
 Results: ``bench/results/serve.md`` (``--output``).
 """
 
@@ -294,9 +295,10 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=1, help="> 1: kdray on a cluster/local_cluster.sh cluster")
     p.add_argument("--cpus-per-node", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=0, help="CPUs per replica (0: what deploy() chooses)")
-    p.add_argument("--compare", choices=("access", "metrics", "queue"), default=None,
+    p.add_argument("--compare", choices=("access", "metrics", "queue", "ray-metrics"), default=None,
                    help="run the first kdray side twice, that setting off then on: authentication + access log, "
-                        "Prometheus metrics, HAProxy's per-replica queue (kdray.ingress)")
+                        "Prometheus metrics, HAProxy's per-replica queue (kdray.ingress), Ray's per-request "
+                        "HAProxy metrics (RAY_SERVE_HAPROXY_METRICS_ENABLED)")
     p.add_argument("--scrape", type=int, default=1, help="1: GET /metrics after each kdray side's load")
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
@@ -333,10 +335,14 @@ def main() -> None:
 ACCESS_OFF, ACCESS_ON = " [auth+log off]", " [auth+log on]"
 METRICS_OFF, METRICS_ON = " [metrics off]", " [metrics on]"
 QUEUE_OFF, QUEUE_ON = " [HAProxy queue off]", " [HAProxy queue on]"
+RAY_METRICS_OFF, RAY_METRICS_ON = " [Ray's HAProxy metrics off]", " [Ray's HAProxy metrics on]"
 COMPARE = {"metrics": [{"env": {"KDRAY_METRICS": "0"}, "headers": {}, "label": METRICS_OFF},
                        {"env": {"KDRAY_METRICS": "1"}, "headers": {}, "label": METRICS_ON}],
            "queue": [{"env": {"KDRAY_HAPROXY_REPLICA_MAXCONN": "0"}, "headers": {}, "label": QUEUE_OFF},
-                     {"env": {}, "headers": {}, "label": QUEUE_ON}]}
+                     {"env": {}, "headers": {}, "label": QUEUE_ON}],
+           "ray-metrics": [{"env": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}, "headers": {}, "label": RAY_METRICS_OFF},
+                           {"env": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}, "headers": {},
+                            "label": RAY_METRICS_ON}]}
 ANCHOR = "plain uvicorn"
 
 
@@ -385,7 +391,8 @@ def report(a, rows: list[dict], replicas: list, marks: list, image: Path, starte
             lines.append("")
     lines += acceptance(rows, peaks)
     for on_label, off_label, what in ((ACCESS_ON, ACCESS_OFF, "auth + access log"),
-                                      (METRICS_ON, METRICS_OFF, "metrics"), (QUEUE_ON, QUEUE_OFF, "HAProxy queue")):
+                                      (METRICS_ON, METRICS_OFF, "metrics"), (QUEUE_ON, QUEUE_OFF, "HAProxy queue"),
+                                      (RAY_METRICS_ON, RAY_METRICS_OFF, "Ray's HAProxy metrics")):
         for side, v in sorted(peaks.items()):
             off = peaks.get(side.replace(on_label, off_label)) if side.endswith(on_label) else None
             if off:

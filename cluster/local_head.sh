@@ -50,6 +50,8 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 # (kdray/ingress.py; docs/deployment.md, "What listens where"). Its admin listeners stay on loopback through
 # kdray-haproxy (set below, once the ray executable is known).
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+# No per-request HAProxy metrics from Ray (a log line per request parsed in Python); kdray's /metrics has them.
+export RAY_SERVE_HAPROXY_METRICS_ENABLED="${RAY_SERVE_HAPROXY_METRICS_ENABLED:-0}"
 
 find_ray() {
     if [[ -n "${RAY_BIN:-}" ]]; then

@@ -111,9 +111,11 @@ def keep_ray_on_loopback() -> None:
 #: throughput-optimized mode: the user code runs on the replica's own event loop (no hop to a second thread
 #: per request), request logs are buffered, GC frozen after start-up. What each gained: docs/running.md.
 #: HAProxy ingress: HAProxy, not Serve's Python proxy, answers on Serve's HTTP port and forwards each request to a
-#: replica's own port (:mod:`kdray.ingress`; measured: docs/deployment.md, "What listens where").
+#: replica's own port (:mod:`kdray.ingress`; measured: docs/deployment.md, "What listens where"). Ray's
+#: per-request HAProxy metrics off: each request would cost a log datagram that Serve's HAProxyManager parses in
+#: Python; the replicas' own /metrics count and time every request (serve/metrics.py).
 NODE_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+            "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
 
 
 def local_node_env() -> dict[str, str]:
