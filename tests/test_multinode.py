@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,7 @@ def test_scoring_survives_a_killed_node_exactly_once(two_nodes_writing_slowly, e
     # The victim scored before the kill (its marker was seen). Its marker need not survive: when the node dies
     # after writing a shard but before Ray Data has its result, the shard is scored again elsewhere and its
     # files (marker included) are overwritten, not duplicated (CI saw this once).
-    final = {n: sum(m["node"] == n for m in _markers(out)) for n in {m["node"] for m in _markers(out)}}
+    final = Counter(m["node"] for m in _markers(out))
     attempts = (f"first attempt exit {job.returncode}; shards before the re-run: {len(before)} of 24; victim's "
                 f"shards seen before the kill {sorted(scored_by_victim)}; markers per node at the end "
                 f"{ {n[:8]: k for n, k in final.items()} } (head {head[:8]}, victim {victim[:8]})")
