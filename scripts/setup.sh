@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install kdray with its test extras from requirements.lock. Safe to re-run
+# Create .venv (Python 3.11) and install kdray with its test extras from requirements.lock, and (as root, with apt)
+# Debian's dicom3tools for dciodvfy. Safe to re-run
 # (about 10 s when everything is installed).
 # --require-hashes: every package is the lock's version and one of the files the lock names by sha256, whatever
 # index or mirror pip is configured with. kdray itself goes in with --no-deps (the lock holds its dependencies)
@@ -14,3 +15,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+# Debian tools the tests use: dciodvfy (dicom3tools) validates the DICOM objects kdray writes.
+if ! command -v dciodvfy >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -q dicom3tools >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q dicom3tools >/dev/null; }
+    else
+        echo "setup: dciodvfy missing; install Debian's dicom3tools (apt-get install dicom3tools) for the DICOM tests" >&2
+    fi
+fi
