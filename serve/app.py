@@ -4,7 +4,9 @@ Endpoints (route prefix ``/``):
 
 * ``POST /predict`` — the image as the raw body (``image/png``, ``image/jpeg``, ``application/dicom``,
   ``application/octet-stream``, ...) or as multipart field ``file`` →
-  ``{"label", "probabilities": {class: p}, "covid_suspect": bool|null, "model_id", "backend"}``.
+  ``{"label", "probabilities": {class: p}, "covid_suspect": bool|null, "model_id", "backend"}``; with
+  ``Accept: application/dicom`` and a DICOM body, the instance's DICOM SR (:mod:`kdray.dicom_results`; 406
+  ``not_dicom`` for a body that is not DICOM).
   400 ``{"detail", "reason"}`` = refused image, with the shared loader's reason code (``too_small``,
   ``too_large``, ``not_an_image``, ``unsupported_dicom``, ...); 413 = body over the limit; 415 = a content
   type that is not an image; 408 = the body did not arrive in time; 503 + ``Retry-After`` = overloaded
@@ -49,6 +51,7 @@ from ray import serve
 from ray.serve import Application
 
 from kdray import KdrayError
+from kdray.dicom_results import NotADicomSource
 from kdray.images import ImageRefused
 from kdray.pinning import ModelRef, parse_ref
 from kdray.predictor import BACKENDS
@@ -128,6 +131,19 @@ def _retry_later() -> dict[str, str]:
     return {name.decode(): value.decode()}
 
 
+def accepts_dicom(accept: str | None) -> bool:
+    """Whether an Accept header asks for ``application/dicom`` (with a non-zero q): the answer is then the SR."""
+    for media_range in (accept or "").lower().split(","):
+        media, *params = (part.strip() for part in media_range.split(";"))
+        if media in DICOM_TYPES:
+            q = next((p[2:] for p in params if p.startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
 async def _image_body(request: Request) -> bytes | JSONResponse:
     """The image a /predict request carries (raw body or multipart field ``file``), or the refusal."""
     media = _media_type(request.headers.get("content-type"))
@@ -186,6 +202,8 @@ class StudentClassifier:
     @fastapi_app.post("/predict", response_model=Prediction, response_model_exclude_unset=True,
                       responses={400: {"model": Refusal, "description": "the image was refused (reason code)"},
                                  413: {"model": Refusal, "description": "body over the size limit"},
+                                 406: {"model": Refusal, "description": "Accept: application/dicom for a body "
+                                                                        "that is not DICOM (reason not_dicom)"},
                                  415: {"model": Refusal, "description": "not an image content type"},
                                  503: {"description": "overloaded; retry after the Retry-After header's seconds"}},
                       openapi_extra={"requestBody": {"content": {
@@ -203,8 +221,16 @@ class StudentClassifier:
         data = await _image_body(request)
         if isinstance(data, JSONResponse):
             return data
+        as_dicom = accepts_dicom(request.headers.get("accept"))
+        if as_dicom and explain:
+            return _refusal(400, "bad_parameter", "explain=true answers JSON only: leave it out to get the SR "
+                                                  "(Accept: application/dicom), or accept application/json")
         try:
+            if as_dicom:
+                return Response(await self.handler.structured_report(data), media_type=DICOM_TYPES[0])
             prediction = await self.handler.predict(data, explain)
+        except NotADicomSource as exc:
+            return _refusal(406, exc.reason, str(exc))
         except (ImageRefused, DecodeBudgetSpent, ExplainTooLarge) as exc:
             return _refusal(400, exc.reason, str(exc))
         except ExplainBusy as exc:

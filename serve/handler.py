@@ -28,10 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kdray.images import ImageLimits, ImageRefused, LoadedImage, load_image
+from kdray.dicom_results import Finding, ModelIdentity, NotADicomSource, read_source, structured_report, to_bytes
+from kdray.images import ImageLimits, ImageRefused, LoadedImage, load_image, sniff_format
 from kdray.predictor import is_export, load_predictor, model_info, read_model_card
 from serve import oip
 from serve.explaining import ExplainGate
+from serve.metrics import digest_of
 from serve.options import EXPLAIN, IMAGE_LIMITS, REQUEST, WORKER_THREADS, ExplainOptions, RequestOptions
 from serve.schemas import Health, Prediction
 
@@ -178,6 +180,24 @@ class StudentHandler:
         if explanation is not None:
             fields["explanation"] = explanation
         return Prediction(**fields)
+
+    # -- /predict answered as DICOM (Accept: application/dicom)
+    async def structured_report(self, data: bytes) -> bytes:
+        """The DICOM SR (Part 10 bytes, :mod:`kdray.dicom_results`) of one DICOM image; a body that is not DICOM
+        raises :class:`kdray.dicom_results.NotADicomSource` before any decoding."""
+        if sniff_format(data) != "dicom":
+            raise NotADicomSource("an SR refers to its source's patient, study and instance: send a DICOM image "
+                                  "(application/dicom), or accept application/json")
+        probs = await self.probabilities(data)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._report, data, probs)
+
+    def _report(self, data: bytes, probs: np.ndarray) -> bytes:
+        flags = self.predictor.covid_suspect(probs[None])
+        finding = Finding(tuple(self.classes), tuple(float(p) for p in probs),
+                          None if flags is None else bool(flags[0]), self.predictor.covid_threshold)
+        model_id = self.predictor.model_id
+        model = ModelIdentity(self.model_name, self.model_version, digest_of(model_id), model_id)
+        return to_bytes(structured_report(read_source(data), finding, model))
 
     # -- the Open Inference Protocol
     def knows_model(self, model: str) -> bool:

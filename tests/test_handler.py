@@ -46,6 +46,22 @@ def test_predicts_a_png_and_a_dicom_as_the_transport_would_return_them(handler):
     assert handler.health().batched_images >= 2
 
 
+def test_a_dicom_answered_as_dicom_is_its_sr_with_the_same_probabilities(handler):
+    import pydicom
+
+    from kdray.dicom_results import NotADicomSource
+
+    data = dicom_bytes(np.random.default_rng(2).integers(0, 4095, (64, 64)), PatientID="P-2")
+    sr = pydicom.dcmread(io.BytesIO(run(handler.structured_report(data))))
+    source = pydicom.dcmread(io.BytesIO(data))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == "P-2"
+    numbers = [float(e.value) for e in sr.iterall() if e.keyword == "NumericValue"]
+    expected = run(handler.predict(data)).probabilities
+    assert numbers == pytest.approx([expected[c] for c in handler.classes], abs=1e-6)
+    with pytest.raises(NotADicomSource):
+        run(handler.structured_report(_png()))
+
+
 def test_refusals_are_exceptions_with_reason_codes(handler):
     with pytest.raises(ImageRefused) as refused:
         run(handler.predict(_png(side=1)))

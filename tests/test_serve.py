@@ -207,6 +207,26 @@ def test_raw_bodies_and_dicom(base_url: str) -> None:
 
 
 @pytest.mark.integration
+def test_accept_dicom_answers_the_sr_and_refuses_a_png(base_url: str) -> None:
+    import pydicom
+    import requests
+
+    data = _dicom()
+    resp = requests.post(f"{base_url}/predict", data=data, timeout=60,
+                         headers={"content-type": "application/dicom", "accept": "application/dicom"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/dicom", resp.text
+    sr = pydicom.dcmread(io.BytesIO(resp.content))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    assert resp.headers.get("x-kdray-model")
+    png = requests.post(f"{base_url}/predict", data=_png(1), timeout=60,
+                        headers={"content-type": "image/png", "accept": "application/dicom"})
+    assert png.status_code == 406 and png.json()["reason"] == "not_dicom"
+    both = requests.post(f"{base_url}/predict", data=data, timeout=60,
+                         headers={"content-type": "application/dicom", "accept": "application/dicom;q=0, */*"})
+    assert both.status_code == 200 and "probabilities" in both.json()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("data, reason", [
     (b"\x89PNG\r\n\x1a\n definitely not a png", "truncated"),
     (b"hello, not an image", "not_an_image"),
