@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) and install kdray with its test extras from requirements.lock, and (as root, with apt)
-# Debian's dicom3tools for dciodvfy. Safe to re-run
+# Debian's dicom3tools, orthanc and orthanc-dicomweb. Safe to re-run
 # (about 10 s when everything is installed).
 # --require-hashes: every package is the lock's version and one of the files the lock names by sha256, whatever
 # index or mirror pip is configured with. kdray itself goes in with --no-deps (the lock holds its dependencies)
@@ -15,11 +15,15 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-# Debian tools the tests use: dciodvfy (dicom3tools) validates the DICOM objects kdray writes.
-if ! command -v dciodvfy >/dev/null 2>&1; then
+# Debian tools the tests use: dciodvfy (dicom3tools) validates the DICOM objects kdray writes; Orthanc and its
+# DICOMweb plugin are the local PACS (cluster/local_pacs.sh).
+if ! { command -v dciodvfy && command -v Orthanc && [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]]; } \
+        >/dev/null 2>&1; then
+    packages=(dicom3tools orthanc orthanc-dicomweb)
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        apt-get install -y -q dicom3tools >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q dicom3tools >/dev/null; }
+        apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q "${packages[@]}" >/dev/null; }
     else
-        echo "setup: dciodvfy missing; install Debian's dicom3tools (apt-get install dicom3tools) for the DICOM tests" >&2
+        echo "setup: install Debian's ${packages[*]} (apt-get install) for the DICOM and PACS tests" >&2
     fi
 fi
