@@ -1,7 +1,7 @@
 """Score every image in an archive offline with Ray Data: resumable, exactly once, DICOM included.
 
     python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 0 (auto)]
-                         [--explain none|covid_suspect|all] [--allowed_roots URI,URI]
+                         [--explain none|covid_suspect|all] [--dicom_results] [--allowed_roots URI,URI]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
 a ``path`` column, or WebDataset ``.tar`` shards. Inputs are read only inside the input's own folder or prefix
@@ -12,6 +12,10 @@ interrupted, the same command run again resumes: finished shards are skipped and
 
 ``--explain covid_suspect|all`` also writes a Grad-CAM overlay (PNG) for those rows under
 ``explanations/part-NNNNN/``; the row's ``explanation`` column holds its path relative to ``--output``.
+
+``--dicom_results``: each DICOM row also gets its DICOM SR (:mod:`kdray.dicom_results`), and with ``--explain`` its
+overlay as a Secondary Capture, under ``dicom/part-NNNNN/<SOP Instance UID>.dcm`` (columns ``dicom_sr`` and
+``dicom_overlay``); their UIDs come from the source's, so a re-run writes the same files again, never new ones.
 """
 
 from kdray import storage
@@ -25,7 +29,7 @@ def main(argv: list[str]) -> ScoreSummary:
     cfg = load_config(ScoreJobConfig, argv)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
                             cfg.shard_size, cfg.limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots,
-                            engine=cfg.engine)
+                            engine=cfg.engine, dicom_results=cfg.dicom_results)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     reasons = ", ".join(f"{k} {v}" for k, v in summary.errors_by_reason.items()) or "none"
     print(f"scored {summary.scored} of {summary.images} input(s) with {summary.backend} ({summary.engine} engine); "

@@ -175,6 +175,8 @@ class ScoreJobConfig:
     shard_size: Int = Field(0, ge=0, description="inputs per output file (0 = about 16 shards, 32 to 256 inputs "
                             "each); a re-run after a crash redoes only unfinished shards")
     explain: ExplainMode = Field("none", description="Grad-CAM overlays under explanations/ for these rows")
+    dicom_results: bool = Field(False, description="DICOM inputs also get their result as DICOM under dicom/: an "
+                                "SR per row (and, with --explain, the overlay as Secondary Capture)")
     engine: ScoringEngine = Field("auto", description="ray: Ray Data actors; local: threads of this process; "
                                   "auto: ray on a cluster")
     allowed_roots: list[str] = Field(default_factory=list, description="folders or s3:// prefixes inputs may also "

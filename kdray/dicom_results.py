@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from kdray import KdrayError, __version__
+from kdray.pinning import digest_of
 
 MANUFACTURER = "kdray"
 NOT_FOR_DIAGNOSIS = "kdray AI result - not for diagnostic use"  # LO: at most 64 characters
@@ -61,6 +62,10 @@ class ModelIdentity:
     version: str
     digest: str
     model_id: str
+
+    @classmethod
+    def of(cls, name: str, version: str, model_id: str) -> "ModelIdentity":
+        return cls(name, version, digest_of(model_id), model_id)
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,14 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
     value = source.get("PatientOrientation")
     values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else []
     return (str(values[0]), str(values[1])) if len(values) == 2 and all(values) else None
+
+
+def overlay_rgb(png: bytes) -> np.ndarray:
+    """An overlay PNG (:func:`kdray.explain.overlay_png`, kdray's own) as uint8 RGB pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def to_bytes(ds: Dataset) -> bytes:

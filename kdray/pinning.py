@@ -82,3 +82,9 @@ def plain_file_name(name: str) -> str:
 def model_id(name: str, version: str, digest: str, variant: str) -> str:
     """``name:version@sha256:<12 hex>#variant``: what a model is (its digest) and which artifact runs."""
     return f"{name}:{version}@sha256:{digest[:12]}#{variant}"
+
+
+def digest_of(model_id: str) -> str:
+    """``sha256:<12 hex>`` of a model id (``name:version@sha256:<12 hex>#variant``), or "" without one."""
+    _, found, rest = model_id.partition("@sha256:")
+    return f"sha256:{rest.partition('#')[0]}" if found else ""

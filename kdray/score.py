@@ -96,6 +96,7 @@ class Plan:
     hidden_skipped: int = 0
     duplicates: int = 0
     explain: str = "none"  # which rows get a Grad-CAM overlay (kdray.explain.EXPLAIN_MODES)
+    dicom_results: bool = False  # DICOM rows also get an SR (and overlay SC) under dicom/ (kdray.dicom_results)
     roots: list[str] = field(default_factory=list)  # where inputs may be read: the input's own root, then --
     allowed_roots: list[str] = field(default_factory=list)  # allowed_roots (both as storage.root_of makes them)
     outside_roots: int = 0  # manifest rows outside the roots at planning (refused when read, never opened)
@@ -104,6 +105,8 @@ class Plan:
         parts = [self.input, self.model, self.kind, self.shard_size, self.shards]
         if self.explain != "none":  # (runs without explanations keep the fingerprint they always had)
             parts.append(self.explain)
+        if self.dicom_results:  # (and so do runs without DICOM results)
+            parts.append("dicom_results")
         if self.allowed_roots:  # (and so do runs without extra roots)
             parts.append(self.allowed_roots)
         blob = json.dumps(parts, sort_keys=True)
@@ -267,7 +270,8 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                   overwrite: bool = False, shard_size: int = 0, limits: ImageLimits | None = None,
                   policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none",
                   allowed_roots: list[str] | tuple = (), lock_ttl_s: float = storage.LOCK_TTL_S,
-                  lock_heartbeat_s: float = storage.LOCK_HEARTBEAT_S, engine: str = "auto") -> ScoreSummary:
+                  lock_heartbeat_s: float = storage.LOCK_HEARTBEAT_S, engine: str = "auto",
+                  dicom_results: bool = False) -> ScoreSummary:
     """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary.
 
     ``allowed_roots``: folders or S3 prefixes that inputs may be read from besides the input's own. The output is
@@ -277,7 +281,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
     engine = choose_engine(engine)
     info = model_info(model_uri, backend)
     plan = plan_inputs(input_uri, model_uri, shard_size, allowed_roots)
-    plan.explain = explain
+    plan.explain, plan.dicom_results = explain, bool(dicom_results)
     if explain != "none":
         from kdray.explain import Explainer, should_explain  # torch loads only for explanations
 
@@ -307,7 +311,7 @@ def _score_shards(plan: Plan, out: storage.Location, done: set[int], info, lock:
              info.backend, engine, len(todo), len(done))
     scorer = {"model_uri": plan.model, "output_uri": out.uri, "backend": backend, "batch_size": batch_size,
               "limits": asdict(limits or ImageLimits()), "policy": asdict(policy or ReadPolicy()), "base": plan.base,
-              "kind": plan.kind, "explain": plan.explain, "roots": plan.roots, "run_id": lock.run_id,
+              "kind": plan.kind, "explain": plan.explain, "dicom_results": plan.dicom_results, "roots": plan.roots, "run_id": lock.run_id,
               "fingerprint": plan.fingerprint()}
     work = [{"shard": i, "entries": plan.shards[i]} for i in todo]
     started = time.time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import sys
 import tarfile
@@ -30,9 +31,11 @@ from kdray.inputs import (failure_message, open_local, open_tar, read_failure_re
                           tar_members)
 from kdray.predictor import load_predictor
 
+log = logging.getLogger(__name__)
 LOCK_FILE = "_lock.json"
 PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR = "predictions", "errors", "_done"
 EXPLANATIONS_DIR = "explanations"
+DICOM_DIR = "dicom"
 EXPLAIN_CHUNK = 8  # images per Grad-CAM call
 
 
@@ -102,8 +105,9 @@ class ShardScorer:
     def __init__(self, model_uri: str, output_uri: str, backend: str = "auto", threads: int = 1,
                  batch_size: int = 32, limits: dict | None = None, policy: dict | None = None,
                  base: str = "", kind: str = "folder", explain: str = "none", roots: list[str] | tuple = (),
-                 run_id: str = "", fingerprint: str = ""):
+                 run_id: str = "", fingerprint: str = "", dicom_results: bool = False):
         self.predictor = load_predictor(model_uri, backend=backend, threads=threads)
+        self.dicom_model = model_identity(model_uri, self.predictor.model_id) if dicom_results else None
         self.explain = explain
         self.explainer = None
         if explain != "none":
@@ -188,10 +192,11 @@ class ShardScorer:
             return ShardResult(shard, 0, 0, 0, {}, 0, time.time() - started, time.time(), False, str(exc), node_id())
 
     def _score_and_write(self, shard: int, entries: list[str], started: float) -> ShardResult:
-        good_names, good_images, good_meta, errors = [], [], [], []
+        good_names, good_images, good_meta, errors, sources = [], [], [], [], []
         for name, read in self._inputs(entries):
             try:
-                loaded = load_image(read(), self.predictor.image_size, self.limits)
+                data = read()
+                loaded = load_image(data, self.predictor.image_size, self.limits)
             except storage.S3Unavailable:
                 raise  # S3 is away after the retry budget: the job stops, this input is not an io_error row
             except (OSError, KdrayError, tarfile.TarError) as exc:
@@ -203,8 +208,9 @@ class ShardScorer:
             good_names.append(name)
             good_images.append(loaded.pixels)
             good_meta.append(loaded)
+            sources.append(_dicom_source(data) if self.dicom_model and loaded.format == "dicom" else None)
         name = f"part-{shard:05d}"
-        predictions = self._predictions(good_names, good_images, good_meta, name)
+        predictions = self._predictions(good_names, good_images, good_meta, name, sources)
         parts = {"predictions": self._write(f"{PREDICTIONS_DIR}/{name}.parquet", predictions),
                  "errors": self._write(f"{ERRORS_DIR}/{name}.parquet", _errors_table(errors))}
         io_errors = sum(1 for e in errors if e["reason"] == IO_ERROR)
@@ -241,7 +247,8 @@ class ShardScorer:
             raise ScoringAborted(f"another run took over {self.out.uri} (its lock names run {holder.get('run')}); "
                                  f"this run stops without marking shard {shard} done")
 
-    def _predictions(self, names: list[str], images: list[np.ndarray], loaded: list, part: str) -> pa.Table:
+    def _predictions(self, names: list[str], images: list[np.ndarray], loaded: list, part: str,
+                     sources: list) -> pa.Table:
         p = self.predictor
         probs = np.zeros((0, len(p.classes)), np.float32)
         if images:
@@ -261,11 +268,44 @@ class ShardScorer:
         columns["height"] = pa.array([m.height for m in loaded], pa.int32())
         for tag, column in DICOM_IDENTIFIERS.items():
             columns[column] = pa.array([m.dicom.get(tag) for m in loaded], pa.string())
+        overlays: dict[int, bytes] = {}
         if self.explainer is not None:
-            columns.update(self._explain(names, images, probs, suspect, part))
+            columns.update(self._explain(names, images, probs, suspect, part, overlays))
+        if self.dicom_model is not None:
+            columns.update(self._dicom_results(probs, suspect, sources, overlays, part))
         return pa.table(columns)
 
-    def _explain(self, names: list[str], images: list[np.ndarray], probs: np.ndarray, suspect, part: str) -> dict:
+    def _dicom_results(self, probs: np.ndarray, suspect, sources: list, overlays: dict[int, bytes], part: str) -> dict:
+        """Each DICOM row's SR (and overlay Secondary Capture), written before the shard's predictions under
+        names from their own UIDs (a re-run rewrites the same files). Columns ``dicom_sr`` and ``dicom_overlay``:
+        paths relative to the output; null for a row that is not DICOM or not explained."""
+        from kdray.dicom_results import Finding, overlay_capture, overlay_rgb, structured_report
+
+        p = self.predictor
+        srs: list[str | None] = [None] * len(sources)
+        captures: list[str | None] = [None] * len(sources)
+        for i, source in enumerate(sources):
+            if source is None:
+                continue
+            finding = Finding(tuple(p.classes), tuple(float(v) for v in probs[i]),
+                              None if suspect is None else bool(suspect[i]), p.covid_threshold)
+            srs[i] = self._write_dicom(part, structured_report(source, finding, self.dicom_model))
+            if i in overlays:
+                captures[i] = self._write_dicom(part, overlay_capture(source, overlay_rgb(overlays[i]),
+                                                                      self.dicom_model))
+        return {"dicom_sr": pa.array(srs, pa.string()), "dicom_overlay": pa.array(captures, pa.string())}
+
+    def _write_dicom(self, part: str, ds) -> str:
+        from kdray.dicom_results import to_bytes
+
+        relative = f"{DICOM_DIR}/{part}/{ds.SOPInstanceUID}.dcm"
+        loc = self.out.join(*relative.split("/"))
+        data = to_bytes(ds)
+        self._write_or_abort(loc, lambda: storage.write_bytes(loc, data))
+        return relative
+
+    def _explain(self, names: list[str], images: list[np.ndarray], probs: np.ndarray, suspect, part: str,
+                 overlays: dict[int, bytes]) -> dict:
         """Grad-CAM overlays of the chosen rows, written before the shard's predictions (a re-run rewrites the
         same names). Columns: ``explanation`` (the overlay's path relative to the output; null = not
         explained) and ``explanation_torch_class`` (the torch weights' own top class; the map explains
@@ -283,6 +323,7 @@ class ShardScorer:
                 loc = self.out.join(*relative.split("/"))
                 self._write_or_abort(loc, lambda: storage.write_bytes(loc, explanation.overlay_png))
                 paths[i], torch_classes[i] = relative, explanation.torch_class
+                overlays[i] = explanation.overlay_png
         return {"explanation": pa.array(paths, pa.string()),
                 "explanation_torch_class": pa.array(torch_classes, pa.string())}
 
@@ -301,6 +342,29 @@ class ShardScorer:
             raise
         except (OSError, KdrayError) as exc:
             raise ScoringAborted(f"cannot write {loc.uri}: {first_line(exc)}") from None
+
+
+def model_identity(model_uri: str, model_id: str):
+    """The :class:`kdray.dicom_results.ModelIdentity` of what scores: the export's card, else the model id."""
+    from kdray.dicom_results import ModelIdentity
+    from kdray.predictor import is_export, read_model_card
+
+    if is_export(model_uri):
+        card = read_model_card(model_uri)
+        return ModelIdentity.of(card.name, card.version, model_id)
+    return ModelIdentity.of("kdray-student", model_id, model_id)
+
+
+def _dicom_source(data: bytes):
+    """The header of a DICOM row for its results; None (no DICOM result, said once in the log) when it lacks
+    what a result must refer to."""
+    from kdray.dicom_results import NotADicomSource, read_source
+
+    try:
+        return read_source(data)
+    except NotADicomSource as exc:
+        log.warning("no DICOM result for one input (%s): %s", exc.reason, exc)
+        return None
 
 
 def node_id() -> str:

@@ -33,7 +33,6 @@ from kdray.images import ImageLimits, ImageRefused, LoadedImage, load_image, sni
 from kdray.predictor import is_export, load_predictor, model_info, read_model_card
 from serve import oip
 from serve.explaining import ExplainGate
-from serve.metrics import digest_of
 from serve.options import EXPLAIN, IMAGE_LIMITS, REQUEST, WORKER_THREADS, ExplainOptions, RequestOptions
 from serve.schemas import Health, Prediction
 
@@ -195,8 +194,7 @@ class StudentHandler:
         flags = self.predictor.covid_suspect(probs[None])
         finding = Finding(tuple(self.classes), tuple(float(p) for p in probs),
                           None if flags is None else bool(flags[0]), self.predictor.covid_threshold)
-        model_id = self.predictor.model_id
-        model = ModelIdentity(self.model_name, self.model_version, digest_of(model_id), model_id)
+        model = ModelIdentity.of(self.model_name, self.model_version, self.predictor.model_id)
         return to_bytes(structured_report(read_source(data), finding, model))
 
     # -- the Open Inference Protocol

@@ -35,6 +35,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kdray.pinning import digest_of
 from serve.options import METRICS, MetricsOptions
 
 ENV = {"enabled": "KDRAY_METRICS", "open": "KDRAY_METRICS_OPEN"}
@@ -82,12 +83,6 @@ def serving(model: str, replica: str, name: str, version: str, backend: str, exp
         _served.children.clear()
         _served.reasons.clear()
     MODEL_INFO.labels(model, replica, name, version, digest_of(model), backend).set(1)
-
-
-def digest_of(model_id: str) -> str:
-    """``sha256:<12 hex>`` of a model id (``name:version@sha256:<12 hex>#variant``), or "" without one."""
-    _, found, rest = model_id.partition("@sha256:")
-    return f"sha256:{rest.partition('#')[0]}" if found else ""
 
 
 def route_of(path: str) -> str:

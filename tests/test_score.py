@@ -581,3 +581,39 @@ def test_unreachable_output_store_stops_with_one_line_and_starts_nothing(tmp_pat
     message = str(err.value)
     assert "\n" not in message and "s3://kdray-out/run" in message and f"127.0.0.1:{port}" in message
     assert "after retrying for" in message
+
+
+@pytest.mark.integration
+def test_dicom_results_beside_the_rows_same_files_on_a_rerun(tmp_path, exported_student):
+    """--dicom_results: each DICOM row's SR (and, explained, its overlay SC) under dicom/, named by its own UID;
+    PNG rows get none; a resumed shard rewrites the same files, never new ones."""
+    import pydicom
+
+    rng = np.random.default_rng(5)
+    files = {f"d/{i}.dcm": (dicom_bytes(rng.integers(0, 4095, (64, 64)), modality="DX", PatientID=f"P{i}"), None)
+             for i in range(4)}
+    files.update({f"d/{i}.png": (png(seed=i), None) for i in range(2)})
+    write_tree(tmp_path / "in", files)
+    out = tmp_path / "out"
+    score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS, explain="all",
+                  engine="local", dicom_results=True)
+    rows = read_rows(str(out), "predictions").to_pylist()
+    written = sorted(str(p.relative_to(out)) for p in (out / "dicom").rglob("*.dcm"))
+    assert len(written) == 8  # 4 SRs, 4 overlays
+    for row in rows:
+        if row["path"].endswith(".png"):
+            assert row["dicom_sr"] is None and row["dicom_overlay"] is None
+            continue
+        sr = pydicom.dcmread(out / row["dicom_sr"])
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == row["study_uid"]
+        refs = [str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"]
+        assert row["sop_uid"] in refs
+        numbers = [float(e.value) for e in sr.iterall() if e.keyword == "NumericValue"]
+        assert numbers == pytest.approx([row["p_covid"], row["p_normal"], row["p_pneumonia"]], abs=1e-6)
+        assert pydicom.dcmread(out / row["dicom_overlay"]).Modality == "OT"
+    (out / "summary.json").unlink()
+    (out / "_done" / "part-00000.json").unlink()
+    again = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
+                          explain="all", engine="local", dicom_results=True)
+    assert again.images_this_run == 3
+    assert sorted(str(p.relative_to(out)) for p in (out / "dicom").rglob("*.dcm")) == written
