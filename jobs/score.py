@@ -38,7 +38,8 @@ def main(argv: list[str]) -> ScoreSummary:
           f"steady {summary.steady_img_per_s} img/s); {summary.shards_resumed} shard(s) were already done\n"
           f"predictions: {storage.join(cfg.output, 'predictions')}  errors: {storage.join(cfg.output, 'errors')}"
           + (f"\nexplained {summary.explained} row(s) ({cfg.explain}): "
-             f"{storage.join(cfg.output, 'explanations')}" if cfg.explain != "none" else ""))
+             f"{storage.join(cfg.output, 'explanations')}" if cfg.explain != "none" else "")
+          + (f"\nDICOM results (SR per DICOM row): {storage.join(cfg.output, 'dicom')}" if cfg.dicom_results else ""))
     return summary
 
 
