@@ -17,8 +17,12 @@ instance with the same model again makes the same objects, which a PACS stores o
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +56,47 @@ class NotADicomSource(KdrayError):
     """A DICOM result needs a DICOM source: its patient, study and instance to refer to."""
 
     reason = "not_dicom"
+
+
+class SourceHeaderRefused(KdrayError):
+    """The source's header holds a value its VR forbids (a date that is no date, an unknown character set, ...):
+    no result object is made from it. The message names the exception type only, never a value (patient data)."""
+
+    reason = "bad_dicom_header"
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_QUIET = _DropAll()
+_quiet_users = 0
+_quiet_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_header_values_in_logs():
+    """pydicom warns, and logs, with the offending value (a birth date, a name): while kdray copies a source's
+    header into its results, those records are dropped (the refusal says what went wrong, without the value)."""
+    global _quiet_users
+    logger = logging.getLogger("pydicom")
+    with _quiet_lock:
+        _quiet_users += 1
+        if _quiet_users == 1:
+            logger.addFilter(_QUIET)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:
+        raise SourceHeaderRefused(f"the source's header cannot be copied into a DICOM result "
+                                  f"({type(exc).__name__} while building it)") from None
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                logger.removeFilter(_QUIET)
 
 
 @dataclass(frozen=True)
@@ -104,7 +149,8 @@ def derived_uid(*parts: str) -> str:
 def read_source(data: bytes) -> Dataset:
     """The header of a DICOM source (no pixel data), for its patient, study and identifiers."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        with _no_header_values_in_logs():
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for what is not DICOM
         raise NotADicomSource(f"the source is not DICOM ({type(exc).__name__}): a DICOM result needs a DICOM "
                               "image to refer to") from None
@@ -149,7 +195,13 @@ def _equipment(model: ModelIdentity):
 
 
 def structured_report(source: Dataset, finding: Finding, model: ModelIdentity) -> Dataset:
-    """The SR of one scored instance (see the module doc)."""
+    """The SR of one scored instance (see the module doc); :class:`SourceHeaderRefused` when the source's header
+    cannot be copied."""
+    with _no_header_values_in_logs():
+        return _structured_report(source, finding, model)
+
+
+def _structured_report(source: Dataset, finding: Finding, model: ModelIdentity) -> Dataset:
     import highdicom as hd
     from highdicom.sr import (DeviceObserverIdentifyingAttributes, Measurement, MeasurementReport,
                               MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
@@ -185,11 +237,17 @@ def structured_report(source: Dataset, finding: Finding, model: ModelIdentity) -
 
 
 def overlay_capture(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> Dataset:
-    """The Grad-CAM overlay (uint8 RGB [H, W, 3]) as a Secondary Capture image in a new series of the study."""
-    import highdicom as hd
-
+    """The Grad-CAM overlay (uint8 RGB [H, W, 3]) as a Secondary Capture image in a new series of the study;
+    :class:`SourceHeaderRefused` when the source's header cannot be copied."""
     if overlay_rgb.dtype != np.uint8 or overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3:
         raise KdrayError(f"an overlay must be uint8 [H, W, 3], got {overlay_rgb.dtype} {overlay_rgb.shape}")
+    with _no_header_values_in_logs():
+        return _overlay_capture(source, overlay_rgb, model)
+
+
+def _overlay_capture(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> Dataset:
+    import highdicom as hd
+
     uids = result_uids(str(source.StudyInstanceUID), str(source.SOPInstanceUID), model.digest)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=overlay_rgb, photometric_interpretation="RGB", bits_allocated=8,

@@ -279,7 +279,7 @@ class ShardScorer:
         """Each DICOM row's SR (and overlay Secondary Capture), written before the shard's predictions under
         names from their own UIDs (a re-run rewrites the same files). Columns ``dicom_sr`` and ``dicom_overlay``:
         paths relative to the output; null for a row that is not DICOM or not explained."""
-        from kdray.dicom_results import Finding, overlay_capture, overlay_rgb, structured_report
+        from kdray.dicom_results import Finding, SourceHeaderRefused, overlay_capture, overlay_rgb, structured_report
 
         p = self.predictor
         srs: list[str | None] = [None] * len(sources)
@@ -289,10 +289,16 @@ class ShardScorer:
                 continue
             finding = Finding(tuple(p.classes), tuple(float(v) for v in probs[i]),
                               None if suspect is None else bool(suspect[i]), p.covid_threshold)
-            srs[i] = self._write_dicom(part, structured_report(source, finding, self.dicom_model))
-            if i in overlays:
-                captures[i] = self._write_dicom(part, overlay_capture(source, overlay_rgb(overlays[i]),
-                                                                      self.dicom_model))
+            try:
+                report = structured_report(source, finding, self.dicom_model)
+                capture = overlay_capture(source, overlay_rgb(overlays[i]), self.dicom_model) if i in overlays \
+                    else None
+            except SourceHeaderRefused as exc:  # the row keeps its prediction; its message holds no value
+                log.warning("no DICOM result for one input (%s): %s", exc.reason, exc)
+                continue
+            srs[i] = self._write_dicom(part, report)
+            if capture is not None:
+                captures[i] = self._write_dicom(part, capture)
         return {"dicom_sr": pa.array(srs, pa.string()), "dicom_overlay": pa.array(captures, pa.string())}
 
     def _write_dicom(self, part: str, ds) -> str:

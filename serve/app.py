@@ -51,7 +51,7 @@ from ray import serve
 from ray.serve import Application
 
 from kdray import KdrayError
-from kdray.dicom_results import NotADicomSource
+from kdray.dicom_results import NotADicomSource, SourceHeaderRefused
 from kdray.images import ImageRefused
 from kdray.pinning import ModelRef, parse_ref
 from kdray.predictor import BACKENDS
@@ -231,7 +231,7 @@ class StudentClassifier:
             prediction = await self.handler.predict(data, explain)
         except NotADicomSource as exc:
             return _refusal(406, exc.reason, str(exc))
-        except (ImageRefused, DecodeBudgetSpent, ExplainTooLarge) as exc:
+        except (ImageRefused, DecodeBudgetSpent, ExplainTooLarge, SourceHeaderRefused) as exc:
             return _refusal(400, exc.reason, str(exc))
         except ExplainBusy as exc:
             return _refusal(503, "explain_busy", str(exc), _retry_later())

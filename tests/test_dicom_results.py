@@ -1,6 +1,7 @@
 """kdray.dicom_results: the SR and the overlay Secondary Capture read back with pydicom and highdicom, refer to
 their source, repeat their UIDs for the same source and model, and pass dciodvfy (dicom3tools) without errors."""
 
+import logging
 import shutil
 import subprocess
 
@@ -79,6 +80,25 @@ def test_what_kdray_writes_passes_dciodvfy(source, tmp_path, full):
         path = tmp_path / name
         path.write_bytes(to_bytes(obj))
         assert _dciodvfy_errors(path) == [], name
+
+
+def test_a_header_with_bad_values_is_refused_without_them_in_the_message_or_the_log(caplog):
+    """Security: pydicom warns and logs with the offending value (here a birth date); none of it may reach kdray's
+    logs or messages, and the refusal has a reason code instead of an exception from highdicom."""
+    from kdray.dicom_results import SourceHeaderRefused
+
+    data = dicom_bytes(np.zeros((64, 64), np.uint16), PatientBirthDate="SECRET-19", StudyDate="2026")
+    caplog.clear()  # (making the file warned too)
+    with caplog.at_level(logging.DEBUG):
+        bad = read_source(data)
+        with pytest.raises(SourceHeaderRefused) as refused:
+            structured_report(bad, FINDING, MODEL)
+        with pytest.raises(SourceHeaderRefused):
+            overlay_capture(bad, np.zeros((8, 8, 3), np.uint8), MODEL)
+    assert refused.value.reason == "bad_dicom_header"
+    assert "SECRET" not in str(refused.value) and "2026" not in str(refused.value)
+    assert "SECRET" not in caplog.text and "'2026'" not in caplog.text
+    assert not logging.getLogger("pydicom").filters  # the filter is there only while a result is built
 
 
 def test_not_dicom_is_refused_with_a_reason():

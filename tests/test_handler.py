@@ -49,7 +49,7 @@ def test_predicts_a_png_and_a_dicom_as_the_transport_would_return_them(handler):
 def test_a_dicom_answered_as_dicom_is_its_sr_with_the_same_probabilities(handler):
     import pydicom
 
-    from kdray.dicom_results import NotADicomSource
+    from kdray.dicom_results import NotADicomSource, SourceHeaderRefused
 
     data = dicom_bytes(np.random.default_rng(2).integers(0, 4095, (64, 64)), PatientID="P-2")
     sr = pydicom.dcmread(io.BytesIO(run(handler.structured_report(data))))
@@ -60,6 +60,10 @@ def test_a_dicom_answered_as_dicom_is_its_sr_with_the_same_probabilities(handler
     assert numbers == pytest.approx([expected[c] for c in handler.classes], abs=1e-6)
     with pytest.raises(NotADicomSource):
         run(handler.structured_report(_png()))
+    with pytest.warns(UserWarning):
+        bad = dicom_bytes(np.zeros((64, 64), np.uint16) + 9, StudyDate="sometime")
+    with pytest.raises(SourceHeaderRefused):  # the transport's 400 bad_dicom_header
+        run(handler.structured_report(bad))
 
 
 def test_refusals_are_exceptions_with_reason_codes(handler):

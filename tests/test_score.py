@@ -593,6 +593,8 @@ def test_dicom_results_beside_the_rows_same_files_on_a_rerun(tmp_path, exported_
     files = {f"d/{i}.dcm": (dicom_bytes(rng.integers(0, 4095, (64, 64)), modality="DX", PatientID=f"P{i}"), None)
              for i in range(4)}
     files.update({f"d/{i}.png": (png(seed=i), None) for i in range(2)})
+    with pytest.warns(UserWarning):  # a header no result can copy: predicted, no DICOM result, no crash
+        files["d/bad.dcm"] = (dicom_bytes(rng.integers(0, 4095, (64, 64)), PatientBirthDate="not-a-date"), None)
     write_tree(tmp_path / "in", files)
     out = tmp_path / "out"
     score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS, explain="all",
@@ -601,7 +603,7 @@ def test_dicom_results_beside_the_rows_same_files_on_a_rerun(tmp_path, exported_
     written = sorted(str(p.relative_to(out)) for p in (out / "dicom").rglob("*.dcm"))
     assert len(written) == 8  # 4 SRs, 4 overlays
     for row in rows:
-        if row["path"].endswith(".png"):
+        if row["path"].endswith((".png", "bad.dcm")):
             assert row["dicom_sr"] is None and row["dicom_overlay"] is None
             continue
         sr = pydicom.dcmread(out / row["dicom_sr"])
@@ -615,5 +617,5 @@ def test_dicom_results_beside_the_rows_same_files_on_a_rerun(tmp_path, exported_
     (out / "_done" / "part-00000.json").unlink()
     again = score_archive(exported_student, str(tmp_path / "in"), str(out), shard_size=3, limits=LIMITS,
                           explain="all", engine="local", dicom_results=True)
-    assert again.images_this_run == 3
+    assert again.images_this_run == 3 and len(rows) == 7
     assert sorted(str(p.relative_to(out)) for p in (out / "dicom").rglob("*.dcm")) == written
