@@ -362,7 +362,7 @@ def model_identity(model_uri: str, model_id: str):
 
 
 def _dicom_source(data: bytes):
-    """The header of a DICOM row for its results; None (no DICOM result, said once in the log) when it lacks
+    """The header of a DICOM row for its results; None (no DICOM result, a warning without values) when it lacks
     what a result must refer to."""
     from kdray.dicom_results import NotADicomSource, read_source
 

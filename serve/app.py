@@ -6,7 +6,7 @@ Endpoints (route prefix ``/``):
   ``application/octet-stream``, ...) or as multipart field ``file`` →
   ``{"label", "probabilities": {class: p}, "covid_suspect": bool|null, "model_id", "backend"}``; with
   ``Accept: application/dicom`` and a DICOM body, the instance's DICOM SR (:mod:`kdray.dicom_results`; 406
-  ``not_dicom`` for a body that is not DICOM).
+  ``not_dicom`` for a body that is not DICOM, 400 ``bad_dicom_header`` for a header no SR can copy).
   400 ``{"detail", "reason"}`` = refused image, with the shared loader's reason code (``too_small``,
   ``too_large``, ``not_an_image``, ``unsupported_dicom``, ...); 413 = body over the limit; 415 = a content
   type that is not an image; 408 = the body did not arrive in time; 503 + ``Retry-After`` = overloaded
