@@ -4,7 +4,8 @@
                          [--explain none|covid_suspect|all] [--dicom_results] [--allowed_roots URI,URI]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
-a ``path`` column, or WebDataset ``.tar`` shards. Inputs are read only inside the input's own folder or prefix
+a ``path`` column, WebDataset ``.tar`` shards, or a PACS: ``dicomweb+http://host:port/dicom-web?Modality=DX``
+(QIDO-RS filters; credentials in ``KDRAY_DICOMWEB_USER`` / ``KDRAY_DICOMWEB_PASSWORD``; :mod:`kdray.dicomweb`). Inputs are read only inside the input's own folder or prefix
 (a manifest's folder) and ``--allowed_roots``; a row or link elsewhere is listed as ``outside_roots`` and never
 opened. ``--output`` receives ``predictions/`` and ``errors/`` (Parquet, one file per shard), ``args.yaml`` and,
 last, ``summary.json``; one run at a time holds it (``_lock.json``), and a second is refused. Killed or

@@ -192,7 +192,7 @@ class ScoreSummary(Contract):
     model: str
     input: str
     output: str
-    kind: Literal["folder", "manifest", "tar"]
+    kind: Literal["folder", "manifest", "tar", "dicomweb"]
     backend: str
     engine: Literal["local", "ray"]
     images: int

@@ -67,7 +67,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from kdray import KdrayError, storage
+from kdray import KdrayError, dicomweb, storage
 from kdray.images import ImageLimits
 from kdray.inputs import is_hidden
 from kdray.predictor import model_info
@@ -134,6 +134,8 @@ def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0, allowed_roo
     prefix; a manifest's folder; a tar file itself) and ``allowed_roots``."""
     if shard_size < 0:
         raise KdrayError(f"shard_size must be >= 0 (0 = automatic), got {shard_size}")
+    if dicomweb.is_dicomweb(input_uri):
+        return _plan_dicomweb(input_uri, model_uri, shard_size)
     loc = storage.resolve(input_uri)
     extra = sorted({storage.root_of(r) for r in allowed_roots})
     kind = storage.info(loc).type
@@ -153,6 +155,17 @@ def plan_inputs(input_uri: str, model_uri: str, shard_size: int = 0, allowed_roo
     size, shards = _cut(visible, shard_size)
     return Plan(input_uri, model_uri, "folder", loc.uri, size, shards, len(visible), hidden, roots=roots,
                 allowed_roots=extra)
+
+
+def _plan_dicomweb(input_uri: str, model_uri: str, shard_size: int) -> Plan:
+    """A PACS's instances (QIDO-RS), one entry per SOP Instance UID, in UID order."""
+    endpoint = dicomweb.parse(input_uri)
+    entries = dicomweb.list_instances(endpoint)
+    if not entries:
+        raise KdrayError(f"{endpoint.base}: the query matches no instance")
+    log.info("the PACS at %s lists %d instance(s)", endpoint.base, len(entries))
+    size, shards = _cut(entries, shard_size)
+    return Plan(input_uri, model_uri, "dicomweb", input_uri, size, shards, len(entries))
 
 
 def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int, extra: list[str]) -> Plan:

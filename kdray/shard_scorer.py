@@ -121,6 +121,7 @@ class ShardScorer:
         self.roots, self.run_id, self.fingerprint = list(roots), run_id, fingerprint
         self.consecutive_io_errors = 0
         self._filesystems: dict[str, pafs.FileSystem] = {}  # one per scheme: an S3 client is costly to create
+        self._pacs = None  # a DICOMweb session, made on first use
 
     def __call__(self, batch: dict) -> dict:
         """The Ray Data face: a batch of shards in, one column per ShardResult field out."""
@@ -130,12 +131,25 @@ class ShardScorer:
     # -- reading
     def _inputs(self, entries: list[str]):
         """(name, read) for each input of the shard: ``read()`` returns its bytes or raises why not."""
+        if self.kind == "dicomweb":  # entries: study/series/sop UIDs at the plan's PACS
+            yield from self._pacs_inputs(entries)
+            return
         for entry in entries:
             uri = _entry_uri(self.base, entry)
             if self.kind == "tar":
                 yield from self._tar_inputs(uri)
             else:
                 yield uri, lambda uri=uri: self._read(uri)
+
+    def _pacs_inputs(self, entries: list[str]):
+        from kdray import dicomweb
+
+        endpoint = dicomweb.parse(self.base)
+        if self._pacs is None:
+            self._pacs = dicomweb.session()  # one per actor: at most one request in flight per scoring actor
+        for entry in entries:
+            yield (_instance_name(endpoint, entry),
+                   lambda entry=entry: dicomweb.retrieve(endpoint, entry, self.limits.max_bytes, self._pacs))
 
     def _location(self, uri: str) -> storage.Location:
         """``uri`` resolved; on S3 with one filesystem per actor (creating an S3 client per file is costly)."""
@@ -348,6 +362,14 @@ class ShardScorer:
             raise
         except (OSError, KdrayError) as exc:
             raise ScoringAborted(f"cannot write {loc.uri}: {first_line(exc)}") from None
+
+
+def _instance_name(endpoint, entry: str) -> str:
+    """A PACS row's ``path``: the instance's WADO-RS URL (no credentials: they are never in the URI)."""
+    try:
+        return endpoint.instance_url(entry)
+    except ImageRefused:
+        return f"{endpoint.base}/{entry[:200]}"
 
 
 def model_identity(model_uri: str, model_id: str):

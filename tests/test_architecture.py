@@ -21,7 +21,7 @@ PACKAGES = ("kdray", "cluster", "jobs", "serve")
 LAYERS: list[tuple[str, set[str]]] = [
     ("contracts", {"kdray", "kdray.config", "kdray.config_cli", "kdray.storage", "kdray.schemas", "kdray.ray_private",
                    "kdray.pinning", "kdray.ingress"}),
-    ("core", {"kdray.images", "kdray.dicom_results", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
+    ("core", {"kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
               "kdray.raycluster", "kdray.uncertainty", "kdray.runner", "kdray.train"}),
     ("predictor", {"kdray.predictor_base", "kdray.torch_predictor", "kdray.predictor"}),
     ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch", "kdray.shard_scorer",
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"jobs.*", "serve.*"}),
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
-NO_RAY = {"kdray.pinning", "kdray.ingress", "kdray.images", "kdray.dicom_results", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
+NO_RAY = {"kdray.pinning", "kdray.ingress", "kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
           "kdray.predictor_base", "kdray.torch_predictor", "kdray.explain"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
