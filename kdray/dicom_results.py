@@ -236,26 +236,27 @@ def _structured_report(source: Dataset, finding: Finding, model: ModelIdentity) 
     return sr
 
 
-def overlay_capture(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> Dataset:
+def overlay_capture(source: Dataset, pixels: np.ndarray, model: ModelIdentity) -> Dataset:
     """The Grad-CAM overlay (uint8 RGB [H, W, 3]) as a Secondary Capture image in a new series of the study;
     :class:`SourceHeaderRefused` when the source's header cannot be copied."""
-    if overlay_rgb.dtype != np.uint8 or overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3:
-        raise KdrayError(f"an overlay must be uint8 [H, W, 3], got {overlay_rgb.dtype} {overlay_rgb.shape}")
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise KdrayError(f"an overlay must be uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
     with _no_header_values_in_logs():
-        return _overlay_capture(source, overlay_rgb, model)
+        return _overlay_capture(source, pixels, model)
 
 
-def _overlay_capture(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> Dataset:
+def _overlay_capture(source: Dataset, pixels: np.ndarray, model: ModelIdentity) -> Dataset:
     import highdicom as hd
 
     uids = result_uids(str(source.StudyInstanceUID), str(source.SOPInstanceUID), model.digest)
+    orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=overlay_rgb, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=uids.sc_series, series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids.sc_instance, instance_number=1, manufacturer=MANUFACTURER,
-        patient_orientation=_orientation(source) or ("L", "F"), series_description=NOT_FOR_DIAGNOSIS,
+        patient_orientation=orientation or ("L", "F"), series_description=NOT_FOR_DIAGNOSIS,
         contributing_equipment=[_equipment(model)])
-    if _orientation(source) is None:  # unknown: empty, as a Type 2 attribute may be (highdicom wants values)
+    if orientation is None:  # unknown: empty, as a Type 2 attribute may be (highdicom wants values)
         sc.PatientOrientation = None
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined

@@ -46,7 +46,6 @@ def pacs_with_studies(tmp_path_factory):
 
     rng = np.random.default_rng(3)
     with LocalPacs(tmp_path_factory.mktemp("pacs")) as pacs:
-        sops = set()
         for study in range(3):
             study_uid = f"1.2.826.0.1.3680043.10.1{study}"
             for i in range(4 if study < 2 else 3):
@@ -54,7 +53,6 @@ def pacs_with_studies(tmp_path_factory):
                                    PatientID=f"P{study}")
                 resp = requests.post(f"{pacs.url}/instances", data=data, auth=pacs.auth(), timeout=30)
                 assert resp.status_code == 200, resp.text
-                sops.add(resp.json()["ID"])
         other = dicom_bytes(rng.integers(0, 4095, (64, 64)), modality="CR")  # not matched by Modality=DX
         requests.post(f"{pacs.url}/instances", data=other, auth=pacs.auth(), timeout=30).raise_for_status()
         yield pacs
