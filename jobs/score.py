@@ -1,7 +1,8 @@
 """Score every image in an archive offline with Ray Data: resumable, exactly once, DICOM included.
 
     python -m jobs.score --model EXPORT_OR_CHECKPOINT --input URI --output URI [--shard_size 0 (auto)]
-                         [--explain none|covid_suspect|all] [--dicom_results] [--allowed_roots URI,URI]
+                         [--explain none|covid_suspect|all] [--dicom_results true] [--dicom_store DICOMWEB_ROOT]
+                         [--allowed_roots URI,URI]
 
 ``--input``: a folder or s3:// prefix (recursive; files judged by content), a CSV/Parquet manifest with
 a ``path`` column, WebDataset ``.tar`` shards, or a PACS: ``dicomweb+http://host:port/dicom-web?Modality=DX``
@@ -17,6 +18,9 @@ interrupted, the same command run again resumes: finished shards are skipped and
 ``--dicom_results``: each DICOM row also gets its DICOM SR (:mod:`kdray.dicom_results`), and with ``--explain`` its
 overlay as a Secondary Capture, under ``dicom/part-NNNNN/<SOP Instance UID>.dcm`` (columns ``dicom_sr`` and
 ``dicom_overlay``); their UIDs come from the source's, so a re-run writes the same files again, never new ones.
+``--dicom_store dicomweb+http://host:port/dicom-web`` also stores them in a PACS by STOW-RS (same credentials
+variables), each shard's before its marker: a PACS that refuses or stays away stops the job, and the same
+command resumes. A re-run of a PACS query finishes the instances its first run listed.
 """
 
 from kdray import storage
@@ -30,7 +34,8 @@ def main(argv: list[str]) -> ScoreSummary:
     cfg = load_config(ScoreJobConfig, argv)
     summary = score_archive(cfg.model, cfg.input, cfg.output, cfg.backend, cfg.batch_size, cfg.overwrite,
                             cfg.shard_size, cfg.limits, explain=cfg.explain, allowed_roots=cfg.allowed_roots,
-                            engine=cfg.engine, dicom_results=cfg.dicom_results)
+                            engine=cfg.engine, dicom_results=cfg.dicom_results,
+                            dicom_store=cfg.dicom_store)
     storage.write_text(storage.join(cfg.output, "args.yaml"), dump_yaml(cfg))
     reasons = ", ".join(f"{k} {v}" for k, v in summary.errors_by_reason.items()) or "none"
     print(f"scored {summary.scored} of {summary.images} input(s) with {summary.backend} ({summary.engine} engine); "
@@ -40,7 +45,9 @@ def main(argv: list[str]) -> ScoreSummary:
           f"predictions: {storage.join(cfg.output, 'predictions')}  errors: {storage.join(cfg.output, 'errors')}"
           + (f"\nexplained {summary.explained} row(s) ({cfg.explain}): "
              f"{storage.join(cfg.output, 'explanations')}" if cfg.explain != "none" else "")
-          + (f"\nDICOM results (SR per DICOM row): {storage.join(cfg.output, 'dicom')}" if cfg.dicom_results else ""))
+          + (f"\nDICOM results (SR per DICOM row): {storage.join(cfg.output, 'dicom')}"
+             if cfg.dicom_results or cfg.dicom_store else "")
+          + (f", also stored in the PACS at {cfg.dicom_store}" if cfg.dicom_store else ""))
     return summary
 
 

@@ -177,6 +177,8 @@ class ScoreJobConfig:
     explain: ExplainMode = Field("none", description="Grad-CAM overlays under explanations/ for these rows")
     dicom_results: bool = Field(False, description="DICOM inputs also get their result as DICOM under dicom/: an "
                                 "SR per row (and, with --explain, the overlay as Secondary Capture)")
+    dicom_store: str = Field("", description="a DICOMweb root (dicomweb+http://host:port/dicom-web) where those "
+                             "DICOM results are also stored by STOW-RS; implies --dicom_results")
     engine: ScoringEngine = Field("auto", description="ray: Ray Data actors; local: threads of this process; "
                                   "auto: ray on a cluster")
     allowed_roots: list[str] = Field(default_factory=list, description="folders or s3:// prefixes inputs may also "
@@ -378,3 +380,61 @@ class PipelineConfig:
         return [parse_kd_setting(entry, self.kd) for entry in self.kd_sweep] or [self.kd]
 
 
+
+
+@dataclass(frozen=True, config=CONFIG)
+class ListenJobConfig:
+    """``jobs.listen``: a DICOM C-STORE SCP (an "AI node"): CR/DX instances pushed to it are queued on disk before
+    they are acknowledged, scored in batches, and each one's SR is C-STOREd to ``destination``. Grad-CAM overlays
+    are not built here: SR only."""
+
+    model: str = Field("", description="export folder (jobs.export), its pinned reference, or a checkpoint")
+    ae_title: Annotated[str, AfterValidator(lambda v: ListenJobConfig.ae_title_of(v))] = Field(
+        "KDRAY", description="this node's AE title (the called AE its senders use)")
+    host: str = Field("127.0.0.1", min_length=1, description="the address to listen on (one interface; the "
+                      "local PACS reaches this host at its KDRAY_PACS_PEER address)")
+    port: Int = Field(11112, ge=0, le=65535, description="the DICOM port (0 = any free one, logged)")
+    accepted_calling_aes: list[Annotated[str, AfterValidator(lambda v: ListenJobConfig.ae_title_of(v))]] = Field(
+        default_factory=list, description="the calling AE titles whose associations are accepted; any other is "
+        "refused (required: an AI node takes images from the senders it knows only)")
+    destination: Annotated[str, AfterValidator(lambda v: ListenJobConfig.destination_of(v) and v)] = Field(
+        "", description="where the SRs are C-STOREd: AET@host:port (the local PACS: KDRAYPACS@<its address>:4242)")
+    queue_dir: str = Field(".kdray/listen", min_length=1, description="the on-disk queue: queue/ (received, not "
+                           "yet stored), refused/ (with a .reason file each), incoming/ (being written)")
+    batch_size: Int = Field(16, ge=1, le=256, description="instances scored together (one association per batch)")
+    max_wait_s: Float = Field(2.0, gt=0, le=3600, description="a smaller batch is scored once its oldest "
+                              "instance has waited this long")
+    max_queued: Int = Field(10_000, ge=1, description="instances waiting in queue/; more are refused (out of "
+                            "resources, 0xA700) until scoring catches up")
+    max_associations: Int = Field(4, ge=1, le=64, description="simultaneous associations accepted; more are "
+                                  "rejected (local limit exceeded)")
+    max_pdu: Int = Field(116_794, ge=4096, le=4 * 2**20, description="the largest PDU a sender may send (bytes)")
+    network_timeout_s: Float = Field(30.0, gt=0, le=3600, description="ACSE, DIMSE and network timeout")
+    limits: ImageLimits = Field(default_factory=lambda: ImageLimits(max_bytes=128 * 2**20), description="what an "
+                                "instance may be and cost (max_bytes: larger instances are refused as received)")
+    backend: Backend = "auto"
+    threads: Int | None = Field(None, ge=1, description="CPU threads for inference (default: all available)")
+
+    REQUIRED: ClassVar[dict[str, str]] = {
+        "model": "an export folder or a checkpoint",
+        "accepted_calling_aes": "the AE titles allowed to send, e.g. --accepted_calling_aes KDRAYPACS",
+        "destination": "where the SRs go, AET@host:port"}
+
+    @staticmethod
+    def ae_title_of(value: str) -> str:
+        """An AE title: 1 to 16 printable ASCII characters, no backslash (PS3.5 6.2), spaces around insignificant."""
+        title = value.strip(" ")
+        if not 0 < len(title) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in title):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters without a backslash")
+        return title
+
+    @staticmethod
+    def destination_of(value: str) -> tuple[str, str, int] | None:
+        """``AET@host:port`` as (AE title, host, port); None for "" (unset)."""
+        if value == "":
+            return None
+        aet, at, address = value.rpartition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and host and port.isdigit() and 0 < int(port) <= 65535):
+            raise ValueError("the destination is AET@host:port, e.g. KDRAYPACS@10.213.0.2:4242")
+        return ListenJobConfig.ae_title_of(aet), host, int(port)

@@ -1,4 +1,5 @@
-"""A PACS as a scoring input: QIDO-RS lists the instances (paged), WADO-RS retrieves each one, bounded.
+"""A PACS as a scoring input (QIDO-RS lists the instances, paged; WADO-RS retrieves each one, bounded) and as the
+place results go (STOW-RS).
 
 ``dicomweb+http://host:port/dicom-web?Modality=DX&StudyDate=20260101-20261231`` (or ``dicomweb+https``): the
 query string goes to QIDO-RS ``/instances`` as it is. Credentials come from the environment
@@ -9,6 +10,10 @@ What a PACS answers is untrusted like any input: each QIDO page and each instanc
 before it is parsed, UIDs are checked before they go into a URL, and an answer that is not what was asked for is
 a refusal with a reason code. A PACS that is away (connection error, timeout, 5xx) is retried with backoff and
 then reported as ``io_error``, which leaves the shard for a re-run (and many in a row stop the job).
+
+Storing (:func:`store`) retries the same way; a PACS that refuses an object, or is still away, stops the job
+before the shard is marked done, so a re-run stores it again. kdray's result UIDs come from the source's
+(:func:`kdray.dicom_results.result_uids`): storing again replaces, never adds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -33,6 +39,9 @@ RETRIES, BACKOFF_S = 3, 0.5
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+STORE_MAX_OBJECTS, STORE_MAX_BYTES = 64, 32 * 2**20  # per STOW-RS request
+MAX_ANSWER_BYTES = 2**20  # a STOW-RS answer: one status item per object
+_FAILED_SOP_SEQUENCE = "00081198"
 
 
 class PacsUnavailable(OSError):
@@ -53,9 +62,9 @@ def is_dicomweb(uri: str) -> bool:
     return uri.lower().startswith(SCHEMES)
 
 
-def parse(uri: str) -> Endpoint:
+def parse(uri: str, what: str = "input") -> Endpoint:
     if not is_dicomweb(uri):
-        raise KdrayError(f"not a DICOMweb input: it starts with {' or '.join(SCHEMES)}")
+        raise KdrayError(f"not a DICOMweb {what}: it starts with {' or '.join(SCHEMES)}")
     parts = urlsplit(uri[len("dicomweb+"):])
     if parts.username or parts.password:
         raise KdrayError(f"a DICOMweb URI carries no credentials (URIs are logged): set {USER_ENV} and "
@@ -67,6 +76,14 @@ def parse(uri: str) -> Endpoint:
     if reserved:
         raise KdrayError(f"the DICOMweb query sets {', '.join(sorted(reserved))}: kdray pages through QIDO-RS itself")
     return Endpoint(f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}", query)
+
+
+def parse_store(uri: str) -> Endpoint:
+    """Where results are stored: a DICOMweb root without a query (``dicomweb+http://host:port/dicom-web``)."""
+    endpoint = parse(uri, "store")
+    if endpoint.query:
+        raise KdrayError("a DICOMweb store is a root (dicomweb+http://host:port/dicom-web), without a query")
+    return endpoint
 
 
 def check_entry(entry: str) -> tuple[str, str, str]:
@@ -89,12 +106,17 @@ def session():
 
 
 def _get(s, url: str, max_bytes: int, **kwargs) -> tuple[int, str, bytes]:
-    """GET with retries on a PACS that is away; the body read up to ``max_bytes`` (+1 to see that it is over)."""
+    return _request(s, "GET", url, max_bytes, **kwargs)
+
+
+def _request(s, method: str, url: str, max_bytes: int, **kwargs) -> tuple[int, str, bytes]:
+    """A request with retries on a PACS that is away; the answer read up to ``max_bytes`` (+1 to see that it is
+    over). (Retrying a STOW-RS is safe: the same objects again replace themselves.)"""
     import requests
 
     for attempt in range(RETRIES + 1):
         try:
-            with s.get(url, stream=True, timeout=TIMEOUT_S, **kwargs) as resp:
+            with s.request(method, url, stream=True, timeout=TIMEOUT_S, **kwargs) as resp:
                 if resp.status_code < 500:
                     body = resp.raw.read(max_bytes + 1, decode_content=True)
                     return resp.status_code, resp.headers.get("content-type", ""), body
@@ -189,3 +211,50 @@ def _first_part(content_type: str, body: bytes) -> bytes:
         raise ImageRefused(NOT_AN_IMAGE, "the PACS's multipart answer has no part")
     end = body.find(b"\r\n" + delimiter, head_end)
     return body[head_end + 4:end if end >= 0 else len(body)]
+
+
+def store(endpoint: Endpoint, objects: list[bytes], s=None) -> None:
+    """STOW-RS: DICOM files ``objects`` stored at the PACS, at most :data:`STORE_MAX_OBJECTS` or
+    :data:`STORE_MAX_BYTES` per request. Raises :class:`KdrayError` when the PACS refuses any (the message names
+    the HTTP status and how many failed, nothing of the objects), :class:`PacsUnavailable` when it is away."""
+    s = s or session()
+    for chunk in _store_chunks(objects):
+        boundary = uuid.uuid4().hex
+        body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), data)
+                        for data in chunk) + b"--%s--\r\n" % boundary.encode()
+        headers = {"content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                   "accept": "application/dicom+json"}
+        status, _, answer = _request(s, "POST", f"{endpoint.base}/studies", MAX_ANSWER_BYTES, data=body,
+                                     headers=headers)
+        if status in (401, 403):
+            raise KdrayError(f"the PACS refused to store results (HTTP {status}): check {USER_ENV} and "
+                             f"{PASSWORD_ENV}")
+        failed = _failed_count(answer)
+        if status != 200 or failed:
+            raise KdrayError(f"the PACS did not store {failed or len(chunk)} of {len(chunk)} result(s) "
+                             f"(STOW-RS answered HTTP {status})")
+
+
+def _store_chunks(objects: list[bytes]):
+    chunk: list[bytes] = []
+    size = 0
+    for data in objects:
+        if chunk and (len(chunk) >= STORE_MAX_OBJECTS or size + len(data) > STORE_MAX_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        yield chunk
+
+
+def _failed_count(answer: bytes) -> int:
+    """How many objects a STOW-RS answer (DICOM JSON) lists as failed; an answer that cannot be read lists none
+    (its HTTP status decides)."""
+    try:
+        item = json.loads(answer) if answer.strip() and len(answer) <= MAX_ANSWER_BYTES else {}
+    except ValueError:
+        return 0
+    failed = item.get(_FAILED_SOP_SEQUENCE, {}) if isinstance(item, dict) else {}
+    values = failed.get("Value", []) if isinstance(failed, dict) else []
+    return len(values) if isinstance(values, list) else 0

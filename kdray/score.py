@@ -97,6 +97,7 @@ class Plan:
     duplicates: int = 0
     explain: str = "none"  # which rows get a Grad-CAM overlay (kdray.explain.EXPLAIN_MODES)
     dicom_results: bool = False  # DICOM rows also get an SR (and overlay SC) under dicom/ (kdray.dicom_results)
+    dicom_store: str = ""  # a DICOMweb root where those results are also stored (STOW-RS)
     roots: list[str] = field(default_factory=list)  # where inputs may be read: the input's own root, then --
     allowed_roots: list[str] = field(default_factory=list)  # allowed_roots (both as storage.root_of makes them)
     outside_roots: int = 0  # manifest rows outside the roots at planning (refused when read, never opened)
@@ -107,6 +108,8 @@ class Plan:
             parts.append(self.explain)
         if self.dicom_results:  # (and so do runs without DICOM results)
             parts.append("dicom_results")
+        if self.dicom_store:
+            parts.append(self.dicom_store)
         if self.allowed_roots:  # (and so do runs without extra roots)
             parts.append(self.allowed_roots)
         blob = json.dumps(parts, sort_keys=True)
@@ -166,6 +169,23 @@ def _plan_dicomweb(input_uri: str, model_uri: str, shard_size: int) -> Plan:
     log.info("the PACS at %s lists %d instance(s)", endpoint.base, len(entries))
     size, shards = _cut(entries, shard_size)
     return Plan(input_uri, model_uri, "dicomweb", input_uri, size, shards, len(entries))
+
+
+def _unfinished_pacs_plan(input_uri: str, model_uri: str, out: storage.Location) -> Plan | None:
+    """The plan of an unfinished run of this PACS query into ``out``, as it was fixed then: a PACS changes between
+    runs (new studies; kdray's own results), and a re-run finishes the first run's instances, no others."""
+    if not dicomweb.is_dicomweb(input_uri) or storage.exists(out.join(SUMMARY_FILE)) \
+            or not storage.exists(out.join(PLAN_FILE)):
+        return None
+    stored = storage.read_json(out.join(PLAN_FILE))
+    if (stored.get("kind"), stored.get("input"), stored.get("model")) != ("dicomweb", input_uri, model_uri):
+        return None  # (the fingerprint check then names the other run)
+    table = storage.read_table(out.join(INPUTS_FILE), "the run's plan")
+    shards: list[list[str]] = [[] for _ in range(int(stored["shards"]))]
+    for shard, entry in zip(table["shard"].to_pylist(), table["entry"].to_pylist()):
+        shards[shard].append(entry)
+    log.info("finishing the unfinished run in %s: the %d instance(s) its first run listed", out.uri, len(table))
+    return Plan(input_uri, model_uri, "dicomweb", input_uri, int(stored["shard_size"]), shards, len(table))
 
 
 def _plan_manifest(loc: storage.Location, model_uri: str, shard_size: int, extra: list[str]) -> Plan:
@@ -284,23 +304,31 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                   policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none",
                   allowed_roots: list[str] | tuple = (), lock_ttl_s: float = storage.LOCK_TTL_S,
                   lock_heartbeat_s: float = storage.LOCK_HEARTBEAT_S, engine: str = "auto",
-                  dicom_results: bool = False) -> ScoreSummary:
+                  dicom_results: bool = False, dicom_store: str = "") -> ScoreSummary:
     """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary.
 
     ``allowed_roots``: folders or S3 prefixes that inputs may be read from besides the input's own. The output is
     held for this run (:class:`kdray.storage.OutputLock`, with ``lock_ttl_s`` and ``lock_heartbeat_s``) from
     before anything in it is written or deleted until the run ends. ``engine``: where the shards are scored
-    (:mod:`kdray.scoring_engines`: ``auto``, ``local`` or ``ray``). Returns what ``summary.json`` holds."""
+    (:mod:`kdray.scoring_engines`: ``auto``, ``local`` or ``ray``). ``dicom_store``: a DICOMweb root
+    (``dicomweb+http://host:port/dicom-web``) where the DICOM results are also stored by STOW-RS (implies
+    ``dicom_results``). Returns what ``summary.json`` holds."""
+    if dicomweb.is_dicomweb(output_uri):
+        raise KdrayError("--output holds the rows, markers and summary: a folder or s3:// prefix. To store the "
+                         "results in a PACS, add --dicom_store dicomweb+http://host:port/dicom-web")
+    if dicom_store:
+        dicomweb.parse_store(dicom_store)  # a clear error now, not in every actor
     engine = choose_engine(engine)
     info = model_info(model_uri, backend)
-    plan = plan_inputs(input_uri, model_uri, shard_size, allowed_roots)
-    plan.explain, plan.dicom_results = explain, bool(dicom_results)
+    out = storage.resolve(output_uri)
+    plan = (None if overwrite else _unfinished_pacs_plan(input_uri, model_uri, out)) \
+        or plan_inputs(input_uri, model_uri, shard_size, allowed_roots)
+    plan.explain, plan.dicom_results, plan.dicom_store = explain, bool(dicom_results or dicom_store), dicom_store
     if explain != "none":
         from kdray.explain import Explainer, should_explain  # torch loads only for explanations
 
         should_explain(explain, None, 0)  # a valid mode
         Explainer.load(model_uri)  # fail now, not in every actor, when the model cannot be explained
-    out = storage.resolve(output_uri)
     with storage.OutputLock(out.join(LOCK_FILE), lock_ttl_s, lock_heartbeat_s, what="scoring run") as lock:
         done = _prepare_output(plan, out, overwrite)
         rows, elapsed, info = _score_shards(plan, out, done, info, lock, backend, batch_size, limits, policy,
@@ -324,7 +352,8 @@ def _score_shards(plan: Plan, out: storage.Location, done: set[int], info, lock:
              info.backend, engine, len(todo), len(done))
     scorer = {"model_uri": plan.model, "output_uri": out.uri, "backend": backend, "batch_size": batch_size,
               "limits": asdict(limits or ImageLimits()), "policy": asdict(policy or ReadPolicy()), "base": plan.base,
-              "kind": plan.kind, "explain": plan.explain, "dicom_results": plan.dicom_results, "roots": plan.roots, "run_id": lock.run_id,
+              "kind": plan.kind, "explain": plan.explain, "dicom_results": plan.dicom_results,
+              "dicom_store": plan.dicom_store, "roots": plan.roots, "run_id": lock.run_id,
               "fingerprint": plan.fingerprint()}
     work = [{"shard": i, "entries": plan.shards[i]} for i in todo]
     started = time.time()

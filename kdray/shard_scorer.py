@@ -100,14 +100,17 @@ class ShardScorer:
 
     ``roots``: where inputs may be read (:func:`kdray.storage.within_roots`, checked again here, at the read).
     ``run_id``: the run that holds the output's lock; a marker is written only while the lock names it.
-    ``fingerprint``: the plan's, recorded in each marker."""
+    ``fingerprint``: the plan's, recorded in each marker. ``dicom_store``: a DICOMweb root where the shard's
+    DICOM results are also stored (STOW-RS) before its marker is written."""
 
     def __init__(self, model_uri: str, output_uri: str, backend: str = "auto", threads: int = 1,
                  batch_size: int = 32, limits: dict | None = None, policy: dict | None = None,
                  base: str = "", kind: str = "folder", explain: str = "none", roots: list[str] | tuple = (),
-                 run_id: str = "", fingerprint: str = "", dicom_results: bool = False):
+                 run_id: str = "", fingerprint: str = "", dicom_results: bool = False, dicom_store: str = ""):
         self.predictor = load_predictor(model_uri, backend=backend, threads=threads)
-        self.dicom_model = model_identity(model_uri, self.predictor.model_id) if dicom_results else None
+        self.dicom_model = model_identity(model_uri, self.predictor.model_id) if dicom_results or dicom_store \
+            else None
+        self.dicom_store = dicom_store
         self.explain = explain
         self.explainer = None
         if explain != "none":
@@ -121,7 +124,7 @@ class ShardScorer:
         self.roots, self.run_id, self.fingerprint = list(roots), run_id, fingerprint
         self.consecutive_io_errors = 0
         self._filesystems: dict[str, pafs.FileSystem] = {}  # one per scheme: an S3 client is costly to create
-        self._pacs = None  # a DICOMweb session, made on first use
+        self._pacs = self._store_session = None  # DICOMweb sessions, made on first use
 
     def __call__(self, batch: dict) -> dict:
         """The Ray Data face: a batch of shards in, one column per ShardResult field out."""
@@ -292,12 +295,14 @@ class ShardScorer:
     def _dicom_results(self, probs: np.ndarray, suspect, sources: list, overlays: dict[int, bytes], part: str) -> dict:
         """Each DICOM row's SR (and overlay Secondary Capture), written before the shard's predictions under
         names from their own UIDs (a re-run rewrites the same files). Columns ``dicom_sr`` and ``dicom_overlay``:
-        paths relative to the output; null for a row that is not DICOM or not explained."""
+        paths relative to the output; null for a row that is not DICOM or not explained. With ``dicom_store``,
+        the same objects also go to the PACS, all stored or the job stops (no marker: a re-run stores them again)."""
         from kdray.dicom_results import Finding, SourceHeaderRefused, overlay_capture, overlay_rgb, structured_report
 
         p = self.predictor
         srs: list[str | None] = [None] * len(sources)
         captures: list[str | None] = [None] * len(sources)
+        written: list[bytes] = []
         for i, source in enumerate(sources):
             if source is None:
                 continue
@@ -310,19 +315,33 @@ class ShardScorer:
             except SourceHeaderRefused as exc:  # the row keeps its prediction; its message holds no value
                 log.warning("no DICOM result for one input (%s): %s", exc.reason, exc)
                 continue
-            srs[i] = self._write_dicom(part, report)
+            srs[i] = self._write_dicom(part, report, written)
             if capture is not None:
-                captures[i] = self._write_dicom(part, capture)
+                captures[i] = self._write_dicom(part, capture, written)
+        if self.dicom_store and written:
+            self._store(written)
         return {"dicom_sr": pa.array(srs, pa.string()), "dicom_overlay": pa.array(captures, pa.string())}
 
-    def _write_dicom(self, part: str, ds) -> str:
+    def _write_dicom(self, part: str, ds, written: list[bytes]) -> str:
         from kdray.dicom_results import to_bytes
 
         relative = f"{DICOM_DIR}/{part}/{ds.SOPInstanceUID}.dcm"
         loc = self.out.join(*relative.split("/"))
         data = to_bytes(ds)
         self._write_or_abort(loc, lambda: storage.write_bytes(loc, data))
+        written.append(data)
         return relative
+
+    def _store(self, objects: list[bytes]) -> None:
+        from kdray import dicomweb
+
+        if self._store_session is None:
+            self._store_session = dicomweb.session()
+        try:
+            dicomweb.store(dicomweb.parse_store(self.dicom_store), objects, self._store_session)
+        except (OSError, KdrayError) as exc:
+            raise ScoringAborted(f"cannot store DICOM results in the PACS: {first_line(exc)}; re-run the same "
+                                 "command to resume") from None
 
     def _explain(self, names: list[str], images: list[np.ndarray], probs: np.ndarray, suspect, part: str,
                  overlays: dict[int, bytes]) -> dict:
