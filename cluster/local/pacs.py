@@ -11,9 +11,10 @@ Library use::
     with LocalPacs(".kdray/pacs") as pacs:       # starts, waits until DICOMweb answers, stops on exit
         os.environ.update(pacs.env())            # KDRAY_DICOMWEB_URL, KDRAY_PACS_USER, KDRAY_PACS_PASSWORD, ...
 
-Command line: ``cluster/local_pacs.sh start|stop|status`` (``python -m cluster.local.pacs``). Kept in the data
-directory: ``orthanc.json`` (the configuration, mode 0600: it holds the password), ``orthanc.log``,
-``orthanc.pid``, ``pacs.env`` (``export K=V`` lines, mode 0600) and the database.
+Command line: ``cluster/local_pacs.sh start|stop|status``, and ``seed N`` to store N synthetic DX instances
+(``python -m cluster.local.pacs``). Kept in the data directory: ``orthanc.json`` (the configuration, mode 0600:
+it holds the password), ``orthanc.log``, ``orthanc.pid``, ``pacs.env`` (``export K=V`` lines, mode 0600) and the
+database.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class LocalPacs:
 
     def env(self) -> dict[str, str]:
         return {"KDRAY_PACS_URL": self.url, "KDRAY_DICOMWEB_URL": self.dicomweb_url, "KDRAY_PACS_USER": USER,
-                "KDRAY_PACS_PASSWORD": self.password(), "KDRAY_PACS_AET": AET,
+                "KDRAY_PACS_PASSWORD": self.password(), "KDRAY_DICOMWEB_USER": USER,  # (what kdray's jobs read)
+                "KDRAY_DICOMWEB_PASSWORD": self.password(), "KDRAY_PACS_AET": AET,
                 "KDRAY_PACS_DICOM": f"{self.pacs_address}:{DICOM_PORT}", "KDRAY_PACS_PEER": self.host_address}
 
     @property
@@ -193,6 +195,24 @@ class LocalPacs:
         subprocess.run(["ip", "link", "del", self.host_link], capture_output=True)  # removes both ends
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
 
+    def seed(self, instances: int, per_study: int = 10, side: int = 256) -> int:
+        """Store ``instances`` synthetic chest X-rays (:mod:`cluster.local.demo_data`) as 12-bit DX instances,
+        ``per_study`` to a study, for a demo or a test; returns how many the PACS took."""
+        import numpy as np
+
+        from cluster.local.demo_data import CLASSES, dicom_bytes, make_image
+
+        rng = np.random.default_rng(instances)
+        with requests.Session() as s:
+            s.auth = self.auth()
+            for i in range(instances):
+                pixels = make_image(CLASSES[i % len(CLASSES)], side, rng).astype(np.uint16) * 16
+                data = dicom_bytes(pixels, modality="DX", PatientID=f"DEMO{i // per_study:04d}",
+                                   StudyInstanceUID=f"1.2.826.0.1.3680043.10.9.{instances}.{i // per_study}")
+                s.post(f"{self.url}/instances", data=data, timeout=60).raise_for_status()
+        logger.info("stored %d synthetic DX instance(s) in %d stud(ies)", instances, -(-instances // per_study))
+        return instances
+
     def __enter__(self) -> "LocalPacs":
         return self.start()
 
@@ -202,7 +222,8 @@ class LocalPacs:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.local.pacs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "seed"))
+    parser.add_argument("instances", nargs="?", type=int, default=20, help="seed: synthetic DX instances to store")
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".kdray" / "pacs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -212,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             pacs.start()
             print(f"# local PACS: DICOMweb {pacs.dicomweb_url} (user {USER}); credentials in {pacs.env_path}:")
             print(f"source {shlex.quote(str(pacs.env_path))}")
+        elif args.command == "seed":
+            if pacs.pid is None:
+                raise LocalPacsError("the local PACS is not running: cluster/local_pacs.sh start")
+            pacs.seed(args.instances)
         elif args.command == "stop":
             pacs.stop()
         else:
