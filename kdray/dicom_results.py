@@ -71,6 +71,8 @@ class _DropAll(logging.Filter):
 
 
 _QUIET = _DropAll()
+# highdicom logs each source's SOP Instance UID at INFO while it copies the header: an identifier, kept out of logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 _quiet_users = 0
 _quiet_lock = threading.Lock()
 

@@ -101,6 +101,16 @@ def test_a_header_with_bad_values_is_refused_without_them_in_the_message_or_the_
     assert not logging.getLogger("pydicom").filters  # the filter is there only while a result is built
 
 
+def test_building_results_logs_no_identifier_of_the_source(source, caplog):
+    """Security: highdicom logs the source's SOP Instance UID at INFO while it copies the header; kdray's logs
+    (a job's log file takes INFO) must not hold it."""
+    _, ds = source
+    with caplog.at_level(logging.DEBUG):
+        structured_report(ds, FINDING, MODEL)
+        overlay_capture(ds, np.zeros((8, 8, 3), np.uint8), MODEL)
+    assert str(ds.SOPInstanceUID) not in caplog.text and str(ds.StudyInstanceUID) not in caplog.text
+
+
 def test_not_dicom_is_refused_with_a_reason():
     with pytest.raises(NotADicomSource) as refused:
         read_source(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
