@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "metrics.json + plots for a checkpoint on a split"),
     "export": ("export", "export a student to ONNX fp32/int8 with parity checks and its operating point"),
     "score": ("score", "score an image archive offline (Ray Data)"),
+    "listen": ("listen", "a DICOM C-STORE node: scores pushed CR/DX images and stores their SRs onward"),
     "predict": ("predict", "classify image files with an exported student, without Ray"),
     "explain": ("explain", "Grad-CAM overlay PNGs of the student's predictions, without Ray"),
     "pipeline": ("pipeline", "run the whole pipeline end to end"),

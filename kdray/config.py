@@ -397,7 +397,7 @@ class ListenJobConfig:
     accepted_calling_aes: list[Annotated[str, AfterValidator(lambda v: ListenJobConfig.ae_title_of(v))]] = Field(
         default_factory=list, description="the calling AE titles whose associations are accepted; any other is "
         "refused (required: an AI node takes images from the senders it knows only)")
-    destination: Annotated[str, AfterValidator(lambda v: ListenJobConfig.destination_of(v) and v)] = Field(
+    destination: Annotated[str, AfterValidator(lambda v: ListenJobConfig.checked_destination(v))] = Field(
         "", description="where the SRs are C-STOREd: AET@host:port (the local PACS: KDRAYPACS@<its address>:4242)")
     queue_dir: str = Field(".kdray/listen", min_length=1, description="the on-disk queue: queue/ (received, not "
                            "yet stored), refused/ (with a .reason file each), incoming/ (being written)")
@@ -427,6 +427,11 @@ class ListenJobConfig:
         if not 0 < len(title) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in title):
             raise ValueError("an AE title is 1 to 16 printable ASCII characters without a backslash")
         return title
+
+    @staticmethod
+    def checked_destination(value: str) -> str:
+        ListenJobConfig.destination_of(value)
+        return value
 
     @staticmethod
     def destination_of(value: str) -> tuple[str, str, int] | None:

@@ -26,14 +26,14 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("predictor", {"kdray.predictor_base", "kdray.torch_predictor", "kdray.predictor"}),
     ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch", "kdray.shard_scorer",
                                                    "kdray.scoring_engines"}),
-    ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score"}),
+    ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score", "kdray.listener"}),
     ("pipeline", {"kdray.pipeline"}),
     # Above the library: the local S3, the local multi-node Ray and the demo data are for entry points and tests.
     ("local services", {"cluster.*"}),
     ("entry points", {"jobs.*", "serve.*"}),
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
-NO_RAY = {"kdray.pinning", "kdray.ingress", "kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
+NO_RAY = {"kdray.listener", "kdray.pinning", "kdray.ingress", "kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
           "kdray.predictor_base", "kdray.torch_predictor", "kdray.explain"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
