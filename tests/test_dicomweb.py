@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from kdray import KdrayError, dicomweb
 from kdray.images import ImageLimits, ImageRefused
 from kdray.score import score_archive
 from kdray.shard_scorer import ScoringAborted
+from tests.test_dicom_results import _dciodvfy_errors
+from tests.test_score import _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,15 +207,6 @@ def pacs_of_500(tmp_path):
         yield pacs
 
 
-def _wait_for(predicate, timeout: float = 240.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.e2e
 def test_500_instances_killed_and_run_again_give_exactly_500_srs_and_overlays(pacs_of_500, tiny_export, tmp_path):
     from kdray.dicom_results import result_uids
@@ -244,7 +236,8 @@ def test_500_instances_killed_and_run_again_give_exactly_500_srs_and_overlays(pa
     assert len(srs) == 500  # killed mid-shard, stored again on the re-run: replaced, never added
     digest = digest_of(rows[0]["model_id"])  # a result's UIDs come from its source's and the model's digest
     assert set(srs) == {result_uids(r["study_uid"], r["sop_uid"], digest).sr_instance for r in rows}
-    for r in rows[::100]:  # and its evidence names that source
+    for r in rows[::100]:  # and its evidence names that source; what was stored passes dciodvfy
+        assert _dciodvfy_errors(out / r["dicom_sr"]) == [] and _dciodvfy_errors(out / r["dicom_overlay"]) == []
         uids = result_uids(r["study_uid"], r["sop_uid"], digest)
         sr = requests.get(f"{pacs.dicomweb_url}/studies/{r['study_uid']}/series/{uids.sr_series}/instances/"
                           f"{uids.sr_instance}/metadata", auth=pacs.auth(), timeout=30).json()[0]
