@@ -119,10 +119,13 @@ def test_training_survives_a_killed_worker_node_and_continues_its_epochs(synthet
     # before the kill: one worker on each node
     assert sorted(r["rank"] for r in before) == [0, 1], before
     assert {r["node_id"] for r in before} == {events["head"], events["victim"]}, (before, events)
-    # after it: both ranks restarted once, on the head and the replacement node, from a checkpoint (not epoch 0)
-    assert sorted(r["rank"] for r in after) == [0, 1], after
-    assert {r["node_id"] for r in after} == {events["head"], events["replacement"]}, (after, events)
+    # after it: both ranks restarted, within --max_failures 2 group restarts (a first restart can itself fail while
+    # the cluster still learns that the node is gone: CI saw rank 1 twice), from a checkpoint (not epoch 0), and
+    # the group that finished ran on the head and the replacement node
+    assert sorted({r["rank"] for r in after}) == [0, 1] and len(after) <= 2 * 2, after
     assert all(r["start_epoch"] >= events["checkpoints_before_kill"] for r in after), (after, events)
+    last = {r["rank"]: r for r in after}  # sorted by start: each rank's final start
+    assert {r["node_id"] for r in last.values()} == {events["head"], events["replacement"]}, (after, events)
     # every epoch done, and the final checkpoint is whole: its weights, optimiser state and metadata load
     assert result["final_epoch"] == 6
     final = result["latest_checkpoint"]
