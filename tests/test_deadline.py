@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 SLOW_UPLOADS, LEGITIMATE, ANNOUNCED = 80, 10, 30 * 2**20
 BODY_TIMEOUT_S = 4  # shorter than the default, so that the test sees the slow uploads cut off
@@ -48,6 +47,7 @@ def _call(app, messages: list, scope: dict | None = None):
     return sent
 
 
+@pytest.mark.unit
 def test_the_body_is_read_whole_and_handed_on() -> None:
     from serve.deadline import BodyDeadline
 
@@ -57,6 +57,7 @@ def test_the_body_is_read_whole_and_handed_on() -> None:
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"15"
 
 
+@pytest.mark.unit
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_closes_before_the_app_runs() -> None:
     from serve.deadline import BodyDeadline
 
@@ -70,6 +71,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_closes_before_the_app_
     assert json.loads(sent[1]["body"])["reason"] == "body_timeout" and gate.timed_out == 1
 
 
+@pytest.mark.unit
 def test_bodies_still_arriving_hold_a_bounded_number_of_bytes() -> None:
     """Uploads that never finish cannot fill memory before their deadline: past the bound, 503 + Retry-After."""
     from serve.deadline import BodyDeadline
@@ -112,6 +114,7 @@ def test_bodies_still_arriving_hold_a_bounded_number_of_bytes() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.unit
 def test_a_request_that_takes_too_long_gets_503_with_retry_after() -> None:
     from serve.deadline import RequestTimeout
 
@@ -212,6 +215,7 @@ def _status(conn: socket.socket) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+@pytest.mark.integration  # no services, but its deadlines take seconds: kept out of the one-minute unit tier
 @pytest.mark.parametrize("stack", [_front_stack, _app_stack], ids=["front", "app"])
 def test_slow_uploads_hold_no_slot_and_are_cut_off_at_the_deadline(stack, monkeypatch) -> None:
     monkeypatch.delenv("KDRAY_ADMISSION_LIMIT", raising=False)  # the default limit (64): fewer than the uploads

@@ -316,7 +316,7 @@ def test_each_instance_gets_one_sr_at_the_destination_and_leaves_the_queue(node,
         dest.stop()
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # no services, but it waits out retries: kept out of the one-minute unit tier
 def test_a_destination_that_is_away_keeps_the_queue_until_it_is_back(tmp_path, node):
     import socket
 
