@@ -50,6 +50,7 @@ class Explanation:
     explained_class: str  # the class the heat map explains: the served prediction's
     torch_class: str  # the torch model's own top class
     overlay_png: bytes
+    image: np.ndarray | None = None  # uint8 [S, S]: what the model saw (the API returns it; the viewer shows it)
 
     @property
     def agrees(self) -> bool:
@@ -59,7 +60,8 @@ class Explanation:
         """What the API returns beside a prediction."""
         return {"explained_class": self.explained_class, "torch_class": self.torch_class, "agrees": self.agrees,
                 "method": "grad-cam", "layer": TARGET_LAYER, "size": int(self.heatmap.shape[0]),
-                "overlay_png": base64.b64encode(self.overlay_png).decode("ascii")}
+                "overlay_png": base64.b64encode(self.overlay_png).decode("ascii"),
+                "image_png": None if self.image is None else base64.b64encode(png_bytes(self.image)).decode("ascii")}
 
 
 class Explainer:
@@ -115,7 +117,7 @@ class Explainer:
             heatmaps = self.cam(input_tensor=to_model_input(images), targets=targets)
             torch_top = self.cam.outputs.detach().argmax(1).tolist()
         return [Explanation(heatmap=np.asarray(h, np.float32), explained_class=self.classes[int(c)],
-                            torch_class=self.classes[int(t)], overlay_png=overlay_png(image, h))
+                            torch_class=self.classes[int(t)], overlay_png=overlay_png(image, h), image=image)
                 for image, h, c, t in zip(images, heatmaps, classes, torch_top)]
 
 
@@ -132,8 +134,13 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
 
     rgb = np.repeat((image.astype(np.float32) / 255.0)[..., None], 3, axis=2)
     blended = show_cam_on_image(rgb, np.clip(heatmap, 0, 1), use_rgb=True, image_weight=OVERLAY_IMAGE_WEIGHT)
+    return png_bytes(blended)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 grey [H, W] or RGB [H, W, 3] array as PNG bytes."""
     out = io.BytesIO()
-    Image.fromarray(blended).save(out, format="PNG")
+    Image.fromarray(image).save(out, format="PNG")
     return out.getvalue()
 
 

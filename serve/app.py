@@ -19,7 +19,9 @@ Endpoints (route prefix ``/``):
   replica health check (:meth:`StudentClassifier.check_health`) asks the same probe.
 * ``GET /healthz`` — model identity plus this replica's counters (model calls, images).
 * ``GET /metrics`` — this replica's Prometheus metrics (:mod:`serve.metrics`); 404 with ``KDRAY_METRICS=0``.
-* ``GET /`` — links; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
+* ``GET /`` — the viewer to a browser (:mod:`serve.viewer`: drop an X-ray, see the label, the probabilities
+  and the Grad-CAM overlay), the JSON index of the routes to anything else; ``GET /model`` — the model card's
+  essentials; ``GET /docs`` — OpenAPI UI; ``GET /openapi.json``.
 
 What a request may be and cost is bounded in front of the routes (:func:`serve.admission.guard_middlewares`):
 the body limit (:mod:`serve.body_limit`), the body deadline and request timeout (:mod:`serve.deadline`) and
@@ -55,14 +57,14 @@ from kdray.dicom_results import NotADicomSource, SourceHeaderRefused
 from kdray.images import ImageRefused
 from kdray.pinning import ModelRef, parse_ref
 from kdray.predictor import BACKENDS
-from serve import access, metrics, oip
+from serve import access, metrics, oip, viewer
 from serve.admission import LIMIT_ENV, front_gate_missing, guard_middlewares
 from serve.explaining import ExplainBusy, ExplainTooLarge, ExplainUnavailable, explain_flag
 from serve.handler import DecodeBudgetSpent, StudentHandler, runs_on_gpu
 from serve.options import ACCESS, BATCHING, DEPLOYMENT, READINESS, SWITCH_INTERVAL_S, AccessOptions, MetricsOptions
 from serve.readiness import Readiness
 from serve.refusal import retry_after
-from serve.schemas import Health, Prediction, Refusal
+from serve.schemas import Health, ModelCardOut, Prediction, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +305,30 @@ class StudentClassifier:
     async def healthz(self) -> Health:
         return self.handler.health()
 
-    @fastapi_app.get("/")
-    async def index(self) -> dict:
+    @fastapi_app.get("/", response_model=None)
+    async def index(self, request: Request) -> dict | Response:
+        """The viewer to a browser (``Accept: text/html``), the JSON index of the routes to anything else."""
+        if viewer.wants_page(request.headers.get("accept")):
+            return self._viewer_file("/")
         return self.handler.index()
+
+    @fastapi_app.get("/viewer.css", include_in_schema=False)
+    async def viewer_css(self) -> Response:
+        return self._viewer_file("/viewer.css")
+
+    @fastapi_app.get("/viewer.js", include_in_schema=False)
+    async def viewer_js(self) -> Response:
+        return self._viewer_file("/viewer.js")
+
+    def _viewer_file(self, path: str) -> Response:
+        body, media_type = viewer.FILES[path]
+        return Response(body, media_type=media_type, headers=viewer.HEADERS)
+
+    @fastapi_app.get("/model", response_model=ModelCardOut)
+    async def model_card(self) -> ModelCardOut:
+        """The model card's essentials: identity, the covid threshold and what it was fitted for, intended use,
+        known biases (the viewer shows them)."""
+        return self.handler.card
 
     @fastapi_app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(self) -> Response:

@@ -10,7 +10,9 @@
   ``auth_invalid``, both with ``WWW-Authenticate: Bearer``. The token is compared with every configured one in
   constant time (:func:`hmac.compare_digest`, no early exit), so timing tells neither which nor how much matched.
 
-``open_paths`` (liveness, readiness) pass every check: they tell nothing but up or ready, and readiness costs at
+The viewer's files (:data:`serve.viewer.PAGE_PATHS`: a page that holds no data, whose token field then serves the
+API calls) need no token; the Host and Origin checks still apply to them. ``open_paths`` (liveness, readiness)
+pass every check: they tell nothing but up or ready, and readiness costs at
 most one probe inference a second per replica.
 """
 
@@ -22,6 +24,7 @@ from typing import NamedTuple
 
 from kdray import KdrayError
 from serve.options import AccessOptions
+from serve.viewer import is_page_request
 
 
 class Refused(NamedTuple):
@@ -66,7 +69,7 @@ class Guard:
         origin = headers.get(b"origin")
         if origin is not None and origin not in self.origins and not self._same_origin(origin, headers):
             return Refused(403, "origin_not_allowed", "cross-origin requests from that Origin are not allowed")
-        if self.tokens:
+        if self.tokens and not is_page_request(path, headers.get(b"accept")):
             return self._check_token(headers.get(b"authorization"))
         return None
 

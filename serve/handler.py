@@ -31,10 +31,11 @@ import numpy as np
 from kdray.dicom_results import Finding, ModelIdentity, NotADicomSource, read_source, structured_report, to_bytes
 from kdray.images import ImageLimits, ImageRefused, LoadedImage, load_image, sniff_format
 from kdray.predictor import is_export, load_predictor, model_info, read_model_card
+from kdray.schemas import ModelCard
 from serve import oip
 from serve.explaining import ExplainGate
 from serve.options import EXPLAIN, IMAGE_LIMITS, REQUEST, WORKER_THREADS, ExplainOptions, RequestOptions
-from serve.schemas import Health, Prediction
+from serve.schemas import Health, ModelCardOut, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,12 @@ class StudentHandler:
         self.requests = requests
         self.predictor = load_predictor(model_dir, backend=backend, threads=self.threads)
         self.classes = list(self.predictor.classes)
-        if is_export(model_dir):
-            card = read_model_card(model_dir)
+        card = read_model_card(model_dir) if is_export(model_dir) else None
+        if card is not None:
             self.model_name, self.model_version = card.name, card.version
         else:
             self.model_name, self.model_version = DEFAULT_MODEL_NAME, self.predictor.model_id
+        self.card = self._card_out(card, model_info(model_dir, backend).calibration or {})
         self.pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="kdray-image")
         size = self.predictor.image_size
         self.probe_pixels = np.zeros((size, size), dtype=np.uint8)  # the readiness probe's image
@@ -106,6 +108,18 @@ class StudentHandler:
         self.explaining = ExplainGate(model_dir, explain.max_in_flight, explain.threads, explain.nice,
                                       requests.max_explain_images)
         self.batch_classifier: BatchClassifier | None = None
+
+    def _card_out(self, card: ModelCard | None, calibration: dict) -> ModelCardOut:
+        from kdray.export import INTENDED_USE, KNOWN_BIASES  # a checkpoint has no card: the export's wording
+
+        p, split, n = self.predictor, calibration.get("split"), calibration.get("n")
+        return ModelCardOut(name=self.model_name, version=self.model_version, model_id=p.model_id,
+                            backend=p.backend, classes=self.classes, image_size=p.image_size,
+                            covid_threshold=p.covid_threshold,
+                            target_sensitivity=calibration.get("target_sensitivity"),
+                            threshold_fitted_on=f"{split} split, {n} images" if split and n else None,
+                            intended_use=card.intended_use if card else INTENDED_USE,
+                            known_biases=card.known_biases if card else KNOWN_BIASES)
 
     # -- classifying
     def classify_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ class ExplanationOut(BaseModel):
     layer: str
     size: int = Field(description="side of the heat map and the overlay: the model's input size")
     overlay_png: str = Field(description="base64 PNG: the Grad-CAM heat map over the image the model saw")
+    image_png: str | None = Field(None, description="base64 PNG: the image the model saw (grey, size × size), "
+                                                    "without the heat map")
 
 
 class Prediction(BaseModel):
@@ -25,6 +27,22 @@ class Prediction(BaseModel):
                                       "never where it is stored")
     backend: str
     explanation: ExplanationOut | None = Field(None, description="with ?explain=true only")
+
+
+class ModelCardOut(BaseModel):
+    """What ``GET /model`` tells a person about the model answering: the essentials of its card."""
+
+    name: str
+    version: str
+    model_id: str
+    backend: str
+    classes: list[str]
+    image_size: int
+    covid_threshold: float | None = Field(description="covid_suspect is P(covid) >= this; null: no threshold")
+    target_sensitivity: float | None = Field(description="the sensitivity to covid the threshold was fitted for")
+    threshold_fitted_on: str | None = Field(description="the labelled split it was fitted on, and its size")
+    intended_use: str
+    known_biases: str
 
 
 class Health(BaseModel):

@@ -122,6 +122,27 @@ def test_with_tokens_every_route_but_liveness_needs_one(tokens_file: str, layer:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("layer", ["front", "app"])
+def test_the_viewers_files_need_no_token_and_open_nothing_else(tokens_file: str, layer: str) -> None:
+    """The page holds no data (its token field serves the API calls), so a browser loads it without a token; the
+    JSON index at the same path, every other route and every look-alike path still need one, and the Host
+    allow-list still applies to the page."""
+    calls = []
+    options = dataclasses.replace(ACCESS, tokens_file=tokens_file, allowed_hosts=("xray.example",))
+    gate = Access(_app(calls), layer, options)
+    browser = {"accept": "text/html,application/xhtml+xml", "host": "xray.example"}
+    for path in ("/", "/viewer.js", "/viewer.css"):
+        assert _call(gate, path, "GET", browser)[0] == 200, path
+    assert len(calls) == 3
+    for path in ("/predict", "/model", "/healthz", "/docs", "/viewer.jsx", "/x/viewer.js", "//", "/index.html"):
+        assert _call(gate, path, "GET", browser)[0] == 401, path
+    assert _call(gate, "/predict", "POST", browser)[0] == 401
+    assert _call(gate, "/", "GET", {"accept": "*/*", "host": "xray.example"})[0] == 401  # the JSON index
+    assert _call(gate, "/", "GET", {**browser, "host": "rebound.example"})[0] == 421
+    assert len(calls) == 3
+
+
+@pytest.mark.unit
 def test_every_token_is_compared_in_constant_time(tokens_file: str, monkeypatch) -> None:
     import hmac
 

@@ -80,6 +80,8 @@ def test_explanation_comes_with_the_same_prediction_and_is_gated(handler):
     explained = run(handler.predict(_png(seed=3), explain=True))
     assert explained.label == plain.label and explained.explanation.explained_class == plain.label
     assert base64.b64decode(explained.explanation.overlay_png).startswith(b"\x89PNG")
+    seen = Image.open(io.BytesIO(base64.b64decode(explained.explanation.image_png)))  # the viewer shows a DICOM so
+    assert seen.mode == "L" and seen.size == (handler.predictor.image_size,) * 2
     handler.explaining.admit()  # the one slot taken: the next explanation is refused at once
     try:
         with pytest.raises(ExplainBusy):
@@ -164,3 +166,14 @@ def test_a_requests_images_share_one_decode_budget(tiny_export, monkeypatch):
     assert len(decoded) == 4  # the fourth crossed the budget; the other 16 were never decoded
     with pytest.raises(oip.OipError, match=r"refused \(request_decode_budget\)"):  # the explain path too
         run(budgeted.infer(run(budgeted.parse_infer(_oip_body([png] * 5, explain=True), None))))
+
+
+def test_the_card_tells_what_answers_and_what_its_threshold_means(handler, tiny_export):
+    card = tiny_export[1]
+    point = card.operating_points[card.served_artifact]
+    shown = handler.card
+    assert (shown.name, shown.version, shown.model_id) == (card.name, card.version, handler.predictor.model_id)
+    assert shown.covid_threshold == point.covid_threshold == handler.predictor.covid_threshold
+    assert shown.target_sensitivity == point.target_sensitivity
+    assert shown.threshold_fitted_on == f"{point.split} split, {point.n} images"
+    assert (shown.intended_use, shown.known_biases) == (card.intended_use, card.known_biases)
