@@ -183,6 +183,8 @@ class ScoreJobConfig:
                                   "auto: ray on a cluster")
     allowed_roots: list[str] = Field(default_factory=list, description="folders or s3:// prefixes inputs may also "
                                      "be read from (default: the input's own; rows elsewhere are outside_roots)")
+    report: bool = Field(True, description="report.html next to summary.json: counts, refusals, a P(covid) "
+                         "histogram, a contact sheet of explained suspects")
 
     ALIASES: ClassVar[dict[str, str]] = {k: f"limits.{k}" for k in (
         "min_side", "max_pixels", "max_bytes", "max_decode_bytes", "max_frames", "modalities")}

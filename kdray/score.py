@@ -71,6 +71,7 @@ from kdray import KdrayError, dicomweb, storage
 from kdray.images import ImageLimits
 from kdray.inputs import is_hidden
 from kdray.predictor import model_info
+from kdray.report import REPORT_FILE, write_report
 from kdray.schemas import ScoreSummary
 from kdray.scoring_engines import Progress, choose_engine, run_locally, run_on_ray
 from kdray.shard_scorer import (DONE_DIR, ERRORS_DIR, EXPLANATIONS_DIR, LOCK_FILE, PREDICTIONS_DIR, ReadPolicy,
@@ -228,7 +229,7 @@ def _prepare_output(plan: Plan, out: storage.Location, overwrite: bool) -> set[i
         raise KdrayError(f"{out.uri} already holds a finished scoring run; choose another --output "
                          "or pass --overwrite true")
     if overwrite:
-        for sub in (SUMMARY_FILE, PLAN_FILE, INPUTS_FILE):
+        for sub in (SUMMARY_FILE, REPORT_FILE, PLAN_FILE, INPUTS_FILE):
             storage.delete_file(out.join(sub))
         for sub in (PREDICTIONS_DIR, ERRORS_DIR, DONE_DIR, EXPLANATIONS_DIR):
             storage.delete_dir(out.join(sub))
@@ -304,7 +305,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
                   policy: ReadPolicy | None = None, use_gpu: bool = True, explain: str = "none",
                   allowed_roots: list[str] | tuple = (), lock_ttl_s: float = storage.LOCK_TTL_S,
                   lock_heartbeat_s: float = storage.LOCK_HEARTBEAT_S, engine: str = "auto",
-                  dicom_results: bool = False, dicom_store: str = "") -> ScoreSummary:
+                  dicom_results: bool = False, dicom_store: str = "", report: bool = True) -> ScoreSummary:
     """Score every input under ``input_uri``; resumable (see the module docstring). Returns the summary.
 
     ``allowed_roots``: folders or S3 prefixes that inputs may be read from besides the input's own. The output is
@@ -312,7 +313,8 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
     before anything in it is written or deleted until the run ends. ``engine``: where the shards are scored
     (:mod:`kdray.scoring_engines`: ``auto``, ``local`` or ``ray``). ``dicom_store``: a DICOMweb root
     (``dicomweb+http://host:port/dicom-web``) where the DICOM results are also stored by STOW-RS (implies
-    ``dicom_results``). Returns what ``summary.json`` holds."""
+    ``dicom_results``). ``report``: also ``report.html`` (:mod:`kdray.report`), written just before
+    ``summary.json``. Returns what ``summary.json`` holds."""
     if dicomweb.is_dicomweb(output_uri):
         raise KdrayError("--output holds the rows, markers and summary: a folder or s3:// prefix. To store the "
                          "results in a PACS, add --dicom_store dicomweb+http://host:port/dicom-web")
@@ -336,7 +338,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
         if not lock.holds():
             raise ScoringAborted(f"another run took over {out.uri} while this one ran; this run stops without "
                                  "writing its summary")
-        return _finish(plan, out, info.backend, engine, rows, elapsed, len(done))
+        return _finish(plan, out, info.backend, engine, rows, elapsed, len(done), report)
 
 
 def _score_shards(plan: Plan, out: storage.Location, done: set[int], info, lock: storage.OutputLock, backend: str,
@@ -388,8 +390,9 @@ def _gpus(engine: str) -> float:
 
 
 def _finish(plan: Plan, out: storage.Location, backend: str, engine: str, results: list[ShardResult],
-            elapsed: float, resumed: int) -> ScoreSummary:
-    """Totals over every shard's marker (this attempt's and earlier ones'), then ``summary.json``, last.
+            elapsed: float, resumed: int, report: bool = True) -> ScoreSummary:
+    """Totals over every shard's marker (this attempt's and earlier ones'), then ``report.html`` (with ``report``)
+    and ``summary.json``, last.
 
     Every shard is done, so a temporary file left now is one that a worker lost with its node (or process)
     never renamed: it is removed before the run is called finished. Only markers whose part files match them
@@ -411,6 +414,8 @@ def _finish(plan: Plan, out: storage.Location, backend: str, engine: str, result
         manifest_duplicates=plan.duplicates, roots=plan.roots, shards=len(plan.shards), shards_resumed=resumed,
         images_this_run=this_run, nodes=len({m.node for m in markers if m.node}), wall_s=round(elapsed, 1),
         img_per_s=round(this_run / max(elapsed, 1e-9), 2), steady_img_per_s=_steady_rate(results))
+    if report:  # before the summary, so that every finished run has its page
+        write_report(out, summary, plan.base)
     storage.write_json(out.join(SUMMARY_FILE), summary.model_dump(mode="json"))  # last: the run is finished
     return summary
 

@@ -21,12 +21,13 @@ PACKAGES = ("kdray", "cluster", "jobs", "serve")
 LAYERS: list[tuple[str, set[str]]] = [
     ("contracts", {"kdray", "kdray.config", "kdray.config_cli", "kdray.storage", "kdray.schemas", "kdray.ray_private",
                    "kdray.pinning", "kdray.ingress"}),
-    ("core", {"kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
+    ("core", {"kdray.images", "kdray.reason_words", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.data", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.checkpoints",
               "kdray.raycluster", "kdray.uncertainty", "kdray.runner", "kdray.train"}),
     ("predictor", {"kdray.predictor_base", "kdray.torch_predictor", "kdray.predictor"}),
     ("artifacts, explanations and Ray Data glue", {"kdray.export", "kdray.explain", "kdray.batch", "kdray.shard_scorer",
                                                    "kdray.scoring_engines"}),
-    ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score", "kdray.listener"}),
+    ("stages", {"kdray.evaluate", "kdray.calibrate", "kdray.logit_cache", "kdray.score", "kdray.report",
+                "kdray.listener"}),
     ("pipeline", {"kdray.pipeline"}),
     # Above the library: the local S3, the local multi-node Ray and the demo data are for entry points and tests.
     ("local services", {"cluster.*"}),
@@ -34,7 +35,8 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 #: Modules that must not import Ray at all (they run anywhere: a phone-side predictor, a notebook).
 NO_RAY = {"kdray.listener", "kdray.pinning", "kdray.ingress", "kdray.images", "kdray.dicom_results", "kdray.dicomweb", "kdray.codestreams", "kdray.inputs", "kdray.models", "kdray.losses", "kdray.metrics", "kdray.schemas", "kdray.predictor",
-          "kdray.predictor_base", "kdray.torch_predictor", "kdray.explain"}
+          "kdray.predictor_base", "kdray.torch_predictor", "kdray.explain", "kdray.report",
+          "kdray.reason_words"}
 #: Imports that are forbidden even though the layers would allow them.
 FORBIDDEN = {("kdray.train", "kdray.logit_cache")}
 
