@@ -23,7 +23,8 @@ def main(argv: list[str]) -> str:
 
     extra = {"access_options": access_args({"auth_tokens_file": cfg.auth_tokens_file})} if cfg.auth_tokens_file else {}
     url = deploy(cfg.model, port=cfg.port, backend=cfg.backend, num_replicas=cfg.replicas, **extra)
-    print(f"serving {cfg.model} at {url}  (POST an image to {url}/predict; Ctrl-C stops)", flush=True)
+    print(f"serving {cfg.model} at {url}  (open it in a browser for the viewer, or POST an image to {url}/predict; "
+          "Ctrl-C stops)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -124,6 +124,8 @@ def test_jobs_serve_answers_through_haproxy_on_the_readme_address(tiny_export, t
                                headers={"content-type": "image/png"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model_id"] == answer.headers["x-kdray-model"]
+        page = requests.get(f"http://127.0.0.1:{port}/", headers={"accept": "text/html"}, timeout=60)  # the viewer
+        assert page.status_code == 200 and 'src="viewer.js"' in page.text, page.text[:200]
         ours = _haproxy_pids() - before
         listeners = _listeners(ours)
         assert ("127.0.0.1", port) in listeners, listeners
