@@ -338,7 +338,7 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, backend: str 
         if not lock.holds():
             raise ScoringAborted(f"another run took over {out.uri} while this one ran; this run stops without "
                                  "writing its summary")
-        return _finish(plan, out, info.backend, engine, rows, elapsed, len(done), report)
+        return _finish(plan, out, info.backend, engine, rows, elapsed, len(done), report, info.covid_threshold)
 
 
 def _score_shards(plan: Plan, out: storage.Location, done: set[int], info, lock: storage.OutputLock, backend: str,
@@ -390,7 +390,7 @@ def _gpus(engine: str) -> float:
 
 
 def _finish(plan: Plan, out: storage.Location, backend: str, engine: str, results: list[ShardResult],
-            elapsed: float, resumed: int, report: bool = True) -> ScoreSummary:
+            elapsed: float, resumed: int, report: bool = True, covid_threshold: float | None = None) -> ScoreSummary:
     """Totals over every shard's marker (this attempt's and earlier ones'), then ``report.html`` (with ``report``)
     and ``summary.json``, last.
 
@@ -415,7 +415,7 @@ def _finish(plan: Plan, out: storage.Location, backend: str, engine: str, result
         images_this_run=this_run, nodes=len({m.node for m in markers if m.node}), wall_s=round(elapsed, 1),
         img_per_s=round(this_run / max(elapsed, 1e-9), 2), steady_img_per_s=_steady_rate(results))
     if report:  # before the summary, so that every finished run has its page
-        write_report(out, summary, plan.base)
+        write_report(out, summary, plan.base, covid_threshold)  # (the predictor's: the model is not read again)
     storage.write_json(out.join(SUMMARY_FILE), summary.model_dump(mode="json"))  # last: the run is finished
     return summary
 

@@ -8,6 +8,7 @@ const MAX_RETRIES = 3;
 const $ = (id) => document.getElementById(id);
 let lastFile = null;
 let objectUrl = null;
+let card = null;  // the model card's essentials, once GET /model answered
 
 function authHeaders() {
   const token = $("token").value.trim();
@@ -35,17 +36,16 @@ async function loadCard() {
     if (response.status === 401) say(sentence(REASONS.auth_required + ": enter it above"), true);
     return;
   }
-  const card = await response.json();
+  card = await response.json();
   $("card-name").textContent = card.name;
   $("card-version").textContent = card.version;
   $("card-id").textContent = card.model_id;
   $("card-use").textContent = card.intended_use;
   $("card-biases").textContent = card.known_biases;
   $("intended-use").textContent = `Intended use: ${card.intended_use}.`;
-  window.kdrayCard = card;
 }
 
-function thresholdText(card) {
+function thresholdText() {
   if (!card || card.covid_threshold === null) return "This model has no COVID-19 threshold: covid_suspect is not given.";
   const p = card.covid_threshold.toFixed(3);
   const fitted = card.target_sensitivity === null ? "" :
@@ -64,7 +64,7 @@ function showResult(file, answer) {
     suspect.textContent = answer.covid_suspect ? "covid_suspect: yes" : "covid_suspect: no";
     suspect.classList.add(answer.covid_suspect ? "yes" : "no");
   }
-  $("threshold").textContent = thresholdText(window.kdrayCard);
+  $("threshold").textContent = thresholdText();
   const rows = $("probabilities").tBodies[0];
   rows.replaceChildren();
   for (const [name, p] of Object.entries(answer.probabilities)) {
@@ -122,7 +122,7 @@ async function predict(file, attempt = 0) {
     return;
   }
   if (response.ok) {
-    if (!window.kdrayCard) await loadCard();
+    if (!card) await loadCard();
     showResult(file, await response.json());
     return;
   }
